@@ -1,0 +1,33 @@
+# make demo: set up .venv and run a real pretraining job end to end (a few minutes on a 2-core CPU).
+# make test: set up .venv and run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo/work
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) demo/prepare.py $(DEMO)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+	$(PY) run_mlm_flax.py --output_dir=$(DEMO)/run --model_type=roberta \
+	  --config_name=$(DEMO)/my-roberta --tokenizer_name=$(DEMO)/my-roberta --train_file=$(DEMO)/corpus.txt \
+	  --max_seq_length=128 --per_device_train_batch_size=16 --per_device_eval_batch_size=32 \
+	  --learning_rate=1e-3 --warmup_steps=50 --weight_decay=0.01 --adam_beta2=0.98 --max_steps=400 \
+	  --logging_steps=50 --eval_steps=200 --save_steps=200 --overwrite_output_dir --do_train --do_eval
+	HF_HUB_OFFLINE=1 $(PY) demo/check.py $(DEMO)/run
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_train_step.py --config bert-small
+
+clean:
+	rm -rf $(VENV) $(DEMO)

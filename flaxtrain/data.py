@@ -1,0 +1,113 @@
+"""Loading datasets (Hub name or local txt/csv/json files) and planning the batches each host feeds.
+
+Batches are planned as index arrays over the whole global batch, identically on every host; each host then
+gathers only its own rows (`parallel.local_rows`). Training order is a permutation seeded by (seed, epoch), so a
+resumed run sees the same batches; evaluation covers every example once, the last partial batch padded with rows
+of weight zero so that every evaluation batch has one compiled shape.
+"""
+
+import logging
+import os
+
+import datasets
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+
+
+def _check_file(flag: str, path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--{flag}={path}: no such file.")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"--{flag}={path}: cannot be read ({e}).") from e
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--{flag}={path}: the file is empty.")
+    extension = path.rsplit(".", 1)[-1].lower()
+    if extension not in BUILDERS:
+        raise ValueError(f"--{flag}={path}: unsupported file type; use one of {sorted(BUILDERS)}.")
+    return BUILDERS[extension]
+
+
+def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, **builder_kwargs):
+    """Returns a DatasetDict with "train" and/or "validation" as needed.
+
+    Without a validation split, the first `validation_split_percentage` percent of the training data becomes
+    the validation set (and is removed from training). `builder_kwargs` go to the text builder only (e.g.
+    keep_linebreaks).
+    """
+    common = dict(cache_dir=model_args.cache_dir, token=model_args.token)
+    if data_args.dataset_name:
+        source = dict(path=data_args.dataset_name, name=data_args.dataset_config_name, **common)
+    else:
+        files = {}
+        if data_args.train_file:
+            files["train"] = data_args.train_file
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        if not files:
+            raise ValueError("Give --dataset_name or --train_file / --validation_file.")
+        builders = {_check_file(f"{split}_file" if split == "train" else "validation_file", path)
+                    for split, path in files.items()}
+        if len(builders) > 1:
+            raise ValueError(f"--train_file and --validation_file must be of the same type, got {sorted(builders)}.")
+        builder = builders.pop()
+        source = dict(path=builder, data_files=files, **common, **(builder_kwargs if builder == "text" else {}))
+
+    raw = datasets.load_dataset(**source)
+    if need_train and "train" not in raw:
+        raise ValueError("Training needs a train split: give --train_file or a dataset that has one.")
+    if need_eval and "validation" not in raw:
+        if "train" not in raw or not 0 < data_args.validation_split_percentage < 100:
+            raise ValueError("Evaluation needs --validation_file, a validation split, or "
+                             "--validation_split_percentage between 1 and 99 to hold out part of the training data.")
+        p = data_args.validation_split_percentage
+        raw = datasets.DatasetDict({
+            "validation": datasets.load_dataset(**source, split=f"train[:{p}%]"),
+            "train": datasets.load_dataset(**source, split=f"train[{p}%:]"),
+        })
+    for split in ("train", "validation"):
+        if split in raw and len(raw[split]) == 0:
+            raise ValueError(f"The {split} data has no rows.")
+    return raw
+
+
+def text_column(dataset) -> str:
+    """The column holding the text: `text`, else the first string column; an error naming the columns if none."""
+    features = dataset.features
+    if "text" in features:
+        return "text"
+    strings = [name for name, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if not strings:
+        found = ", ".join(f"{name} ({getattr(f, 'dtype', type(f).__name__)})" for name, f in features.items())
+        raise ValueError(f"The data has no text column: expected a column named 'text' or any string column, "
+                         f"found {found}.")
+    logger.info("No 'text' column: using '%s'.", strings[0])
+    return strings[0]
+
+
+def take(dataset, n):
+    """The first n examples (all of them if n is None)."""
+    return dataset if n is None else dataset.select(range(min(n, len(dataset))))
+
+
+def train_batches(num_examples: int, global_batch: int, seed: int, epoch: int, start: int = 0):
+    """Yields (batch index in epoch, index array) for one epoch, dropping the last incomplete batch.
+
+    The order is a permutation seeded by (seed, epoch); `start` skips batches already trained on (resume).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    for i in range(start, num_examples // global_batch):
+        yield i, order[i * global_batch:(i + 1) * global_batch]
+
+
+def eval_batches(num_examples: int, global_batch: int):
+    """Yields (index array, number of real rows) covering every example once; the last array is padded by
+    repeating index 0, and the caller gives those rows weight zero."""
+    for begin in range(0, num_examples, global_batch):
+        idx = np.arange(begin, min(begin + global_batch, num_examples))
+        yield np.pad(idx, (0, global_batch - len(idx))), len(idx)

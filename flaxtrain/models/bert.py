@@ -1,0 +1,397 @@
+"""BERT and RoBERTa encoders with masked-LM and sequence-classification heads, as Flax linen modules.
+
+Param names copy the transformers PyTorch keys, so checkpoint I/O (`flaxtrain.hf_io`) is a few generic rules:
+`bert/encoder/layer/attention/self/query/kernel` [L, D, D] is `bert.encoder.layer.{i}.attention.self.query.weight`
+transposed, the layers being stacked on a leading axis by `nn.scan`.
+
+RoBERTa is BERT with three differences: position ids count the non-pad tokens from pad_token_id + 1, the body's
+params live under `roberta` instead of `bert`, and its heads are `lm_head` and `classifier.{dense,out_proj}` (on the
+<s> token, no pooler) instead of `cls.predictions` and `bert.pooler` + `classifier`.
+
+Shapes: B batch, T length, D hidden_size, N heads, H head size, V vocab_size, L layers.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Rules for flaxtrain.hf_io. HF_SCANNED: module paths whose params are stacked over layers. HF_TIED: checkpoint keys
+# that are copies of other weights (transformers' `_tied_weights_keys`): never saved, checked and dropped on load.
+HF_SCANNED = ("encoder.layer",)
+HF_TIED = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+    "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+    "lm_head.decoder.bias": "lm_head.bias",
+}
+# The body's prefix in transformers (`base_model_prefix`): checkpoints of the bare model (AutoModel) lack it.
+HF_BASE_PREFIX = {"bert": "bert", "roberta": "roberta"}
+# Checkpoint keys a model may leave unused (`drop=` in hf_io): Hub pretraining checkpoints carry the MLM head, and
+# BERT's also the NSP head (`cls.seq_relationship`) and pooler.
+HF_PRETRAINING_HEADS = (r"^cls\.", r"^lm_head\.", r"^(bert|roberta)\.pooler\.")
+# Template params a classifier initialises when the checkpoint lacks them (`fresh=` in hf_io). BERT's pooler is
+# trained by NSP, so it is loaded when present (as transformers does) and fresh otherwise.
+HF_CLASSIFIER_HEAD = (r"^classifier\.", r"^bert\.pooler\.")
+
+ACT_FNS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers' "gelu" is the exact erf form
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+_HF_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT/RoBERTa `config.json` that the model uses (defaults: bert-base)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    num_labels: int = 2
+    classifier_dropout: float | None = None
+    problem_type: str | None = None
+
+    def __post_init__(self):
+        if self.model_type not in _HF_CLASS_PREFIX:
+            raise ValueError(f"model_type {self.model_type!r} is not BERT-like; expected one of "
+                             f"{list(_HF_CLASS_PREFIX)}")
+        if self.hidden_act not in ACT_FNS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACT_FNS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "BertConfig":
+        """From a transformers `BertConfig`/`RobertaConfig`; raises ValueError on features this model lacks."""
+        unsupported = [
+            name
+            for name, bad in [
+                ("is_decoder=True", getattr(hf_config, "is_decoder", False)),
+                ("add_cross_attention=True", getattr(hf_config, "add_cross_attention", False)),
+                ("tie_word_embeddings=False", not getattr(hf_config, "tie_word_embeddings", True)),
+                ("position_embedding_type != 'absolute'",
+                 getattr(hf_config, "position_embedding_type", "absolute") != "absolute"),
+            ]
+            if bad
+        ]
+        if unsupported:
+            raise ValueError(f"{hf_config.model_type} config has unsupported settings: {', '.join(unsupported)}")
+        values = {f.name: getattr(hf_config, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _dense(config: BertConfig, dtype, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
+    # Statistics are computed in float32 by flax; the two-pass variance matches torch on large residual streams.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+def position_ids(input_ids: jax.Array, config: BertConfig) -> jax.Array:
+    """[B, T] -> [B, T]: 0..T-1 for BERT; for RoBERTa (fairseq) the non-pad tokens count from pad_token_id + 1
+    and pads keep position pad_token_id, as transformers' `create_position_ids_from_input_ids`."""
+    if config.model_type == "roberta":
+        not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                                  embedding_init=nn.initializers.normal(cfg.initializer_range))
+        self.word_embeddings = embed(cfg.vocab_size)
+        self.position_embeddings = embed(cfg.max_position_embeddings)
+        self.token_type_embeddings = embed(cfg.type_vocab_size)
+        self.LayerNorm = _layer_norm(cfg, self.dtype, None)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+        """[B, T] ids, [B, T] segment ids -> [B, T, D]."""
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(position_ids(input_ids, self.config)))
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]."""
+        cfg = self.config
+        split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
+        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name)(x)) for name in ("query", "key", "value"))
+        rate = cfg.attention_probs_dropout_prob
+        if deterministic or rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+        else:
+            # jax.nn.dot_product_attention has no dropout on the attention probabilities, which BERT trains with.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            probs = nn.Dropout(rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        return out.reshape(*x.shape[:2], cfg.hidden_size)
+
+
+class BertOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(+ residual): transformers' `BertSelfOutput` and `BertOutput` alike."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool):
+        x = _dense(self.config, self.dtype, self.config.hidden_size, "dense")(x)
+        x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(self.config, self.dtype, "LayerNorm")(x + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        h = BertSelfAttention(self.config, self.dtype, name="self")(x, mask, deterministic)
+        return BertOutput(self.config, self.dtype, name="output")(h, x, deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _dense(self.config, self.dtype, self.config.intermediate_size, "dense")(x)
+        return ACT_FNS[self.config.hidden_act](x)
+
+
+class BertLayer(nn.Module):
+    """One encoder block. `deterministic` is an attribute, not an argument, so that nn.scan and nn.remat see only
+    arrays; `(carry, None)` in and out is the signature nn.scan wants."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask):
+        x = BertAttention(self.config, self.dtype, name="attention")(x, mask, self.deterministic)
+        h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
+        return BertOutput(self.config, self.dtype, name="output")(h, x, self.deterministic), None
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        """x [B, T, D], mask [B, 1, 1, T] -> [B, T, D]; params of `layer` are stacked [L, ...]."""
+        layer = BertLayer
+        if self.gradient_checkpointing:
+            # Inside scan, XLA cannot CSE the recomputation away, so prevent_cse's barriers would only cost
+            # speed (jax.checkpoint's docs: unnecessary under scan).
+            layer = nn.remat(layer, prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                         in_axes=(nn.broadcast,), length=self.config.num_hidden_layers)
+        x, _ = layers(self.config, self.dtype, deterministic, name="layer")(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """[B, T, D] -> [B, D]: tanh(dense) of the first ([CLS]) token."""
+        return jnp.tanh(_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The shared body: embeddings, encoder and (BERT classifiers only) the pooler."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    add_pooling_layer: bool = False
+
+    def setup(self):
+        self.embeddings = BertEmbeddings(self.config, self.dtype)
+        self.encoder = BertEncoder(self.config, self.dtype, self.gradient_checkpointing)
+        if self.add_pooling_layer:
+            self.pooler = BertPooler(self.config, self.dtype)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """input_ids, attention_mask (1 = token, 0 = pad), token_type_ids: [B, T] ints
+        -> (hidden [B, T, D], pooled [B, D] or None)."""
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, deterministic)
+        mask = attention_mask.astype(bool)[:, None, None, :]  # every query, pads included, sees the non-pad keys
+        x = self.encoder(x, mask, deterministic)
+        return x, (self.pooler(x) if self.add_pooling_layer else None)
+
+    def word_embedding_matrix(self):
+        """[V, D] float32: the MLM decoder's weights (tied to the input embeddings)."""
+        return self.embeddings.word_embeddings.embedding
+
+
+def _tied_decoder(module: nn.Module, x, embedding):
+    """x [B, T, D] -> logits [B, T, V] float32 = x @ embedding.T + bias. Only the bias is the decoder's own param;
+    the matmul runs in x's dtype with float32 accumulation and output (bf16 logits would cost the loss precision)."""
+    bias = module.param("bias", nn.initializers.zeros, (embedding.shape[0],), jnp.float32)
+    logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+    return logits + bias
+
+
+class BertPredictionHeadTransform(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = ACT_FNS[self.config.hidden_act](_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x))
+        return _layer_norm(self.config, self.dtype, "LayerNorm")(x)
+
+
+class BertLMPredictionHead(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, embedding):
+        return _tied_decoder(self, BertPredictionHeadTransform(self.config, self.dtype, name="transform")(x), embedding)
+
+
+class BertOnlyMLMHead(nn.Module):
+    """BERT's MLM head: params `cls.predictions.{transform.dense, transform.LayerNorm, bias}`."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, embedding):
+        return BertLMPredictionHead(self.config, self.dtype, name="predictions")(x, embedding)
+
+
+class RobertaLMHead(nn.Module):
+    """RoBERTa's MLM head: params `lm_head.{dense, layer_norm, bias}`; always exact gelu, whatever hidden_act says."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, embedding):
+        x = ACT_FNS["gelu"](_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x))
+        return _tied_decoder(self, _layer_norm(self.config, self.dtype, "layer_norm")(x), embedding)
+
+
+class RobertaClassificationHead(nn.Module):
+    """RoBERTa's classifier on the <s> token: dropout, dense, tanh, dropout, out_proj."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        dropout = nn.Dropout(_classifier_dropout(cfg), deterministic=deterministic)
+        x = jnp.tanh(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
+        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj")(dropout(x))
+
+
+def _classifier_dropout(config: BertConfig) -> float:
+    return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT/RoBERTa with the MLM head; `config.model_type` picks the variant."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return f"{_HF_CLASS_PREFIX[self.config.model_type]}ForMaskedLM"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """[B, T] int inputs -> logits [B, T, V] float32. Dropout needs the "dropout" rng when not deterministic."""
+        cfg = self.config
+        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, name=cfg.model_type)
+        hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
+        head = RobertaLMHead if cfg.model_type == "roberta" else BertOnlyMLMHead
+        return head(cfg, self.dtype, name="lm_head" if cfg.model_type == "roberta" else "cls")(
+            hidden, body.word_embedding_matrix())
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT (pooler + `classifier`) or RoBERTa (`classifier.{dense,out_proj}`) sequence classifier."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return f"{_HF_CLASS_PREFIX[self.config.model_type]}ForSequenceClassification"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """[B, T] int inputs -> logits [B, num_labels] float32."""
+        cfg = self.config
+        is_roberta = cfg.model_type == "roberta"
+        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, add_pooling_layer=not is_roberta,
+                         name=cfg.model_type)
+        hidden, pooled = body(input_ids, attention_mask, token_type_ids, deterministic)
+        if is_roberta:
+            logits = RobertaClassificationHead(cfg, self.dtype, name="classifier")(hidden, deterministic)
+        else:
+            pooled = nn.Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
+            logits = _dense(cfg, self.dtype, cfg.num_labels, "classifier")(pooled)
+        return logits.astype(jnp.float32)
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> dict:
+    """Fresh float32 params of a model above (normal(initializer_range) weights, as transformers). Jitted, so a
+    full-size init is fast; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    ids = jnp.zeros((1, 2), jnp.int32)  # 2 tokens keep RoBERTa's positions (pad_token_id + 1, + 2) in range
+    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]

@@ -1,0 +1,29 @@
+"""Configs and tokenizers through the ordinary transformers paths (Hub names or local folders)."""
+
+import jax.numpy as jnp
+from transformers import AutoConfig, AutoTokenizer
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def _hub_kwargs(model_args):
+    return dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                trust_remote_code=model_args.trust_remote_code)
+
+
+def load_config(model_args, **overrides):
+    """The model config from --config_name, else --model_name_or_path, else a default one of --model_type."""
+    source = model_args.config_name or model_args.model_name_or_path
+    if source:
+        return AutoConfig.from_pretrained(source, **_hub_kwargs(model_args), **overrides)
+    if not model_args.model_type:
+        raise ValueError("Give --model_name_or_path, --config_name or --model_type to say which model to train.")
+    return AutoConfig.for_model(model_args.model_type, **overrides)
+
+
+def load_tokenizer(model_args):
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if not source:
+        raise ValueError("Give --tokenizer_name (or --model_name_or_path): this script does not train a tokenizer. "
+                         "The README shows how to train one on your corpus first.")
+    return AutoTokenizer.from_pretrained(source, use_fast=model_args.use_fast_tokenizer, **_hub_kwargs(model_args))

@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Masked-language-model pretraining (BERT / RoBERTa) with JAX on TPUs, GPUs or CPUs.
+
+Typical use, RoBERTa from scratch on your own corpus (see the README for training the tokenizer and config):
+
+    python run_mlm_flax.py --output_dir=./runs --model_type=roberta --config_name=./my-model \
+        --tokenizer_name=./my-model --train_file=corpus.txt --max_seq_length=128 --weight_decay=0.01 \
+        --per_device_train_batch_size=128 --learning_rate=3e-4 --warmup_steps=1000 --num_train_epochs=18 \
+        --adam_beta1=0.9 --adam_beta2=0.98 --overwrite_output_dir --pad_to_max_length
+
+Run the same command again to resume from the newest checkpoint in output_dir.
+"""
+
+import functools
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from flaxtrain import checkpoint, data, hf_io, models, parallel, pretrained, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results, setup_logging, write_results
+
+logger = logging.getLogger("run_mlm_flax")
+PRETRAINING_EXTRAS = (r"^cls\.seq_relationship\.", r"^(bert|roberta)\.pooler\.")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class MlmDataArguments(DataArguments):
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per example after tokenization (default: the model's maximum, "
+                                        "at most 512)."}
+    )
+    line_by_line: bool = field(
+        default=False, metadata={"help": "One example per non-empty line instead of packing text into blocks."}
+    )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Kept for compatibility: batches are always padded to max_seq_length, so "
+                                         "every step has one compiled shape."}
+    )
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens to mask."})
+    train_ref_file: Optional[str] = field(default=None, metadata={"help": "Unused (whole-word masking refs)."})
+    validation_ref_file: Optional[str] = field(default=None, metadata={"help": "Unused."})
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def tokenize(raw, tokenizer, data_args, max_len):
+    """Tokenizes every split: one example per line (--line_by_line), or text packed into max_len blocks."""
+    column = data.text_column(next(iter(raw.values())))
+    common = dict(batched=True, num_proc=data_args.preprocessing_num_workers,
+                  load_from_cache_file=not data_args.overwrite_cache)
+
+    if data_args.line_by_line:
+        def encode(examples):
+            lines = [line for line in examples[column] if line and not line.isspace()]
+            return tokenizer(lines, truncation=True, max_length=max_len, return_special_tokens_mask=True,
+                             return_attention_mask=False)
+        return raw.map(encode, remove_columns=raw["train" if "train" in raw else "validation"].column_names,
+                       **common)
+
+    def encode_and_group(examples):
+        encoded = tokenizer(examples[column], return_special_tokens_mask=True, return_attention_mask=False)
+        # Blocks never straddle two map batches: the tail of each batch of 1000 lines is dropped.
+        blocks = {}
+        for key, seqs in encoded.items():
+            flat = [t for seq in seqs for t in seq]
+            usable = len(flat) // max_len * max_len
+            blocks[key] = [flat[i:i + max_len] for i in range(0, usable, max_len)]
+        return blocks
+
+    return raw.map(encode_and_group, remove_columns=next(iter(raw.values())).column_names, **common)
+
+
+def mask_tokens(batch, rng, rows, tokenizer, probability):
+    """BERT's 80/10/10 masking of this host's `rows` of a global batch.
+
+    batch: {"input_ids", "special_tokens_mask"} [B, T] for the whole global batch (special tokens and padding
+    are never masked). The random draws are made for all B rows, so a row is masked the same way however the
+    batch is split over hosts. Returns [b, T] arrays: input_ids, attention_mask, labels, weights.
+    """
+    shape = batch["input_ids"].shape
+    chosen, mask_or_not, random_or_not = rng.random((3,) + shape)[:, rows]
+    random_ids = rng.integers(0, tokenizer.vocab_size, shape)[rows]
+    ids, special = batch["input_ids"][rows], batch["special_tokens_mask"][rows].astype(bool)
+    masked = (chosen < probability) & ~special
+    to_mask = masked & (mask_or_not < 0.8)
+    to_random = masked & ~to_mask & (random_or_not < 0.5)
+    inputs = np.where(to_mask, tokenizer.mask_token_id, np.where(to_random, random_ids, ids))
+    return {"input_ids": inputs.astype(np.int32), "attention_mask": (ids != tokenizer.pad_token_id).astype(np.int32),
+            "labels": ids.astype(np.int32), "weights": masked.astype(np.float32)}
+
+
+def gather(dataset, indices, max_len, pad_id):
+    """Rows `indices` of the tokenized dataset as [B, max_len] arrays, padded (special mask 1 on padding)."""
+    rows = dataset[indices.tolist()]
+    out = {"input_ids": np.full((len(indices), max_len), pad_id, np.int64),
+           "special_tokens_mask": np.ones((len(indices), max_len), np.int8)}
+    for key in out:
+        for i, seq in enumerate(rows[key]):
+            out[key][i, :len(seq)] = seq
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def train_step(state, batch, rng, accumulation_steps):
+    """Per-device step: token-weighted loss over every masked token of the global batch."""
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
+    total_weight = jax.numpy.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+
+    def loss_fn(params, micro, rng):
+        logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
+                                deterministic=False, rngs={"dropout": rng})
+        loss_sum, _, _ = training.cross_entropy_sums(logits, micro["labels"], micro["weights"])
+        return loss_sum / total_weight, loss_sum
+
+    grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
+    # Each device's loss is already divided by the global weight, so the gradients add up (not average).
+    grads = jax.lax.psum(grads, parallel.AXIS)
+    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state, batch):
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"])
+    loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
+    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+
+
+def evaluate(state, dataset, p_eval_step, make_batch, mesh, global_batch, seed):
+    """Loss, accuracy and perplexity over every example once, with fixed masks (same weights, same result)."""
+    rows = parallel.local_rows(mesh, global_batch)
+    totals = None
+    for i, (indices, n_real) in enumerate(data.eval_batches(len(dataset), global_batch)):
+        host = make_batch(indices, np.random.default_rng([seed, 1, i]))
+        host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0  # padding rows of the last batch
+        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
+        totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
+    totals = parallel.fetch(totals)
+    weight = max(float(totals["weight"]), 1.0)
+    loss = float(totals["loss"]) / weight
+    return {"eval_loss": loss, "eval_accuracy": float(totals["accuracy"]) / weight,
+            "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    model_args, data_args, training_args = parse_args((ModelArguments, MlmDataArguments, TrainingArguments), argv)
+    setup_logging()
+    parallel.initialize_distributed()
+    logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
+                jax.process_index(), jax.process_count())
+    if data_args.train_ref_file or data_args.validation_ref_file:
+        logger.warning("--train_ref_file / --validation_ref_file are ignored: there is no whole-word masking.")
+    if not 0 < data_args.mlm_probability < 1:
+        raise ValueError(f"--mlm_probability must be between 0 and 1, got {data_args.mlm_probability}.")
+
+    # Cheap checks first: output directory, tokenizer, config, lengths.
+    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    tokenizer = pretrained.load_tokenizer(model_args)
+    if tokenizer.mask_token is None or tokenizer.pad_token is None:
+        raise ValueError(f"The tokenizer of {model_args.tokenizer_name or model_args.model_name_or_path} has no "
+                         f"{'mask' if tokenizer.mask_token is None else 'padding'} token; masked-LM training needs "
+                         "both (RoBERTa's are <mask> and <pad>).")
+    hf_config = pretrained.load_config(model_args)
+    family = models.get_family(hf_config.model_type)
+    config = family.BertConfig.from_hf(hf_config)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+    # RoBERTa's positions start after the padding index.
+    model_max = config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+    max_len = data_args.max_seq_length or min(model_max, 512)
+    if max_len > model_max:
+        raise ValueError(f"--max_seq_length={max_len} is more than the model's {model_max} positions.")
+
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
+    tokenized = tokenize(raw, tokenizer, data_args, max_len)
+    splits = {}
+    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
+                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
+        if wanted:
+            splits[split] = data.take(tokenized[split], limit)
+            if len(splits[split]) == 0:
+                raise ValueError(f"The {split} data gives no examples: it is shorter than one block of {max_len} "
+                                 "tokens. Use more text, a smaller --max_seq_length or --line_by_line.")
+
+    # Model, optimizer and mesh.
+    mesh = parallel.make_mesh()
+    model = family.BertForMaskedLM(config, dtype=pretrained.DTYPES[model_args.dtype],
+                                   gradient_checkpointing=training_args.gradient_checkpointing)
+    params = family.init_params(model, jax.random.key(training_args.seed))
+    if model_args.model_name_or_path:
+        # Hub BERT checkpoints also carry the next-sentence head and the pooler, which masked-LM does not use.
+        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=config.model_type,
+                                       revision=model_args.model_revision, drop=PRETRAINING_EXTRAS)
+    global_batch = training_args.per_device_train_batch_size * jax.device_count()
+    update_batch = global_batch * training_args.gradient_accumulation_steps
+    if training_args.do_train:
+        steps_per_epoch, total_steps = training.plan_steps(len(splits["train"]), update_batch, training_args)
+        schedule = training.make_schedule(training_args, total_steps)
+        tx = training.make_optimizer(training_args, schedule)
+    else:
+        tx = training.optax.identity()
+    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
+    start_step = 0
+    if resume:
+        state, meta = checkpoint.restore(*resume, state)
+        start_step = int(parallel.fetch(state.step))
+        if meta["update_batch"] != update_batch:
+            raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run "
+                             f"has {update_batch}: resume with the same batch size and device count.")
+
+    def make_batch(dataset, indices, rng):
+        rows = parallel.local_rows(mesh, len(indices))
+        return mask_tokens(gather(dataset, indices, max_len, tokenizer.pad_token_id), rng, rows, tokenizer,
+                           data_args.mlm_probability)
+
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    p_eval_step = parallel.data_parallel(eval_step, mesh)
+    run_eval = functools.partial(evaluate, dataset=splits.get("validation"), p_eval_step=p_eval_step,
+                                 make_batch=functools.partial(make_batch, splits.get("validation")), mesh=mesh,
+                                 global_batch=eval_batch, seed=training_args.seed)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+
+    # Training loop.
+    if training_args.do_train:
+        clear_results(training_args.output_dir)
+        writer = MetricsWriter(training_args.output_dir, start_step)
+        checkpoints = checkpoint.Checkpoints(training_args.output_dir, training_args.save_total_limit)
+        meta = {"update_batch": update_batch, "steps_per_epoch": steps_per_epoch}
+
+        def save(step):
+            checkpoints.save(step, state, meta)
+            if jax.process_index() == 0:
+                hf_io.save_pretrained(training_args.output_dir, parallel.fetch(state.params), hf_config, tokenizer,
+                                      architecture=model.hf_architecture)
+
+        p_train_step = parallel.data_parallel(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
+            donate_argnums=(0,))
+        dropout_rng = jax.random.key(training_args.seed + 1)
+        progress = TrainProgress(schedule, update_batch * max_len, steps_per_epoch, start_step)
+        bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
+        train_start, step, record = time.perf_counter(), start_step, {}
+        for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
+            skip = start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
+            for i, indices in data.train_batches(len(splits["train"]), update_batch, training_args.seed, epoch, skip):
+                host = make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
+                state, metrics = p_train_step(state, parallel.to_global(host, mesh, update_batch), dropout_rng)
+                step += 1
+                bar.update(1)
+                progress.add(metrics)
+                if step % training_args.logging_steps == 0 or step == total_steps:
+                    record = progress.record(step)
+                    writer.write(step, record)
+                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
+                if training_args.do_eval and step % training_args.eval_steps == 0 and step < total_steps:
+                    eval_metrics = run_eval(state)
+                    writer.write(step, {k.replace("eval_", "eval/"): v for k, v in eval_metrics.items()})
+                    logger.info("step %d: %s", step, eval_metrics)
+                if step % training_args.save_steps == 0 or step == total_steps:
+                    save(step)
+                if step == total_steps:
+                    break
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+        write_results(training_args.output_dir, "train", {
+            "train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - train_start,
+            "train_steps": total_steps, "train_samples": len(splits["train"]), "epoch": step / steps_per_epoch})
+
+    if training_args.do_eval:
+        eval_metrics = run_eval(state)
+        logger.info("Evaluation: %s", eval_metrics)
+        if training_args.do_train:
+            writer.write(step, {k.replace("eval_", "eval/"): v for k, v in eval_metrics.items()})
+            writer.close()
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

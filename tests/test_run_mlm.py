@@ -1,0 +1,127 @@
+"""Smoke runs of run_mlm_flax.py on tiny local data: it learns, writes every promised file, resumes exactly, and
+gives the same losses on one host with 8 devices as on two hosts with 4 each."""
+
+import os
+
+import numpy as np
+import pytest
+
+import run_mlm_flax
+from flaxtrain import checkpoint
+from tests import tiny
+
+FLAGS = ["--max_seq_length=32", "--learning_rate=3e-3", "--warmup_steps=10", "--max_steps=100",
+         "--logging_steps=10", "--save_steps=50", "--eval_steps=50", "--weight_decay=0.01", "--adam_beta2=0.98"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlm")
+    train = tiny.write_corpus(work / "train.txt", seed=0)
+    valid = tiny.write_corpus(work / "valid.txt", lines=20, seed=1)
+    model = tiny.make_roberta(work / "model", train)
+    return dict(work=work, model=model, data=[f"--train_file={train}", f"--validation_file={valid}",
+                                              f"--config_name={model}", f"--tokenizer_name={model}"])
+
+
+def test_learns_and_writes_every_file(setup, tmp_path):
+    untrained = tmp_path / "untrained"
+    run_mlm_flax.main([f"--output_dir={untrained}", "--do_eval", *setup["data"], *FLAGS])
+    assert not os.path.exists(untrained / "model.safetensors"), "evaluation alone exports no model"
+    before = tiny.read_json(untrained / "eval_results.json")
+
+    out = tmp_path / "run"
+    run_mlm_flax.main([f"--output_dir={out}", "--per_device_train_batch_size=16", *setup["data"], *FLAGS])
+    after = tiny.read_json(out / "eval_results.json")
+    assert after["eval_perplexity"] < before["eval_perplexity"] / 50, (before, after)
+    assert after["eval_accuracy"] > 0.6 > before["eval_accuracy"] + 0.5
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_args.json", "train_results.json",
+                 "eval_results.json", "all_results.json", "log_history.jsonl"):
+        assert (out / name).is_file(), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out))
+    assert sorted(os.listdir(out / "checkpoints"), key=int) == ["50", "100"]
+    results = tiny.read_json(out / "all_results.json")
+    assert results["train_steps"] == 100 and results["eval_loss"] == after["eval_loss"]
+    losses = [r["train/loss"] for r in tiny.read_history(out) if "train/loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0] / 4
+    assert tiny.read_json(out / "config.json")["architectures"] == ["RobertaForMaskedLM"]
+
+
+def test_exported_model_loads_in_pytorch_with_the_same_logits(setup, tmp_path):
+    torch = pytest.importorskip("torch")
+    import jax
+    from transformers import AutoModelForMaskedLM
+
+    from flaxtrain import hf_io, pretrained
+    from flaxtrain.models import bert
+
+    out = tmp_path / "run"
+    run_mlm_flax.main([f"--output_dir={out}", "--per_device_train_batch_size=16", *setup["data"], *FLAGS[:3],
+                       "--max_steps=5", "--do_train"])
+    torch_model, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    hf_config = pretrained.AutoConfig.from_pretrained(out)
+    model = bert.BertForMaskedLM(bert.BertConfig.from_hf(hf_config))
+    params = hf_io.load_pretrained(str(out), bert.init_params(model, jax.random.key(0)), model_type="roberta")
+    ids = np.array([[0, 283, 225, 289, 2, 1, 1]])
+    mask = (ids != 1).astype(np.int64)
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    with torch.no_grad():
+        theirs = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=1e-4)
+
+
+def test_resumed_run_continues_the_uninterrupted_one_exactly(setup, tmp_path, monkeypatch):
+    args = ["--per_device_train_batch_size=16", *setup["data"], *FLAGS, "--max_steps=40", "--save_steps=20",
+            "--eval_steps=1000"]
+    whole = tmp_path / "whole"
+    run_mlm_flax.main([f"--output_dir={whole}", *args])
+
+    interrupted = tmp_path / "interrupted"
+    save = checkpoint.Checkpoints.save
+
+    def save_then_die(self, step, state, meta):
+        save(self, step, state, meta)
+        self.wait()
+        raise KeyboardInterrupt  # as if the machine went away right after the first checkpoint
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_mlm_flax.main([f"--output_dir={interrupted}", *args])
+    assert not (interrupted / "all_results.json").exists()
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    run_mlm_flax.main([f"--output_dir={interrupted}", *args])  # the same command again resumes at step 20
+
+    def curve(out):
+        return [(r["step"], r["train/loss"], r["train/learning_rate"]) for r in tiny.read_history(out)
+                if "train/loss" in r]
+
+    assert [s for s, _, _ in curve(interrupted)] == [10, 20, 30, 40]
+    np.testing.assert_allclose(curve(interrupted), curve(whole), rtol=1e-6)
+    from safetensors.numpy import load_file
+
+    a, b = load_file(whole / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
+        tiny.read_json(whole / "eval_results.json")["eval_loss"], rel=1e-5)
+
+
+def test_eight_devices_and_two_hosts_give_the_same_losses(setup, tmp_path):
+    args = ["--per_device_train_batch_size=2", "--per_device_eval_batch_size=3", *setup["data"], *FLAGS]
+    one_host = tmp_path / "one_host"
+    tiny.run_script("run_mlm_flax.py", [f"--output_dir={one_host}", *args], devices=8)
+    two_hosts = tmp_path / "two_hosts"
+    tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args], devices=4, processes=2)
+
+    first, second = tiny.read_history(one_host), tiny.read_history(two_hosts)
+    assert [r["step"] for r in first] == [r["step"] for r in second]
+    for a, b in zip(first, second):
+        for key in a:
+            if "loss" in key or "accuracy" in key:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    results = tiny.read_json(one_host / "eval_results.json")
+    assert results["eval_accuracy"] > 0.6
+    assert sorted(os.listdir(two_hosts / "checkpoints"), key=int) == ["50", "100"]

@@ -1,0 +1,85 @@
+"""Tiny, learnable data and models that the tests build for themselves (nothing is downloaded)."""
+
+import json
+import os
+
+import numpy as np
+
+WORDS = ("amber basil cedar dune ember fern grove heath iris juniper kelp larch moss nettle olive pine quartz "
+         "reed sage thyme umber vale willow yarrow zinnia").split()
+
+
+def write_corpus(path, lines=200, seed=0):
+    """Lines that repeat one random word: a masked word is predictable from its neighbours, so a tiny masked-LM
+    learns it in a few dozen steps, while an untrained one cannot."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(lines):
+            word, length = WORDS[rng.integers(len(WORDS))], rng.integers(30, 60)
+            f.write(" ".join([word] * length) + "\n")
+    return str(path)
+
+
+def make_roberta(model_dir, corpus, vocab_size=400, max_positions=66, **config):
+    """Trains a byte-level BPE tokenizer on `corpus` and saves it with a tiny RoBERTa config in `model_dir`."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([corpus], vocab_size=vocab_size, min_frequency=2,
+              special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                        model_max_length=max_positions - 2)
+    tokenizer.save_pretrained(model_dir)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=max_positions, type_vocab_size=1,
+                    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                    initializer_range=0.1)  # wider than BERT's 0.02: the tiny model then learns in ~50 steps
+    settings.update(config)
+    AutoConfig.for_model("roberta", **settings).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_history(output_dir):
+    with open(os.path.join(output_dir, "log_history.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_script(script, args, devices=8, env=None, timeout=600, processes=None):
+    """Runs `script` with `args` in a fresh Python process with `devices` simulated CPU devices.
+
+    With `processes=N` it starts N processes that form one multi-host job over 127.0.0.1 (each with `devices`
+    local devices) and returns all their results. Returns CompletedProcess objects (asserting rc 0)."""
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=root, **(env or {}))
+    command = [sys.executable, os.path.join(root, script), *map(str, args)]
+    if not processes:
+        done = subprocess.run(command, env=base, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-5000:]
+        return done
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [subprocess.Popen(command, env=dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(processes)]
+    results = []
+    for w in workers:
+        out, err = w.communicate(timeout=timeout)
+        assert w.returncode == 0, err[-5000:]
+        results.append(subprocess.CompletedProcess(command, 0, out, err))
+    return results
