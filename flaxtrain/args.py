@@ -151,7 +151,7 @@ def parse_args(dataclass_types, argv=None):
     Unknown flags are an error.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # a typo is an error, not a guess
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -1,0 +1,42 @@
+"""Shared flags: original names and defaults, a .json file as the only argument, secrets kept out of files."""
+
+import json
+
+import pytest
+
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+
+TYPES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def test_defaults_never_crash_and_no_do_flag_means_train_and_eval():
+    _, _, training = parse_args(TYPES, ["--output_dir=out", "--logging_steps=7"])
+    assert training.eval_steps == 7  # the original crashed on eval_steps=None
+    assert training.do_train and training.do_eval and not training.do_predict
+    _, _, training = parse_args(TYPES, ["--output_dir=out", "--do_eval"])
+    assert training.do_eval and not training.do_train
+
+
+def test_a_json_file_is_the_whole_command_line(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": "o", "learning_rate": 3e-4, "train_file": "t.txt", "do_train": True}))
+    _, data, training = parse_args(TYPES, [str(path)])
+    assert (training.learning_rate, data.train_file, training.do_train, training.do_eval) == (3e-4, "t.txt", True, False)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--output_dir=o", "--no_such_flag=1"], "no_such_flag"),
+    (["--output_dir=o", "--learning_rat=1"], "learning_rat"),  # no silent prefix matching
+    (["--output_dir=o", "--per_device_train_batch_size=0"], "per_device_train_batch_size must be at least 1"),
+    (["--output_dir=o", "--warmup_ratio=1.5"], "warmup_ratio"),
+])
+def test_bad_flags_are_errors(argv, match):
+    with pytest.raises((ValueError, SystemExit), match=match):
+        parse_args(TYPES, argv)
+
+
+def test_tokens_stay_out_of_saved_args_and_reprs(tmp_path):
+    model, data, training = parse_args(TYPES, ["--output_dir=o", "--token=hf_secret1", "--hub_token=hf_secret2"])
+    save_args(tmp_path / "args.json", model, data, training)
+    text = (tmp_path / "args.json").read_text() + repr(model) + repr(training)
+    assert "hf_secret" not in text and "learning_rate" in text
