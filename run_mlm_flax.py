@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from flaxtrain import checkpoint, data, hf_io, models, parallel, pretrained, training
@@ -28,7 +30,8 @@ from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, par
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results, setup_logging, write_results
 
 logger = logging.getLogger("run_mlm_flax")
-PRETRAINING_EXTRAS = (r"^cls\.seq_relationship\.", r"^(bert|roberta)\.pooler\.")
+NOT_MASKED_LM = (r"^cls\.seq_relationship\.", r"^(bert|roberta)\.pooler\.")
+
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -66,7 +69,8 @@ def tokenize(raw, tokenizer, data_args, max_len):
                        **common)
 
     def encode_and_group(examples):
-        encoded = tokenizer(examples[column], return_special_tokens_mask=True, return_attention_mask=False)
+        encoded = tokenizer(examples[column], return_special_tokens_mask=True, return_attention_mask=False,
+                            verbose=False)  # long lines are expected here: they are cut into blocks below
         # Blocks never straddle two map batches: the tail of each batch of 1000 lines is dropped.
         blocks = {}
         for key, seqs in encoded.items():
@@ -112,7 +116,7 @@ def gather(dataset, indices, max_len, pad_id):
 def train_step(state, batch, rng, accumulation_steps):
     """Per-device step: token-weighted loss over every masked token of the global batch."""
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    total_weight = jax.numpy.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
 
     def loss_fn(params, micro, rng):
         logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
@@ -141,7 +145,7 @@ def evaluate(state, dataset, p_eval_step, make_batch, mesh, global_batch, seed):
         host = make_batch(indices, np.random.default_rng([seed, 1, i]))
         host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0  # padding rows of the last batch
         sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
-        totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = parallel.fetch(totals)
     weight = max(float(totals["weight"]), 1.0)
     loss = float(totals["loss"]) / weight
@@ -152,8 +156,8 @@ def evaluate(state, dataset, p_eval_step, make_batch, mesh, global_batch, seed):
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, MlmDataArguments, TrainingArguments), argv)
+    parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
-    parallel.initialize_distributed()
     logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
                 jax.process_index(), jax.process_count())
     if data_args.train_ref_file or data_args.validation_ref_file:
@@ -174,8 +178,7 @@ def main(argv=None):
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
-    # RoBERTa's positions start after the padding index.
-    model_max = config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+    model_max = family.max_positions(config)
     max_len = data_args.max_seq_length or min(model_max, 512)
     if max_len > model_max:
         raise ValueError(f"--max_seq_length={max_len} is more than the model's {model_max} positions.")
@@ -199,7 +202,7 @@ def main(argv=None):
     if model_args.model_name_or_path:
         # Hub BERT checkpoints also carry the next-sentence head and the pooler, which masked-LM does not use.
         params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=config.model_type,
-                                       revision=model_args.model_revision, drop=PRETRAINING_EXTRAS)
+                                       revision=model_args.model_revision, drop=NOT_MASKED_LM)
     global_batch = training_args.per_device_train_batch_size * jax.device_count()
     update_batch = global_batch * training_args.gradient_accumulation_steps
     if training_args.do_train:
@@ -207,7 +210,7 @@ def main(argv=None):
         schedule = training.make_schedule(training_args, total_steps)
         tx = training.make_optimizer(training_args, schedule)
     else:
-        tx = training.optax.identity()
+        tx = optax.identity()  # evaluation only
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
     start_step = 0
     if resume:

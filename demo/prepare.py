@@ -44,7 +44,7 @@ def build_corpus(path, max_lines=60000):
     return min(len(lines), max_lines)
 
 
-def build_tokenizer_and_config(corpus, model_dir, vocab_size=8000, max_length=128):
+def build_tokenizer_and_config(corpus, model_dir, vocab_size=4000, max_length=64):
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import AutoConfig, PreTrainedTokenizerFast

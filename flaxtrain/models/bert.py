@@ -115,6 +115,11 @@ def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
                         use_fast_variance=False, name=name)
 
 
+def max_positions(config: BertConfig) -> int:
+    """The longest input the position embeddings cover (RoBERTa's positions start after the padding index)."""
+    return config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+
+
 def position_ids(input_ids: jax.Array, config: BertConfig) -> jax.Array:
     """[B, T] -> [B, T]: 0..T-1 for BERT; for RoBERTa (fairseq) the non-pad tokens count from pad_token_id + 1
     and pads keep position pad_token_id, as transformers' `create_position_ids_from_input_ids`."""
