@@ -17,7 +17,10 @@ if __name__ == "__main__":
     with open(os.path.join(run, "eval_results.json")) as f:
         print("eval results:", json.dumps(json.load(f), indent=1))
     model = AutoModelForMaskedLM.from_pretrained(run)
-    fill = pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(run), device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    print(f"(an untrained model's perplexity is about the vocabulary size, {len(tokenizer)}; a few minutes on a CPU "
+          "teach it mostly which tokens are frequent: real pretraining takes many thousands of steps)")
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, device="cpu")
     for sentence in SENTENCES:
         guesses = ", ".join(f"{g['token_str'].strip()!r} ({g['score']:.2f})" for g in fill(sentence, top_k=3))
         print(f"{sentence:45s} -> {guesses}")
