@@ -6,7 +6,11 @@ A params path maps to a checkpoint key by these rules (the model code names its 
 - params under a scanned module path (e.g. `bert.encoder.layer`) carry a leading layer axis and become one key per
   layer: `bert.encoder.layer.{i}.attention.self.query.weight`.
 A family module adds HF_SCANNED (its scanned paths), HF_TIED (keys that copy other weights, never saved) and
-HF_BASE_PREFIX (model_type -> body prefix).
+HF_BASE_PREFIX (model_type -> body prefix), and where it needs them HF_UNTRANSPOSED (regexes of checkpoint keys whose
+`kernel` is stored [in, out] as flax has it, e.g. GPT-2's Conv1D), HF_IGNORED (regexes of buffers that old
+checkpoints carry and the model does not use) and HF_RENAMED ({params path prefix: checkpoint key prefix} for params
+that sit elsewhere in the checkpoint, e.g. T5's shared position bias, kept outside the scanned blocks but saved in
+block 0).
 """
 
 import copy
@@ -41,9 +45,13 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, key) for p in patterns)
 
 
-def _hf_keys(path: tuple[str, ...], num_layers: int, scanned: Sequence[str]) -> tuple[list[str], bool]:
+def _hf_keys(path: tuple[str, ...], num_layers: int, scanned: Sequence[str],
+             renamed: Mapping[str, str] | None = None) -> tuple[list[str], bool]:
     """Checkpoint key(s) of one params leaf, and whether the leaf is stacked over layers."""
     key = ".".join((*path[:-1], _LEAF_TO_HF.get(path[-1], path[-1])))
+    for ours, theirs in (renamed or {}).items():
+        if key.startswith(ours + "."):
+            return [theirs + key[len(ours):]], False
     for prefix in scanned:
         if m := re.match(rf"^((?:.*\.)?{re.escape(prefix)})\.(.+)$", key):
             return [f"{m[1]}.{i}.{m[2]}" for i in range(num_layers)], True
@@ -60,15 +68,22 @@ def _listing(keys: Sequence[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Params tree -> {PyTorch key: array in PyTorch layout}. Stacked leaves under `scanned` paths are split per layer.
+def _transposed(path: tuple[str, ...], key: str, untransposed: Sequence[str]) -> bool:
+    """Whether the checkpoint holds this leaf transposed: Dense kernels, except those matching `untransposed`."""
+    return path[-1] == "kernel" and not _matches(key, untransposed)
+
+
+def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = (), untransposed: Sequence[str] = (),
+                         renamed: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Params tree -> {PyTorch key: array in PyTorch layout}. Stacked leaves under `scanned` paths are split per layer;
+    kernels whose key matches an `untransposed` regex are written as they are.
     Params must be fully addressable (replicated or on one host): gather them first when sharded across hosts."""
     state = {}
     for path, value in traverse_util.flatten_dict(params).items():
         value = np.asarray(jax.device_get(value))
-        keys, stacked = _hf_keys(path, _leading(value), scanned)
+        keys, stacked = _hf_keys(path, _leading(value), scanned, renamed)
         for key, array in zip(keys, value if stacked else [value]):
-            if path[-1] == "kernel":
+            if _transposed(path, key, untransposed):
                 if array.ndim != 2:
                     raise ValueError(f"{'/'.join(path)}: no checkpoint layout rule for a {array.ndim}-D kernel")
                 array = array.T
@@ -78,13 +93,17 @@ def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = ()) -> dic
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping, *, scanned: Sequence[str] = (),
                          tied: Mapping[str, str] | None = None, fresh: Sequence[str] = (), drop: Sequence[str] = (),
-                         base_model_prefix: str | None = None) -> dict:
+                         base_model_prefix: str | None = None, untransposed: Sequence[str] = (),
+                         renamed: Mapping[str, str] | None = None) -> dict:
     """PyTorch state dict -> params tree shaped and typed like `template` (init'd or `jax.eval_shape`d params).
 
     fresh: regexes over checkpoint keys of template params that may be absent from the checkpoint; those keep the
       template's values (so the template must hold real arrays for them), e.g. a new classifier head.
     drop: regexes over checkpoint keys that may be left unused, e.g. an MLM head when loading a classifier.
-    tied: {key: source} checkpoint keys that are copies of another weight; checked equal to the source and dropped.
+    tied: {key: source} checkpoint keys that are copies of another weight; checked equal to the source and dropped,
+      unless the template has a param of that key (a model configured with untied weights), which the source
+      fills when the checkpoint was saved tied.
+    untransposed: regexes over checkpoint keys of kernels stored [in, out], as flax has them.
     base_model_prefix: prepended to every checkpoint key when that makes more keys fit the template (a checkpoint
       of the bare body, as transformers' AutoModel saves it).
     Anything else missing or unexpected, and any shape mismatch, raises ValueError naming the keys.
@@ -97,23 +116,28 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
                 key = re.sub(old, new, key)
             state[key] = value
     flat = traverse_util.flatten_dict(template)
+    wanted = {k for path, leaf in flat.items() for k in _hf_keys(path, _leading(leaf), scanned, renamed)[0]}
     if base_model_prefix:  # a checkpoint of the bare body (transformers' AutoModel) lacks the prefix
-        wanted = {k for path, leaf in flat.items() for k in _hf_keys(path, _leading(leaf), scanned)[0]}
         prefixed = {f"{base_model_prefix}.{k}": v for k, v in state.items()}
         if len(wanted & prefixed.keys()) > len(wanted & state.keys()):
             state = prefixed
     for key, source in (tied or {}).items():
-        if key in state:
+        if key in state and key not in wanted:
             value = state.pop(key)
             if source not in state:  # some checkpoints keep only the copy
                 state[source] = value
             elif not np.array_equal(np.asarray(value), np.asarray(state[source])):
                 raise ValueError(f"checkpoint key {key} differs from {source}; this model ties them (untied "
                                  "checkpoints are not supported)")
+        elif key in wanted and key not in state and source in state:
+            # A checkpoint saved tied for a model configured untied: transformers 5 ties T5 v1.1's and mT5's lm_head
+            # even so (its T5 configs force tie_word_embeddings), and saves no copy.
+            logger.warning("%s is not in the checkpoint: copied from %s (saved tied)", key, source)
+            state[key] = state[source]
 
     params, used, missing, fresh_keys, mismatched = {}, set(), [], [], []
     for path, leaf in flat.items():
-        keys, stacked = _hf_keys(path, _leading(leaf), scanned)
+        keys, stacked = _hf_keys(path, _leading(leaf), scanned, renamed)
         absent = [k for k in keys if k not in state]
         if absent:
             if len(absent) == len(keys) and all(_matches(k, fresh) for k in keys):
@@ -126,7 +150,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
                 missing += absent
             continue
         expected = leaf.shape[1:] if stacked else leaf.shape
-        if path[-1] == "kernel":
+        transposed = _transposed(path, keys[0], untransposed)
+        if transposed:
             expected = expected[::-1]
         arrays = []
         for key in keys:
@@ -135,7 +160,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
             if array.shape != expected:
                 mismatched.append(f"{key}: expected {tuple(expected)}, found {tuple(array.shape)}")
                 continue
-            arrays.append(array.T if path[-1] == "kernel" else array)
+            arrays.append(array.T if transposed else array)
         if len(arrays) == len(keys):
             params[path] = (np.stack(arrays) if stacked else arrays[0]).astype(leaf.dtype)
 
@@ -208,7 +233,9 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
     family = get_family(model_type)
     return state_dict_to_params(
         load_state_dict(model_name_or_path, revision), template_params, scanned=family.HF_SCANNED,
-        tied=family.HF_TIED, fresh=fresh, drop=drop, base_model_prefix=family.HF_BASE_PREFIX.get(model_type))
+        tied=family.HF_TIED, fresh=fresh, drop=(*drop, *getattr(family, "HF_IGNORED", ())),
+        base_model_prefix=family.HF_BASE_PREFIX.get(model_type),
+        untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None))
 
 
 def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer: Any = None, *,
@@ -223,7 +250,9 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
     config.architectures = [architecture]
     config.dtype = "float32"  # what we write; transformers loads in the config's dtype by default
     config.save_pretrained(output_dir)
-    state = params_to_state_dict(params, scanned=family.HF_SCANNED)
+    state = params_to_state_dict(params, scanned=family.HF_SCANNED,
+                                 untransposed=getattr(family, "HF_UNTRANSPOSED", ()),
+                                 renamed=getattr(family, "HF_RENAMED", None))
     for stale in glob.glob(os.path.join(output_dir, ".model.safetensors.*.tmp")):  # left by a killed save
         os.remove(stale)
     tmp = os.path.join(output_dir, f".model.safetensors.{os.getpid()}.tmp")

@@ -400,3 +400,7 @@ def init_params(module: nn.Module, rng: jax.Array) -> dict:
     full-size init is fast; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
     ids = jnp.zeros((1, 2), jnp.int32)  # 2 tokens keep RoBERTa's positions (pad_token_id + 1, + 2) in range
     return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+
+
+# The names scripts use through `flaxtrain.models.create`.
+Config, MaskedLM, SequenceClassification = BertConfig, BertForMaskedLM, BertForSequenceClassification

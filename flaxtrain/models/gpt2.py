@@ -1,0 +1,279 @@
+"""GPT-2 causal language model as Flax linen modules: learned positions, pre-LayerNorm blocks, tied LM head.
+
+Param names copy the transformers PyTorch keys: `transformer/h/attn/c_attn/kernel` [L, D, 3D] is
+`transformer.h.{i}.attn.c_attn.weight`, the layers being stacked on a leading axis by `nn.scan`. GPT-2's projections
+are transformers' `Conv1D`, whose weight is already stored [in, out] as a flax kernel: HF_UNTRANSPOSED tells
+`flaxtrain.hf_io` not to transpose them (the untied `lm_head`, an ordinary Linear, is transposed as usual).
+
+`attention` below is the decoders' shared attention (Llama-style models use it too). The key/value cache for
+generation follows `flaxtrain.generate`'s layout.
+
+Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D n_embd, N heads, K key/value heads,
+H head size, V vocab_size, L layers.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxtrain import generate
+from flaxtrain.models.bert import ACT_FNS
+
+# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
+HF_SCANNED = ("transformer.h",)
+HF_TIED = {"lm_head.weight": "transformer.wte.weight"}  # applies only when the config ties them (the default)
+HF_BASE_PREFIX = {"gpt2": "transformer"}
+HF_UNTRANSPOSED = (r"\.(c_attn|c_proj|c_fc)\.weight$",)  # Conv1D weights are [in, out]
+HF_IGNORED = (r"\.attn\.(masked_)?bias$",)  # causal-mask buffers that older checkpoints saved
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The fields of a Hugging Face GPT-2 `config.json` that the model uses (defaults: gpt2, 124M)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    model_type: str = "gpt2"
+
+    def __post_init__(self):
+        if self.model_type != "gpt2":
+            raise ValueError(f"model_type {self.model_type!r} is not GPT-2")
+        if self.activation_function not in ACT_FNS:
+            raise ValueError(f"activation_function {self.activation_function!r} is not supported; supported: "
+                             f"{sorted(ACT_FNS)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of {self.n_head} heads")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "GPT2Config":
+        """From a transformers `GPT2Config`; raises ValueError on features this model lacks."""
+        unsupported = [name for name, bad in [
+            ("add_cross_attention=True", getattr(hf_config, "add_cross_attention", False)),
+            ("scale_attn_by_inverse_layer_idx=True", getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)),
+        ] if bad]
+        if unsupported:
+            raise ValueError(f"gpt2 config has unsupported settings: {', '.join(unsupported)}")
+        # reorder_and_upcast_attn needs nothing: attention scores are always computed in float32 here.
+        return cls(**{f.name: getattr(hf_config, f.name, f.default) for f in dataclasses.fields(cls)})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def max_positions(config: GPT2Config) -> int:
+    """The longest sequence (prompt + generated tokens) the model has positions for."""
+    return config.n_positions
+
+
+def attention(q, k, v, mask, *, scale: float | None = None, dropout_rate: float = 0.0, deterministic: bool = True):
+    """q [B, T, N, H], k and v [B, S, K, H] (N a multiple of K: grouped-query attention), mask [B, 1, T, S] bool
+    (True = attend) -> [B, T, N, H]. Call inside a module's compact method (the dropout is a submodule)."""
+    if deterministic or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    # jax.nn.dot_product_attention has no dropout on the attention probabilities, which GPT-2 trains with.
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    scale = h**-0.5 if scale is None else scale
+    q = q.reshape(b, t, k.shape[2], groups, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = nn.Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
+
+
+def write_cache(layer_cache, k, v, index):
+    """Writes k, v [B, T, K, H] into one layer's cache (key, value [B, S, K, H]) at slot `index`;
+    returns the whole updated (key, value), which attention then reads."""
+    key, value = layer_cache
+    return (lax.dynamic_update_slice(key, k.astype(key.dtype), (0, index, 0, 0)),
+            lax.dynamic_update_slice(value, v.astype(value.dtype), (0, index, 0, 0)))
+
+
+def _dense(config: GPT2Config, dtype, features: int, name: str, std: float | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(std or config.initializer_range), name=name)
+
+
+def _residual_std(config: GPT2Config) -> float:
+    # GPT-2's init scales the projections into the residual stream by 1/sqrt(2 * layers), as transformers does.
+    return config.initializer_range / math.sqrt(2 * config.n_layer)
+
+
+def _layer_norm(config: GPT2Config, dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S] -> ([B, T, D], this layer's updated cache or None)."""
+        cfg = self.config
+        split = lambda y: y.reshape(*y.shape[:2], cfg.n_head, cfg.head_dim)  # noqa: E731
+        q, k, v = map(split, jnp.split(_dense(cfg, self.dtype, 3 * cfg.n_embd, "c_attn")(x), 3, axis=-1))
+        if layer_cache is not None:
+            layer_cache = k, v = write_cache(layer_cache, k, v, index)
+        out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
+                        deterministic=deterministic)
+        out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", _residual_std(cfg))(out.reshape(x.shape))
+        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc")(x))
+        h = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", _residual_std(cfg))(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    """One pre-LayerNorm block. `deterministic` is an attribute so that nn.scan and nn.remat see only arrays;
+    the layer's cache slice comes in as the scanned input and goes out as the scanned output."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, index, layer_cache):
+        cfg = self.config
+        h, layer_cache = GPT2Attention(cfg, self.dtype, name="attn")(
+            _layer_norm(cfg, self.dtype, "ln_1")(x), mask, index, layer_cache, self.deterministic)
+        x = x + h
+        x = x + GPT2MLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, self.dtype, "ln_2")(x), self.deterministic)
+        return x, layer_cache
+
+
+class GPT2Model(nn.Module):
+    """The body: token and position embeddings, the scanned blocks `h`, the final LayerNorm `ln_f`.
+    `deterministic` is an attribute so that setup can build the scanned blocks."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.config
+        embed = functools.partial(nn.Embed, features=cfg.n_embd, dtype=self.dtype, param_dtype=jnp.float32,
+                                  embedding_init=nn.initializers.normal(cfg.initializer_range))
+        self.wte = embed(cfg.vocab_size)
+        self.wpe = embed(cfg.n_positions)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        block = GPT2Block
+        if self.gradient_checkpointing:
+            block = nn.remat(block, prevent_cse=False)  # under scan, CSE barriers would only cost speed
+        self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                         in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layer)(
+                             cfg, self.dtype, self.deterministic)
+        self.ln_f = _layer_norm(cfg, self.dtype, None)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
+        cfg = self.config
+        length = input_ids.shape[1]
+        start = 0 if cache is None else cache["index"]
+        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
+            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
+        mask, valid = generate.causal_mask(attention_mask, cache)
+        layer_cache = None if cache is None else (cache["key"], cache["value"])
+        x, layer_cache = self.h(x, mask, start, layer_cache)
+        if cache is not None:
+            cache = {"key": layer_cache[0], "value": layer_cache[1], "mask": valid, "index": start + length}
+        return self.ln_f(x), cache
+
+    def word_embedding_matrix(self):
+        """[V, D] float32: the LM head's weights when tied to the input embeddings."""
+        return self.wte.embedding
+
+
+class LMHead(nn.Module):
+    """An untied output projection, `lm_head.weight` (no bias) in transformers."""
+
+    vocab_size: int
+    initializer_range: float
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(self.initializer_range), (x.shape[-1], self.vocab_size),
+                            jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def tied_logits(x, embedding):
+    """x [B, T, D] -> [B, T, V] float32 = x @ embedding.T, in x's dtype with float32 accumulation and output."""
+    return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+class GPT2ForCausalLM(nn.Module):
+    """GPT-2 with its LM head (transformers' GPT2LMHeadModel)."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    hf_architecture = "GPT2LMHeadModel"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
+        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
+        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        body = GPT2Model(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
+        x, new_cache = body(input_ids, attention_mask, position_ids, cache)
+        if self.config.tie_word_embeddings:
+            logits = tied_logits(x, body.word_embedding_matrix())
+        else:
+            logits = LMHead(self.config.vocab_size, self.config.initializer_range, name="lm_head")(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""
+        if max_length > max_positions(self.config):
+            raise ValueError(f"{max_length} tokens are more than GPT-2's {max_positions(self.config)} positions")
+        cfg = self.config
+        return generate.init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> dict:
+    """Fresh float32 params (normal(initializer_range) weights, as transformers). Jitted; under
+    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+
+
+# The names scripts use through `flaxtrain.models.create`.
+Config, CausalLM = GPT2Config, GPT2ForCausalLM

@@ -1,0 +1,317 @@
+"""Llama-style decoders (transformers' `llama`, `mistral` and `qwen2`) as Flax linen modules.
+
+One architecture: RoPE (the plain kind, base `rope_theta`), RMSNorm before attention and MLP, a SwiGLU MLP,
+grouped-query attention (num_key_value_heads), an LM head tied to the embeddings or not. The three model types differ
+only in switches, all read from the config:
+- llama: `attention_bias` puts biases on q/k/v/o, `mlp_bias` on the MLP; no sliding window.
+- mistral: `sliding_window` (when set) limits every layer's attention to the last W slots.
+- qwen2: biases on q/k/v only; with `use_sliding_window` the layers from `max_window_layers` on use the window
+  (transformers writes that into `layer_types`, which we follow).
+
+Param names copy the PyTorch keys: `model/layers/self_attn/q_proj/kernel` [L, D, N*H] is
+`model.layers.{i}.self_attn.q_proj.weight` transposed; `model/norm/scale` is `model.norm.weight`.
+
+Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D hidden_size, N heads, K key/value heads,
+H head_dim, F intermediate_size, V vocab_size, L layers.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtrain import generate
+from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.gpt2 import LMHead, attention, tied_logits, write_cache
+
+# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
+HF_SCANNED = ("model.layers",)
+HF_TIED = {"lm_head.weight": "model.embed_tokens.weight"}  # applies only when the config ties them
+HF_BASE_PREFIX = {"llama": "model", "mistral": "model", "qwen2": "model"}
+HF_IGNORED = (r"\.rotary_emb\.inv_freq$",)  # a buffer that older checkpoints saved
+
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a Hugging Face Llama/Mistral/Qwen2 `config.json` that the model uses (defaults: llama-7b).
+
+    `sliding_window` and `layer_types` hold what the layers do after `from_hf` has applied each model type's rules:
+    a layer of type "sliding_attention" sees the last `sliding_window` slots; with layer_types None every layer is
+    "sliding_attention" if sliding_window is set, else "full_attention".
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: num_attention_heads (no grouping)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.model_type not in _HF_ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not Llama-like; expected one of "
+                             f"{list(_HF_ARCHITECTURES)}")
+        if self.hidden_act not in ACT_FNS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACT_FNS)}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"{self.num_attention_heads} attention heads are not a multiple of {self.kv_heads} "
+                             "key/value heads")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(_LAYER_TYPES):
+                raise ValueError(f"layer_types must give one of {_LAYER_TYPES} for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "LlamaConfig":
+        """From a transformers `LlamaConfig`/`MistralConfig`/`Qwen2Config`; raises ValueError on what this model
+        lacks (RoPE scaling of any kind, other attention patterns)."""
+        model_type = hf_config.model_type
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{model_type} config has rope_type {rope_type!r} (rope_parameters/rope_scaling "
+                             f"{rope}); only the default RoPE is supported")
+        values = {f.name: getattr(hf_config, f.name, f.default) for f in dataclasses.fields(cls)}
+        values["rope_theta"] = rope.get("rope_theta", getattr(hf_config, "rope_theta", cls.rope_theta))
+        if isinstance(values["eos_token_id"], list):
+            values["eos_token_id"] = tuple(values["eos_token_id"])
+        # Only what transformers' modeling code of each type reads: a field it ignores is ignored here too.
+        if model_type == "llama":  # Llama's code has no sliding window
+            values.update(sliding_window=None, layer_types=None)
+        else:  # Mistral's and Qwen2's code has fixed biases (Qwen2's on q/k/v, see qkv_bias)
+            values.update(attention_bias=False, mlp_bias=False)
+        if model_type == "mistral" or values["sliding_window"] is None:
+            # Mistral: the window (if set) on every layer. Qwen2 without use_sliding_window: sliding_window is None.
+            values["layer_types"] = None
+        elif values["layer_types"] is not None:
+            values["layer_types"] = tuple(values["layer_types"])
+        return cls(**values)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full causal attention)."""
+        default = "sliding_attention" if self.sliding_window else "full_attention"
+        types = self.layer_types or (default,) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
+
+
+def max_positions(config: LlamaConfig) -> int:
+    """The sequence length the model was configured (and trained) for; RoPE itself sets no hard limit."""
+    return config.max_position_embeddings
+
+
+def rope_tables(position_ids, head_dim: int, theta: float, dtype):
+    """position_ids [B, T] -> (cos, sin) [B, T, H] in `dtype`, computed in float32: angle p / theta^(2i/H) for
+    i < H/2, the table repeated for the two halves that `rotate_half` pairs (transformers' layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = position_ids.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, H], cos/sin [B, T, H] -> x rotated: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, the statistics in float32 (as transformers), the result in `dtype`."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(config: LlamaConfig, dtype, features: int, use_bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, H] -> ([B, T, D], this layer's updated cache or None)."""
+        cfg = self.config
+        n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+
+        def project(heads, name):  # -> [B, T, heads, H]
+            return _dense(cfg, self.dtype, heads * h, cfg.qkv_bias, name)(x).reshape(*x.shape[:2], heads, h)
+
+        q = apply_rope(project(n, "q_proj"), cos, sin)
+        key = apply_rope(project(k, "k_proj"), cos, sin)
+        value = project(k, "v_proj")
+        if layer_cache is not None:
+            layer_cache = key, value = write_cache(layer_cache, key, value, index)
+        out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(*x.shape[:2], n * h))
+        return out, layer_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """SwiGLU: down(act(gate(x)) * up(x)), [B, T, D] -> [B, T, D] through F."""
+        cfg = self.config
+        dense = functools.partial(_dense, cfg, self.dtype, use_bias=cfg.mlp_bias)
+        gate = ACT_FNS[cfg.hidden_act](dense(cfg.intermediate_size, name="gate_proj")(x))
+        return dense(cfg.hidden_size, name="down_proj")(gate * dense(cfg.intermediate_size, name="up_proj")(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One block. `masks` [M, B, 1, T, S] holds one mask per distinct window and `which` (scanned, [L]) picks this
+    layer's, so that layers with and without a sliding window share one scan."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, masks, cos, sin, index, which, layer_cache):
+        cfg = self.config
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, self.dtype)
+        h, layer_cache = LlamaAttention(cfg, self.dtype, name="self_attn")(
+            norm(name="input_layernorm")(x), masks[which], cos, sin, index, layer_cache, self.deterministic)
+        x = x + h
+        return x + LlamaMLP(cfg, self.dtype, name="mlp")(norm(name="post_attention_layernorm")(x)), layer_cache
+
+
+class LlamaModel(nn.Module):
+    """The body: `embed_tokens`, the scanned `layers`, the final `norm`. `deterministic` is an attribute so that
+    setup can build the scanned layers."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                                     embedding_init=nn.initializers.normal(cfg.initializer_range))
+        layer = LlamaDecoderLayer
+        if self.gradient_checkpointing:
+            layer = nn.remat(layer, prevent_cse=False)  # under scan, CSE barriers would only cost speed
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast,) * 4 + (0, 0), length=cfg.num_hidden_layers)(
+                                  cfg, self.dtype, self.deterministic)
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        """[B, T] ints -> (hidden [B, T, D], updated cache or None). See LlamaForCausalLM."""
+        cfg = self.config
+        length = input_ids.shape[1]
+        start = 0 if cache is None else cache["index"]
+        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
+            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope_theta, self.dtype)
+        windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
+        masks = [generate.causal_mask(attention_mask, cache, w) for w in windows]
+        valid = masks[0][1]
+        which = jnp.array([windows.index(w) for w in cfg.layer_windows], jnp.int32)
+        layer_cache = None if cache is None else (cache["key"], cache["value"])
+        x, layer_cache = self.layers(x, jnp.stack([m for m, _ in masks]), cos, sin, start, which, layer_cache)
+        if cache is not None:
+            cache = {"key": layer_cache[0], "value": layer_cache[1], "mask": valid, "index": start + length}
+        return self.norm(x), cache
+
+    def word_embedding_matrix(self):
+        return self.embed_tokens.embedding
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama/Mistral/Qwen2 decoder with its LM head; `config.model_type` names the transformers class."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return _HF_ARCHITECTURES[self.config.model_type]
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
+        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
+        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        body = LlamaModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
+        x, new_cache = body(input_ids, attention_mask, position_ids, cache)
+        if self.config.tie_word_embeddings:
+            logits = tied_logits(x, body.word_embedding_matrix())
+        else:
+            logits = LMHead(self.config.vocab_size, self.config.initializer_range, name="lm_head")(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""
+        cfg = self.config
+        return generate.init_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size,
+                                   self.dtype)
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> dict:
+    """Fresh float32 params (normal(initializer_range) weights, RMSNorm scales 1, as transformers). Jitted; under
+    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+
+
+# The names scripts use through `flaxtrain.models.create`.
+Config, CausalLM = LlamaConfig, LlamaForCausalLM
