@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from flaxtrain import checkpoint, data, hf_io, models, parallel, pretrained, training
+from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
-from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results, setup_logging, write_results
+from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_mlm_flax")
 NOT_MASKED_LM = (r"^cls\.seq_relationship\.", r"^(bert|roberta)\.pooler\.")
@@ -173,8 +171,9 @@ def main(argv=None):
                          f"{'mask' if tokenizer.mask_token is None else 'padding'} token; masked-LM training needs "
                          "both (RoBERTa's are <mask> and <pad>).")
     hf_config = pretrained.load_config(model_args)
-    family = models.get_family(hf_config.model_type)
-    config = family.BertConfig.from_hf(hf_config)
+    family, model = models.create(hf_config, "MaskedLM", dtype=pretrained.DTYPES[model_args.dtype],
+                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    config = model.config
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
@@ -196,8 +195,6 @@ def main(argv=None):
 
     # Model, optimizer and mesh.
     mesh = parallel.make_mesh()
-    model = family.BertForMaskedLM(config, dtype=pretrained.DTYPES[model_args.dtype],
-                                   gradient_checkpointing=training_args.gradient_checkpointing)
     params = family.init_params(model, jax.random.key(training_args.seed))
     if model_args.model_name_or_path:
         # Hub BERT checkpoints also carry the next-sentence head and the pooler, which masked-LM does not use.
@@ -226,66 +223,32 @@ def main(argv=None):
                            data_args.mlm_probability)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = parallel.data_parallel(eval_step, mesh)
-    run_eval = functools.partial(evaluate, dataset=splits.get("validation"), p_eval_step=p_eval_step,
+    run_eval = functools.partial(evaluate, dataset=splits.get("validation"),
+                                 p_eval_step=parallel.data_parallel(eval_step, mesh),
                                  make_batch=functools.partial(make_batch, splits.get("validation")), mesh=mesh,
                                  global_batch=eval_batch, seed=training_args.seed)
     os.makedirs(training_args.output_dir, exist_ok=True)
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 
-    # Training loop.
     if training_args.do_train:
-        clear_results(training_args.output_dir)
-        writer = MetricsWriter(training_args.output_dir, start_step)
-        checkpoints = checkpoint.Checkpoints(training_args.output_dir, training_args.save_total_limit)
-        meta = {"update_batch": update_batch, "steps_per_epoch": steps_per_epoch}
-
-        def save(step):
-            checkpoints.save(step, state, meta)
-            if jax.process_index() == 0:
-                hf_io.save_pretrained(training_args.output_dir, parallel.fetch(state.params), hf_config, tokenizer,
-                                      architecture=model.hf_architecture)
-
+        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
+                   for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
+                                                               training_args.seed, start_step, total_steps))
         p_train_step = parallel.data_parallel(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
             donate_argnums=(0,))
-        dropout_rng = jax.random.key(training_args.seed + 1)
-        progress = TrainProgress(schedule, update_batch * max_len, steps_per_epoch, start_step)
-        bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
-        train_start, step, record = time.perf_counter(), start_step, {}
-        for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
-            skip = start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
-            for i, indices in data.train_batches(len(splits["train"]), update_batch, training_args.seed, epoch, skip):
-                host = make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
-                state, metrics = p_train_step(state, parallel.to_global(host, mesh, update_batch), dropout_rng)
-                step += 1
-                bar.update(1)
-                progress.add(metrics)
-                if step % training_args.logging_steps == 0 or step == total_steps:
-                    record = progress.record(step)
-                    writer.write(step, record)
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
-                if training_args.do_eval and step % training_args.eval_steps == 0 and step < total_steps:
-                    eval_metrics = run_eval(state)
-                    writer.write(step, {k.replace("eval_", "eval/"): v for k, v in eval_metrics.items()})
-                    logger.info("step %d: %s", step, eval_metrics)
-                if step % training_args.save_steps == 0 or step == total_steps:
-                    save(step)
-                if step == total_steps:
-                    break
-        bar.close()
-        checkpoints.wait()
-        checkpoints.close()
-        write_results(training_args.output_dir, "train", {
-            "train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - train_start,
-            "train_steps": total_steps, "train_samples": len(splits["train"]), "epoch": step / steps_per_epoch})
-
-    if training_args.do_eval:
+        state, train_metrics, eval_metrics = loop.train(
+            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
+            tokens_per_step=update_batch * max_len, evaluate=run_eval if training_args.do_eval else None,
+            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+                                                        architecture=model.hf_architecture),
+            meta={"update_batch": update_batch})
+        write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+    elif training_args.do_eval:
         eval_metrics = run_eval(state)
+    if training_args.do_eval:
         logger.info("Evaluation: %s", eval_metrics)
-        if training_args.do_train:
-            writer.write(step, {k.replace("eval_", "eval/"): v for k, v in eval_metrics.items()})
-            writer.close()
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

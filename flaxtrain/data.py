@@ -33,14 +33,15 @@ def _check_file(flag: str, path: str) -> str:
     return BUILDERS[extension]
 
 
-def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, **builder_kwargs):
-    """Returns a DatasetDict with "train" and/or "validation" as needed.
+def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, streaming: bool = False,
+                      **builder_kwargs):
+    """Returns a DatasetDict (IterableDatasetDict when streaming) with "train" and/or "validation" as needed.
 
     Without a validation split, the first `validation_split_percentage` percent of the training data becomes
     the validation set (and is removed from training). `builder_kwargs` go to the text builder only (e.g.
     keep_linebreaks).
     """
-    common = dict(cache_dir=model_args.cache_dir, token=model_args.token)
+    common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=streaming)
     if data_args.dataset_name:
         source = dict(path=data_args.dataset_name, name=data_args.dataset_config_name, **common)
     else:
@@ -62,6 +63,8 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
     if need_train and "train" not in raw:
         raise ValueError("Training needs a train split: give --train_file or a dataset that has one.")
     if need_eval and "validation" not in raw:
+        if streaming:
+            raise ValueError("Evaluating a stream needs --validation_file or a dataset with a validation split.")
         if "train" not in raw or not 0 < data_args.validation_split_percentage < 100:
             raise ValueError("Evaluation needs --validation_file, a validation split, or "
                              "--validation_split_percentage between 1 and 99 to hold out part of the training data.")
@@ -70,7 +73,7 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
             "validation": datasets.load_dataset(**source, split=f"train[:{p}%]"),
             "train": datasets.load_dataset(**source, split=f"train[{p}%:]"),
         })
-    for split in ("train", "validation"):
+    for split in () if streaming else ("train", "validation"):
         if split in raw and len(raw[split]) == 0:
             raise ValueError(f"The {split} data has no rows.")
     return raw
@@ -103,6 +106,20 @@ def train_batches(num_examples: int, global_batch: int, seed: int, epoch: int, s
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     for i in range(start, num_examples // global_batch):
         yield i, order[i * global_batch:(i + 1) * global_batch]
+
+
+def epoch_batches(num_examples: int, global_batch: int, seed: int, start_step: int, total_steps: int):
+    """Yields (epoch, batch index in epoch, index array) for the optimizer steps start_step .. total_steps - 1,
+    across as many epochs as that takes."""
+    steps_per_epoch = num_examples // global_batch
+    step = start_step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        for i, indices in train_batches(num_examples, global_batch, seed, epoch, start=first):
+            if step == total_steps:
+                return
+            yield epoch, i, indices
+            step += 1
 
 
 def eval_batches(num_examples: int, global_batch: int):

@@ -24,8 +24,9 @@ def setup_logging():
     logging.getLogger().setLevel(level)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
-    for noisy in ("absl", "orbax", "jax._src"):
+    for noisy in ("orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns through absl about routine read-only lookups
 
 
 class MetricsWriter:

@@ -43,6 +43,29 @@ def make_roberta(model_dir, corpus, vocab_size=400, max_positions=66, **config):
     return str(model_dir)
 
 
+def make_decoder(model_dir, corpus, model_type="gpt2", vocab_size=400, max_positions=64, **config):
+    """A byte-level BPE tokenizer with GPT-2's <|endoftext|> and a tiny GPT-2 or Llama-style config."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([corpus], vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.save_pretrained(model_dir)
+    eos = tokenizer.eos_token_id
+    if model_type == "gpt2":
+        settings = dict(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=max_positions,
+                        bos_token_id=eos, eos_token_id=eos, initializer_range=0.1)
+    else:
+        settings = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
+                        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.1)
+    settings.update(config)
+    AutoConfig.for_model(model_type, **settings).save_pretrained(model_dir)
+    return str(model_dir)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
