@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Times the real masked-LM train step of run_mlm_flax.py on the devices at hand.
+"""Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py) on the devices at hand.
 
 Prints the first-step (compile) time, steady-state seconds per step, tokens/second, model-FLOPs utilisation
 against this machine's measured peak matmul throughput, and peak memory.
@@ -7,8 +7,8 @@ against this machine's measured peak matmul throughput, and peak memory.
     python benchmarks/bench_train_step.py --config bert-small [--dtype bfloat16] [--steps 20]
 
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
-matrices (forward and backward; the tied output layer counted once through the word embedding) plus
-12 * layers * length * hidden for attention scores, as in the PaLM paper's appendix.
+matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
+to the embedding) and 12 * layers * length * width for attention, as in the PaLM paper's appendix.
 """
 
 import argparse
@@ -22,19 +22,34 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import AutoConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import run_clm_flax  # noqa: E402
 import run_mlm_flax  # noqa: E402
-from flaxtrain import parallel, training  # noqa: E402
-from flaxtrain.models import bert  # noqa: E402
+from flaxtrain import models, parallel, training  # noqa: E402
 
 CONFIGS = {
-    "bert-small": dict(model=dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                  intermediate_size=1024), seq=128, batch=16),
-    "bert-base": dict(model=dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                 intermediate_size=3072), seq=128, batch=8),
+    "bert-small": dict(type="bert", seq=128, batch=16, model=dict(
+        vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)),
+    "bert-base": dict(type="bert", seq=128, batch=8, model=dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    "gpt2-small": dict(type="gpt2", seq=256, batch=4, model=dict(
+        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
+    "llama-small": dict(type="llama", seq=256, batch=4, model=dict(
+        vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+        intermediate_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)),
 }
+TASKS = {"bert": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax)}
+
+
+def model_flops_per_token(params, hf_config, seq: int) -> float:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    matrices = sum(x.size for path, x in flat if path[-1].key != "embedding")
+    if getattr(hf_config, "tie_word_embeddings", True):
+        matrices += hf_config.vocab_size * hf_config.hidden_size  # the output layer reuses the embedding
+    return 6 * matrices + 12 * hf_config.num_hidden_layers * seq * hf_config.hidden_size
 
 
 def peak_matmul_flops(dtype, n=4096, repeats=5) -> float:
@@ -67,27 +82,28 @@ def main(argv=None):
 
     spec = CONFIGS[args.config]
     seq, batch = spec["seq"], args.batch or spec["batch"]
-    config = bert.BertConfig(**spec["model"], max_position_embeddings=512, model_type="bert")
+    hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
+    head, script = TASKS[spec["type"]]
     dtype = jnp.dtype(args.dtype)
-    model = bert.BertForMaskedLM(config, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
+    family, model = models.create(hf_config, head, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
     mesh = parallel.make_mesh()
-    params = bert.init_params(model, jax.random.key(0))
+    params = family.init_params(model, jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    embed = params["bert"]["embeddings"]
-    matrix_params = n_params - embed["position_embeddings"]["embedding"].size - \
-        embed["token_type_embeddings"]["embedding"].size
-    flops_per_token = 6 * matrix_params + 12 * config.num_hidden_layers * seq * config.hidden_size
+    flops_per_token = model_flops_per_token(params, hf_config, seq)
 
     opt_args = argparse.Namespace(adafactor=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                                   weight_decay=0.01, max_grad_norm=1.0)
     tx = training.make_optimizer(opt_args, 1e-4)
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    step = parallel.data_parallel(functools.partial(run_mlm_flax.train_step, accumulation_steps=1), mesh,
+    step = parallel.data_parallel(functools.partial(script.train_step, accumulation_steps=1), mesh,
                                   donate_argnums=(0,))
     rng = np.random.default_rng(0)
-    ids = rng.integers(5, config.vocab_size, (batch, seq))
-    host = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones((batch, seq), np.int32),
-            "labels": ids.astype(np.int32), "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
+    ids = rng.integers(5, hf_config.vocab_size, (batch, seq)).astype(np.int32)
+    if script is run_mlm_flax:
+        host = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32), "labels": ids,
+                "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
+    else:
+        host = run_clm_flax.to_batch(ids, slice(0, batch))
     device_batch = parallel.to_global(host, mesh, batch)
     dropout_rng = jax.random.key(1)
 

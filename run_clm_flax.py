@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Causal-language-model training (GPT-2, Llama, Mistral, Qwen2) with JAX on TPUs, GPUs or CPUs.
+
+Pretrain from scratch (tokenizer + config + corpus) or continue training a checkpoint on your own text:
+
+    python run_clm_flax.py --output_dir=./runs --model_type=gpt2 --config_name=./my-gpt2 \
+        --tokenizer_name=./my-gpt2 --train_file=corpus.txt --block_size=512 --per_device_train_batch_size=64 \
+        --learning_rate=5e-3 --warmup_steps=1000 --adam_beta1=0.9 --adam_beta2=0.98 --weight_decay=0.01 \
+        --num_train_epochs=20 --overwrite_output_dir
+
+Documents are tokenized, joined with the end-of-sequence token between them, and cut into blocks of --block_size.
+Run the same command again to resume; `--do_predict --prompt "..."` writes continuations to generations.jsonl.
+"""
+
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxtrain import checkpoint, data, generate, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain.logging import setup_logging, write_results
+
+logger = logging.getLogger("run_clm_flax")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class ClmDataArguments(DataArguments):
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's positions))."}
+    )
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Read the data as a stream instead of tokenizing it all first "
+                                         "(for corpora larger than memory); needs --max_steps."}
+    )
+    prompt: Optional[str] = field(default=None, metadata={"help": "--do_predict: a prompt to continue."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "--do_predict: prompts, one per line."})
+    max_new_tokens: int = field(default=50, metadata={"help": "--do_predict: tokens to generate per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "--do_predict: sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "--do_predict: sample among the k likeliest tokens (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "--do_predict: nucleus sampling mass."})
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def blocks_of(tokenizer, column, block_size):
+    """A batched map function: documents -> token ids joined by EOS -> blocks of block_size.
+
+    Blocks never straddle two map batches: the tail of each batch of 1000 documents is dropped.
+    """
+    def encode_and_group(examples):
+        encoded = tokenizer(examples[column], return_attention_mask=False, verbose=False)["input_ids"]
+        flat = [t for ids in encoded for t in (*ids, tokenizer.eos_token_id)]
+        usable = len(flat) // block_size * block_size
+        return {"input_ids": [flat[i:i + block_size] for i in range(0, usable, block_size)]}
+    return encode_and_group
+
+
+def stream_blocks(raw_split, tokenizer, block_size, skip=0, repeat=False):
+    """Blocks of a streamed split as numpy rows, in the stream's order (again from the start at its end when
+    `repeat`), after skipping `skip` of them.
+
+    Resuming replays the stream up to where it stopped: exact, at the cost of re-reading what was trained on."""
+    column = data.text_column(raw_split) if raw_split.features else "text"
+    grouped = raw_split.map(blocks_of(tokenizer, column, block_size), batched=True,
+                            remove_columns=list(raw_split.features or [column]))
+
+    def passes():
+        while True:
+            empty = True
+            for example in grouped:
+                empty = False
+                yield np.asarray(example["input_ids"], np.int32)
+            if empty:
+                raise ValueError(f"The streamed data gives no block of {block_size} tokens: the text is too short.")
+            if not repeat:
+                return
+
+    return itertools.islice(passes(), skip, None)
+
+
+def stream_batches(blocks, global_batch, rows):
+    """Global batches of a block stream; this host keeps its rows."""
+    while len(batch := list(itertools.islice(blocks, global_batch))) == global_batch:
+        yield to_batch(np.stack(batch[rows]), rows)
+
+
+def to_batch(ids, rows, n_real=None):
+    """This host's [b, T] token blocks (`rows` of the global batch) -> a batch with next-token weights (0 on the
+    padding rows of a last evaluation batch, those from `n_real` on)."""
+    ids = np.asarray(ids, np.int32)
+    weights = np.ones(ids.shape, np.float32)
+    weights[:, 0] = 0  # position 0 is no one's next token
+    if n_real is not None:
+        weights[np.arange(rows.start, rows.stop) >= n_real] = 0
+    return {"input_ids": ids, "weights": weights}
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def next_token_sums(logits, batch):
+    """Logits at t predict the token at t+1: (loss sum, correct sum, weight sum) over the weighted targets."""
+    return training.cross_entropy_sums(logits[:, :-1], batch["input_ids"][:, 1:], batch["weights"][:, 1:])
+
+
+def train_step(state, batch, rng, accumulation_steps):
+    """Per-device step: token-weighted loss over every target token of the global batch."""
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
+    total_weight = jnp.maximum(jax.lax.psum(batch["weights"][:, 1:].sum(), parallel.AXIS), 1.0)
+
+    def loss_fn(params, micro, rng):
+        logits = state.apply_fn({"params": params}, micro["input_ids"], deterministic=False, rngs={"dropout": rng})
+        loss_sum, _, _ = next_token_sums(logits, micro)
+        return loss_sum / total_weight, loss_sum
+
+    grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
+    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
+    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state, batch):
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"])
+    loss, correct, weight = next_token_sums(logits, batch)
+    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+
+
+def evaluate(state, blocks, p_eval_step, mesh, global_batch):
+    """Loss, next-token accuracy and perplexity over every block once ([N, T] array)."""
+    rows = parallel.local_rows(mesh, global_batch)
+    totals = None
+    for indices, n_real in data.eval_batches(len(blocks), global_batch):
+        host = to_batch(blocks[indices[rows]], rows, n_real)
+        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = parallel.fetch(totals)
+    weight = max(float(totals["weight"]), 1.0)
+    loss = float(totals["loss"]) / weight
+    return {"eval_loss": loss, "eval_accuracy": float(totals["accuracy"]) / weight,
+            "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+def write_generations(path, model, params, tokenizer, prompts, data_args, seed):
+    """Greedy and sampled continuations of each prompt, one JSON line per prompt (process 0, one device)."""
+    tokenizer.padding_side = "left"  # the cache needs every row's last prompt token in the same slot
+    encoded = tokenizer(prompts, padding=True, return_tensors="np")
+    options = dict(max_new_tokens=data_args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    params = jax.device_put(params, jax.local_devices()[0])
+    greedy = generate.generate(model, params, encoded["input_ids"], encoded["attention_mask"], **options)
+    sampled = generate.generate(model, params, encoded["input_ids"], encoded["attention_mask"], do_sample=True,
+                                temperature=data_args.temperature, top_k=data_args.top_k, top_p=data_args.top_p,
+                                rng=jax.random.key(seed), **options)
+    with open(path, "w") as f:
+        for prompt, g, s in zip(prompts, np.asarray(greedy), np.asarray(sampled)):
+            f.write(json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
+                                "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    model_args, data_args, training_args = parse_args((ModelArguments, ClmDataArguments, TrainingArguments), argv)
+    parallel.initialize_distributed()  # before anything else touches JAX
+    setup_logging()
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
+    prompts = read_prompts(data_args) if training_args.do_predict else []
+
+    # Cheap checks first: output directory, tokenizer, config, lengths.
+    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    tokenizer = pretrained.load_tokenizer(model_args)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no end-of-sequence token, which this script puts between documents.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only prompts are ever padded, and masked
+    hf_config = pretrained.load_config(model_args)
+    family, model = models.create(hf_config, "CausalLM", dtype=pretrained.DTYPES[model_args.dtype],
+                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    model_max = family.max_positions(model.config)
+    block_size = data_args.block_size or min(1024, model_max)
+    if block_size > model_max:
+        raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+                                 streaming=data_args.streaming, keep_linebreaks=data_args.keep_linebreaks)
+    if data_args.streaming:
+        eval_blocks = stream_blocks(raw["validation"], tokenizer, block_size) if training_args.do_eval else []
+        eval_blocks = np.array(list(itertools.islice(eval_blocks, data_args.max_eval_samples)), np.int32)
+    else:
+        column = data.text_column(next(iter(raw.values())))
+        tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
+                            num_proc=data_args.preprocessing_num_workers,
+                            remove_columns=next(iter(raw.values())).column_names,
+                            load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+        train_set = data.take(tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
+        eval_blocks = (data.take(tokenized["validation"], data_args.max_eval_samples)["input_ids"]
+                       if training_args.do_eval else [])
+    for split, blocks in (("train", None if data_args.streaming else train_set), ("validation", eval_blocks)):
+        if blocks is not None and (split == "train" and training_args.do_train or
+                                   split == "validation" and training_args.do_eval) and len(blocks) == 0:
+            raise ValueError(f"The {split} data gives no block of {block_size} tokens: the text is too short. Use "
+                             "more text or a smaller --block_size.")
+
+    # Model, optimizer and mesh.
+    mesh = parallel.make_mesh()
+    params = family.init_params(model, jax.random.key(training_args.seed))
+    if model_args.model_name_or_path:
+        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=hf_config.model_type,
+                                       revision=model_args.model_revision)
+    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
+                    * training_args.gradient_accumulation_steps)
+    if training_args.do_train:
+        if data_args.streaming:
+            steps_per_epoch = total_steps = training_args.max_steps
+        else:
+            steps_per_epoch, total_steps = training.plan_steps(len(train_set), update_batch, training_args)
+        schedule = training.make_schedule(training_args, total_steps)
+        tx = training.make_optimizer(training_args, schedule)
+    else:
+        tx = optax.identity()  # evaluation or prediction only
+    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
+    start_step = 0
+    if resume:
+        state, meta = checkpoint.restore(*resume, state)
+        start_step = int(parallel.fetch(state.step))
+        if meta["update_batch"] != update_batch:
+            raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run "
+                             f"has {update_batch}: resume with the same batch size and device count.")
+
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    run_eval = functools.partial(evaluate, blocks=eval_blocks, p_eval_step=parallel.data_parallel(eval_step, mesh),
+                                 mesh=mesh, global_batch=eval_batch)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+
+    if training_args.do_train:
+        rows = parallel.local_rows(mesh, update_batch)
+        if data_args.streaming:
+            batches = stream_batches(stream_blocks(raw["train"], tokenizer, block_size, start_step * update_batch,
+                                                   repeat=True),
+                                     update_batch, rows)
+        else:
+            batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"], rows)
+                       for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
+                                                               start_step, total_steps))
+        p_train_step = parallel.data_parallel(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
+            donate_argnums=(0,))
+        state, train_metrics, eval_metrics = loop.train(
+            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
+            tokens_per_step=update_batch * block_size, evaluate=run_eval if training_args.do_eval else None,
+            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+                                                        architecture=model.hf_architecture),
+            meta={"update_batch": update_batch})
+        train_metrics["train_samples"] = total_steps * update_batch if data_args.streaming else len(train_set)
+        write_results(training_args.output_dir, "train", train_metrics)
+    elif training_args.do_eval:
+        eval_metrics = run_eval(state)
+    if training_args.do_eval:
+        logger.info("Evaluation: %s", eval_metrics)
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(eval_blocks)})
+    if prompts and jax.process_index() == 0:
+        path = os.path.join(training_args.output_dir, "generations.jsonl")
+        write_generations(path, model, parallel.fetch(state.params), tokenizer, prompts, data_args, training_args.seed)
+        logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
+    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+
+
+def read_prompts(data_args):
+    prompts = [data_args.prompt] if data_args.prompt else []
+    if data_args.prompts_file:
+        if not os.path.isfile(data_args.prompts_file):
+            raise FileNotFoundError(f"--prompts_file={data_args.prompts_file}: no such file.")
+        with open(data_args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("--do_predict needs --prompt or --prompts_file.")
+    return prompts
+
+
+if __name__ == "__main__":
+    main()

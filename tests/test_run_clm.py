@@ -1,0 +1,113 @@
+"""Smoke runs of run_clm_flax.py on tiny local data: GPT-2 and Llama learn, write every file, continue prompts,
+stream and resume a stream exactly; bad input fails before any work."""
+
+import os
+
+import numpy as np
+import pytest
+
+import run_clm_flax
+from flaxtrain import checkpoint
+from tests import tiny
+
+FLAGS = ["--block_size=32", "--learning_rate=3e-3", "--warmup_steps=5", "--max_steps=60", "--logging_steps=10",
+         "--save_steps=30", "--eval_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("clm")
+    train = tiny.write_corpus(work / "train.txt")
+    valid = tiny.write_corpus(work / "valid.txt", lines=20, seed=1)
+    models = {kind: tiny.make_decoder(work / kind, train, kind) for kind in ("gpt2", "llama")}
+    files = [f"--train_file={train}", f"--validation_file={valid}"]
+    return dict(models=models, files=files, train=train,
+                data={k: [*files, f"--config_name={m}", f"--tokenizer_name={m}"] for k, m in models.items()})
+
+
+def test_gpt2_learns_writes_every_file_and_continues_prompts(setup, tmp_path):
+    untrained = tmp_path / "untrained"
+    run_clm_flax.main([f"--output_dir={untrained}", "--do_eval", *setup["data"]["gpt2"], *FLAGS])
+    before = tiny.read_json(untrained / "eval_results.json")
+
+    out = tmp_path / "run"
+    run_clm_flax.main([f"--output_dir={out}", "--do_train", "--do_eval", "--do_predict", "--prompt=amber amber amber",
+                       "--max_new_tokens=6", "--per_device_train_batch_size=16", *setup["data"]["gpt2"], *FLAGS])
+    after = tiny.read_json(out / "eval_results.json")
+    assert after["eval_perplexity"] < before["eval_perplexity"] / 20, (before, after)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_results.json", "all_results.json",
+                 "log_history.jsonl", "generations.jsonl"):
+        assert (out / name).is_file(), name
+    assert sorted(os.listdir(out / "checkpoints"), key=int) == ["30", "60"]
+    generation = tiny.read_json(out / "generations.jsonl")  # one line: one prompt
+    assert generation["greedy"].split() == ["amber"] * 6  # the corpus repeats each line's word
+    assert generation["sampled"].strip()
+
+
+def test_llama_on_eight_devices_learns(setup, tmp_path):
+    out = tmp_path / "run"
+    tiny.run_script("run_clm_flax.py", [f"--output_dir={out}", "--per_device_train_batch_size=2",
+                                        *setup["data"]["llama"], *FLAGS], devices=8)
+    results = tiny.read_json(out / "all_results.json")
+    assert results["eval_perplexity"] < 15 and results["eval_accuracy"] > 0.8, results  # untrained: about 400
+    assert tiny.read_json(out / "config.json")["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_streaming_trains_and_resumes_where_the_stream_stopped(setup, tmp_path, monkeypatch):
+    args = ["--streaming", "--per_device_train_batch_size=8", *setup["data"]["gpt2"], *FLAGS,
+            "--max_steps=40", "--save_steps=20", "--eval_steps=1000"]
+    whole = tmp_path / "whole"
+    run_clm_flax.main([f"--output_dir={whole}", *args])
+
+    interrupted = tmp_path / "interrupted"
+    save = checkpoint.Checkpoints.save
+
+    def save_then_die(self, step, state, meta):
+        save(self, step, state, meta)
+        self.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_clm_flax.main([f"--output_dir={interrupted}", *args])
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    run_clm_flax.main([f"--output_dir={interrupted}", *args])
+
+    def curve(out):
+        return [(r["step"], r["train/loss"]) for r in tiny.read_history(out) if "train/loss" in r]
+
+    assert [s for s, _ in curve(interrupted)] == [10, 20, 30, 40]
+    np.testing.assert_allclose(curve(interrupted), curve(whole), rtol=1e-6)
+    whole_results = tiny.read_json(whole / "all_results.json")
+    assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
+        whole_results["eval_loss"], rel=1e-5)
+    assert whole_results["eval_perplexity"] < 30  # untrained: about 400
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--block_size=100"], "--block_size=100 is more than the model's 64 positions"),
+    (["--streaming"], "--streaming needs --max_steps"),
+    (["--do_predict"], "--do_predict needs --prompt or --prompts_file"),
+])
+def test_bad_flags(setup, tmp_path, flags, match):
+    out = tmp_path / "out"
+    args = [f"--output_dir={out}", *setup["data"]["gpt2"], "--block_size=32", "--num_train_epochs=1", *flags]
+    with pytest.raises(ValueError, match=match):
+        run_clm_flax.main(args)
+    assert not out.exists()
+
+
+def test_corpus_shorter_than_one_block(setup, tmp_path):
+    (tmp_path / "short.txt").write_text("amber amber\n")
+    model = setup["models"]["gpt2"]
+    with pytest.raises(ValueError, match="train data gives no block of 32 tokens"):
+        run_clm_flax.main([f"--output_dir={tmp_path}/out", f"--train_file={tmp_path}/short.txt", "--do_train",
+                           f"--config_name={model}", f"--tokenizer_name={model}", "--block_size=32"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_model_type_lists_the_supported_ones(setup, tmp_path):
+    roberta = tiny.make_roberta(tmp_path / "roberta", setup["train"])
+    with pytest.raises(ValueError, match="'roberta' is not supported.*gpt2, llama, mistral, qwen2"):
+        run_clm_flax.main([f"--output_dir={tmp_path}/out", *setup["files"], f"--config_name={roberta}",
+                           f"--tokenizer_name={setup['models']['gpt2']}"])
