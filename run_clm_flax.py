@@ -16,7 +16,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -92,17 +91,14 @@ def stream_blocks(raw_split, tokenizer, block_size, skip=0, repeat=False):
 def stream_batches(blocks, global_batch, rows):
     """Global batches of a block stream; this host keeps its rows."""
     while len(batch := list(itertools.islice(blocks, global_batch))) == global_batch:
-        yield to_batch(np.stack(batch[rows]), rows)
+        yield to_batch(np.stack(batch[rows]))
 
 
-def to_batch(ids, rows, n_real=None):
-    """This host's [b, T] token blocks (`rows` of the global batch) -> a batch with next-token weights (0 on the
-    padding rows of a last evaluation batch, those from `n_real` on)."""
+def to_batch(ids):
+    """This host's [b, T] token blocks -> a batch with next-token weights."""
     ids = np.asarray(ids, np.int32)
     weights = np.ones(ids.shape, np.float32)
     weights[:, 0] = 0  # position 0 is no one's next token
-    if n_real is not None:
-        weights[np.arange(rows.start, rows.stop) >= n_real] = 0
     return {"input_ids": ids, "weights": weights}
 
 
@@ -132,21 +128,6 @@ def eval_step(state, batch):
     logits = state.apply_fn({"params": state.params}, batch["input_ids"])
     loss, correct, weight = next_token_sums(logits, batch)
     return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
-
-
-def evaluate(state, blocks, p_eval_step, mesh, global_batch):
-    """Loss, next-token accuracy and perplexity over every block once ([N, T] array)."""
-    rows = parallel.local_rows(mesh, global_batch)
-    totals = None
-    for indices, n_real in data.eval_batches(len(blocks), global_batch):
-        host = to_batch(blocks[indices[rows]], rows, n_real)
-        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = parallel.fetch(totals)
-    weight = max(float(totals["weight"]), 1.0)
-    loss = float(totals["loss"]) / weight
-    return {"eval_loss": loss, "eval_accuracy": float(totals["accuracy"]) / weight,
-            "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
 def write_generations(path, model, params, tokenizer, prompts, data_args, seed):
@@ -230,18 +211,15 @@ def main(argv=None):
         tx = training.make_optimizer(training_args, schedule)
     else:
         tx = optax.identity()  # evaluation or prediction only
-    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    start_step = 0
-    if resume:
-        state, meta = checkpoint.restore(*resume, state)
-        start_step = int(parallel.fetch(state.step))
-        if meta["update_batch"] != update_batch:
-            raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run "
-                             f"has {update_batch}: resume with the same batch size and device count.")
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
+
+    def run_eval(state):
+        rows = parallel.local_rows(mesh, eval_batch)
+        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices[rows]]),
+                             len(eval_blocks), mesh, eval_batch, training_args.seed)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    run_eval = functools.partial(evaluate, blocks=eval_blocks, p_eval_step=parallel.data_parallel(eval_step, mesh),
-                                 mesh=mesh, global_batch=eval_batch)
+    p_eval_step = parallel.data_parallel(eval_step, mesh)
     os.makedirs(training_args.output_dir, exist_ok=True)
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 
@@ -252,7 +230,7 @@ def main(argv=None):
                                                    repeat=True),
                                      update_batch, rows)
         else:
-            batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"], rows)
+            batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])
                        for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
                                                                start_step, total_steps))
         p_train_step = parallel.data_parallel(

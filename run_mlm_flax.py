@@ -13,7 +13,6 @@ Run the same command again to resume from the newest checkpoint in output_dir.
 
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -135,22 +134,6 @@ def eval_step(state, batch):
     return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
 
 
-def evaluate(state, dataset, p_eval_step, make_batch, mesh, global_batch, seed):
-    """Loss, accuracy and perplexity over every example once, with fixed masks (same weights, same result)."""
-    rows = parallel.local_rows(mesh, global_batch)
-    totals = None
-    for i, (indices, n_real) in enumerate(data.eval_batches(len(dataset), global_batch)):
-        host = make_batch(indices, np.random.default_rng([seed, 1, i]))
-        host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0  # padding rows of the last batch
-        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = parallel.fetch(totals)
-    weight = max(float(totals["weight"]), 1.0)
-    loss = float(totals["loss"]) / weight
-    return {"eval_loss": loss, "eval_accuracy": float(totals["accuracy"]) / weight,
-            "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, MlmDataArguments, TrainingArguments), argv)
@@ -208,25 +191,19 @@ def main(argv=None):
         tx = training.make_optimizer(training_args, schedule)
     else:
         tx = optax.identity()  # evaluation only
-    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    start_step = 0
-    if resume:
-        state, meta = checkpoint.restore(*resume, state)
-        start_step = int(parallel.fetch(state.step))
-        if meta["update_batch"] != update_batch:
-            raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run "
-                             f"has {update_batch}: resume with the same batch size and device count.")
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
 
     def make_batch(dataset, indices, rng):
         rows = parallel.local_rows(mesh, len(indices))
         return mask_tokens(gather(dataset, indices, max_len, tokenizer.pad_token_id), rng, rows, tokenizer,
                            data_args.mlm_probability)
 
+    def run_eval(state):
+        return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
+                             len(splits["validation"]), mesh, eval_batch, training_args.seed)
+
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    run_eval = functools.partial(evaluate, dataset=splits.get("validation"),
-                                 p_eval_step=parallel.data_parallel(eval_step, mesh),
-                                 make_batch=functools.partial(make_batch, splits.get("validation")), mesh=mesh,
-                                 global_batch=eval_batch, seed=training_args.seed)
+    p_eval_step = parallel.data_parallel(eval_step, mesh)
     os.makedirs(training_args.output_dir, exist_ok=True)
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 

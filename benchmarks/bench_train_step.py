@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py) on the devices at hand.
+"""Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py, run_t5_mlm_flax.py) on the devices at hand.
 
 Prints the first-step (compile) time, steady-state seconds per step, tokens/second, model-FLOPs utilisation
 against this machine's measured peak matmul throughput, and peak memory.
@@ -8,7 +8,8 @@ against this machine's measured peak matmul throughput, and peak memory.
 
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
-to the embedding) and 12 * layers * length * width for attention, as in the PaLM paper's appendix.
+to the embedding) and 12 * layers * length * width for attention, as in the PaLM paper's appendix; for T5 the
+encoder's parameters count the input tokens and the decoder's the target tokens.
 """
 
 import argparse
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import run_clm_flax  # noqa: E402
 import run_mlm_flax  # noqa: E402
+import run_t5_mlm_flax  # noqa: E402
 from flaxtrain import models, parallel, training  # noqa: E402
 
 CONFIGS = {
@@ -40,16 +42,46 @@ CONFIGS = {
     "llama-small": dict(type="llama", seq=256, batch=4, model=dict(
         vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
         intermediate_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)),
+    "t5-small": dict(type="t5", seq=128, target=32, batch=8, model=dict(
+        vocab_size=32128, d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64)),
 }
-TASKS = {"bert": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax)}
+TASKS = {"bert": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
+         "t5": ("Seq2SeqLM", run_t5_mlm_flax)}
 
 
-def model_flops_per_token(params, hf_config, seq: int) -> float:
+def matrix_params(params, prefix=None) -> int:
+    """Parameters used in matrix products: all but the embedding lookups (under `prefix` only, if given)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    matrices = sum(x.size for path, x in flat if path[-1].key != "embedding")
-    if getattr(hf_config, "tie_word_embeddings", True):
-        matrices += hf_config.vocab_size * hf_config.hidden_size  # the output layer reuses the embedding
-    return 6 * matrices + 12 * hf_config.num_hidden_layers * seq * hf_config.hidden_size
+    return sum(x.size for path, x in flat if path[-1].key != "embedding" and prefix in (None, path[0].key))
+
+
+def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 0) -> float:
+    """Training FLOPs of one step: 6 per matrix parameter per token it sees, plus attention scores."""
+    width, vocab = hf_config.hidden_size, hf_config.vocab_size
+    if not target:  # an encoder or a decoder: every parameter sees every token
+        output = vocab * width if getattr(hf_config, "tie_word_embeddings", True) else 0
+        per_token = 6 * (matrix_params(params) + output) + 12 * hf_config.num_hidden_layers * seq * width
+        return batch * seq * per_token
+    # Encoder-decoder: the encoder sees the inputs, the decoder and output layer the targets; the decoder attends
+    # to itself and to the inputs.
+    output = 0 if "lm_head" in params else vocab * width
+    encoder = 6 * matrix_params(params, "encoder") + 12 * hf_config.num_layers * seq * width
+    decoder = (6 * (matrix_params(params, "decoder") + matrix_params(params, "lm_head") + output)
+               + 12 * hf_config.num_decoder_layers * (target + seq) * width)
+    return batch * (seq * encoder + target * decoder)
+
+
+def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, rng) -> dict:
+    ids = rng.integers(5, vocab_size, (batch, seq)).astype(np.int32)
+    ones = np.ones((batch, seq), np.int32)
+    if script is run_mlm_flax:
+        return {"input_ids": ids, "attention_mask": ones, "labels": ids,
+                "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
+    if script is run_t5_mlm_flax:
+        labels = rng.integers(5, vocab_size, (batch, target)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": ones, "labels": labels, "decoder_input_ids": labels,
+                "weights": np.ones((batch, target), np.float32)}
+    return run_clm_flax.to_batch(ids)
 
 
 def peak_matmul_flops(dtype, n=4096, repeats=5) -> float:
@@ -81,7 +113,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     spec = CONFIGS[args.config]
-    seq, batch = spec["seq"], args.batch or spec["batch"]
+    seq, target, batch = spec["seq"], spec.get("target", 0), args.batch or spec["batch"]
     hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
     head, script = TASKS[spec["type"]]
     dtype = jnp.dtype(args.dtype)
@@ -89,7 +121,7 @@ def main(argv=None):
     mesh = parallel.make_mesh()
     params = family.init_params(model, jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    flops_per_token = model_flops_per_token(params, hf_config, seq)
+    flops_per_step = model_flops_per_step(params, hf_config, batch, seq, target)
 
     opt_args = argparse.Namespace(adafactor=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                                   weight_decay=0.01, max_grad_norm=1.0)
@@ -97,13 +129,7 @@ def main(argv=None):
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
     step = parallel.data_parallel(functools.partial(script.train_step, accumulation_steps=1), mesh,
                                   donate_argnums=(0,))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, hf_config.vocab_size, (batch, seq)).astype(np.int32)
-    if script is run_mlm_flax:
-        host = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32), "labels": ids,
-                "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
-    else:
-        host = run_clm_flax.to_batch(ids, slice(0, batch))
+    host = synthetic_batch(script, hf_config.vocab_size, batch, seq, target, np.random.default_rng(0))
     device_batch = parallel.to_global(host, mesh, batch)
     dropout_rng = jax.random.key(1)
 
@@ -117,16 +143,16 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
 
-    tokens_per_s = batch * seq / step_s
+    tokens_per_s = batch * (seq + target) / step_s  # encoder and decoder tokens for T5
     peak = peak_matmul_flops(dtype) * jax.device_count()
     memory, memory_kind = peak_memory_bytes()
     result = {
         "config": args.config, "dtype": args.dtype, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "params_M": round(n_params / 1e6, 2), "global_batch": batch, "seq": seq,
+        "params_M": round(n_params / 1e6, 2), "global_batch": batch, "seq": seq, **({"target": target} if target else {}),
         "first_step_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
-        "model_tflops_per_s": round(flops_per_token * tokens_per_s / 1e12, 4),
+        "model_tflops_per_s": round(flops_per_step / step_s / 1e12, 4),
         "peak_matmul_tflops_per_s": round(peak / 1e12, 4),
-        "mfu": round(flops_per_token * tokens_per_s / peak, 4),
+        "mfu": round(flops_per_step / step_s / peak, 4),
         "peak_memory_GiB": round(memory / 2 ** 30, 3), "memory_kind": memory_kind,
     }
     print(json.dumps(result))

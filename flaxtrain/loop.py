@@ -5,12 +5,15 @@ and an `export(params)` that writes the Hugging Face model.
 """
 
 import logging
+import math
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
-from flaxtrain import checkpoint, parallel
+from flaxtrain import checkpoint, data, parallel, training
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
 
 logger = logging.getLogger(__name__)
@@ -19,6 +22,40 @@ logger = logging.getLogger(__name__)
 def as_scalars(prefix: str, metrics: dict) -> dict:
     """{"eval_loss": x} -> {"eval/loss": x}: results-file names to TensorBoard tags."""
     return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def start_state(model, params, tx, mesh, resume, update_batch: int):
+    """The replicated TrainState, restored from `resume` (checkpoint.resolve_start's answer) when given.
+    Returns (state, the step it starts at)."""
+    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
+    if not resume:
+        return state, 0
+    state, meta = checkpoint.restore(*resume, state)
+    if meta["update_batch"] != update_batch:
+        raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run has "
+                         f"{update_batch}: resume with the same batch size, accumulation and device count.")
+    return state, int(parallel.fetch(state.step))
+
+
+def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_batch: int, seed: int) -> dict:
+    """Loss, accuracy and perplexity over every example once.
+
+    p_eval_step(state, batch) returns psum'd {"loss", "accuracy", "weight"} sums. make_batch(indices, rng) builds
+    this host's rows of the global batch `indices`, with "weights"; its rng is seeded by the batch's position, so
+    random masks are the same at every evaluation. Rows past the data in the last batch get weight zero.
+    """
+    rows = parallel.local_rows(mesh, global_batch)
+    totals = None
+    for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
+        host = make_batch(indices, np.random.default_rng([seed, 1, i]))
+        host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
+        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = parallel.fetch(totals)
+    weight = max(float(totals["weight"]), 1.0)
+    loss = float(totals["loss"]) / weight
+    return {"eval_loss": loss, "eval_accuracy": float(totals["accuracy"]) / weight,
+            "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
 def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: int, steps_per_epoch: int,
