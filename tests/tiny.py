@@ -66,6 +66,22 @@ def make_decoder(model_dir, corpus, model_type="gpt2", vocab_size=400, max_posit
     return str(model_dir)
 
 
+def make_t5(model_dir, corpus, gated=False, **config):
+    """A Unigram tokenizer with T5's sentinels and a tiny T5 (v1.0, or v1.1 with `gated`) config."""
+    from transformers import AutoConfig
+
+    from flaxtrain.t5_tokenizer import train_t5_tokenizer
+
+    tokenizer = train_t5_tokenizer([corpus], model_dir, vocab_size=300)
+    settings = dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    initializer_factor=1.0, decoder_start_token_id=0)
+    if gated:
+        settings.update(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    settings.update(config)
+    AutoConfig.for_model("t5", **settings).save_pretrained(model_dir)
+    return str(model_dir)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""T5 span-corruption pretraining with JAX on TPUs, GPUs or CPUs.
+
+The classic recipe: train a SentencePiece Unigram tokenizer with T5's sentinels on your corpus
+(`python -m flaxtrain.t5_tokenizer corpus.txt --output_dir ./my-t5`), save a t5-small / t5-v1_1-base style config
+there, then
+
+    python run_t5_mlm_flax.py --output_dir=./runs --model_type=t5 --config_name=./my-t5 --tokenizer_name=./my-t5 \
+        --train_file=corpus.txt --max_seq_length=512 --per_device_train_batch_size=32 --adafactor \
+        --learning_rate=0.005 --weight_decay=0.001 --warmup_steps=2000 --overwrite_output_dir --num_train_epochs=10
+
+Run the same command again to resume from the newest checkpoint in output_dir.
+"""
+
+import functools
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain.logging import setup_logging, write_results
+from flaxtrain.models import t5
+
+logger = logging.getLogger("run_t5_mlm_flax")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class T5DataArguments(DataArguments):
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Encoder input length after corruption (the raw chunk is longer)."}
+    )
+    mlm_probability: float = field(
+        default=0.15, metadata={"help": "Fraction of tokens corrupted (T5's noise density).",
+                                "aliases": ["--noise_density"]}
+    )
+    mean_noise_span_length: float = field(default=3.0, metadata={"help": "Mean length of a corrupted span."})
+    train_ref_file: Optional[str] = field(default=None, metadata={"help": "Unused (kept for compatibility)."})
+    validation_ref_file: Optional[str] = field(default=None, metadata={"help": "Unused."})
+
+
+# ---------------------------------------------------------------------------------------------------- data
+# Span corruption, as T5 (Raffel et al. 2020, `random_spans_noise_mask` in t5.data.preprocessors). A raw chunk of
+# L tokens loses num_noise of them in num_spans noise spans; the encoder input is the text with each noise span
+# replaced by a sentinel, and the target is the noise spans, each after its own sentinel:
+#
+#     raw      Thank you for inviting me to your party last week          (noise: "for inviting", "week")
+#     inputs   Thank you <extra_id_0> me to your party last <extra_id_1> </s>
+#     labels   <extra_id_0> for inviting <extra_id_1> week </s>
+#
+# num_noise and num_spans depend only on L, so every row of a batch has the same corrupted lengths; the lengths
+# and the mask come from one formula (`noise_span_counts`) and so always agree (they did not in the original,
+# transformers issues #22246, #23248).
+
+
+def noise_span_counts(length, noise_density, mean_noise_span_length):
+    """(num_noise_tokens, num_noise_spans) of a raw chunk of `length` tokens. The noise is round(length *
+    noise_density), at least 1 and at most length - 1; the spans are round(min(noise, non-noise) / mean), at least 1
+    (the min, from transformers #22938, keeps every noise and non-noise span non-empty)."""
+    if not 0 < noise_density < 1:
+        raise ValueError(f"noise_density must be between 0 and 1, got {noise_density}.")
+    if mean_noise_span_length < 1:
+        raise ValueError(f"mean_noise_span_length must be at least 1, got {mean_noise_span_length}.")
+    if length < 2:
+        raise ValueError(f"A chunk to corrupt needs at least 2 tokens, got {length}.")
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    num_spans = max(round(min(num_noise, length - num_noise) / mean_noise_span_length), 1)
+    return num_noise, num_spans
+
+
+def corrupted_lengths(raw_length, noise_density, mean_noise_span_length):
+    """(inputs, targets) lengths, each with its EOS, that span corruption makes of `raw_length` tokens."""
+    num_noise, num_spans = noise_span_counts(raw_length, noise_density, mean_noise_span_length)
+    return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_span_length):
+    """(raw_length, targets_length): the longest raw chunk whose corrupted inputs fit in `inputs_length` tokens.
+
+    The corrupted input length grows by 0, 1 or 2 tokens per raw token, so the longest chunk that fits gives
+    exactly `inputs_length` tokens, or `inputs_length - 1` where no chunk gives exactly that many (density 0.5 with
+    mean span 1, for one: inputs are then always an odd number of tokens). `span_corrupt` pads that one missing
+    token with a pad token at the end, masked out by `attention_mask`. `targets_length` is exact. For the usual
+    settings this is the original's result: (568, 114) for 512 tokens, density 0.15, mean span 3.
+    """
+    if inputs_length < 3:
+        raise ValueError(f"inputs_length must be at least 3 (a token, a sentinel and EOS), got {inputs_length}.")
+
+    def fits(raw_length):
+        return corrupted_lengths(raw_length, noise_density, mean_noise_span_length)[0] <= inputs_length
+
+    # fits(2) always holds (2 raw tokens give 3 input tokens) and fits() turns False once and for all: bisect.
+    low, high = 2, 4
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, corrupted_lengths(low, noise_density, mean_noise_span_length)[1]
+
+
+def random_spans_noise_mask(length, noise_density, mean_noise_span_length, rng, batch_size=None):
+    """T5's noise mask: bool [length] (or [batch_size, length], one independent draw per row), True on noise.
+
+    The noise and the non-noise tokens are each cut at random into num_spans non-empty spans (see
+    `noise_span_counts`), which alternate starting with non-noise, so a mask always ends in noise. Every row has
+    exactly num_noise noise tokens in num_spans spans. `rng` is an np.random.Generator.
+    """
+    num_noise, num_spans = noise_span_counts(length, noise_density, mean_noise_span_length)
+    rows = 1 if batch_size is None else batch_size
+
+    def random_segments(num_items):  # [rows, num_items]: the span (0 .. num_spans-1) of each item, in order
+        starts = np.zeros((rows, num_items), bool)
+        starts[:, 1:] = rng.permuted(np.tile(np.arange(num_items - 1) < num_spans - 1, (rows, 1)), axis=1)
+        return np.cumsum(starts, axis=1)
+
+    # Key 2k for the tokens of non-noise span k, 2k+1 for noise span k: sorted, they interleave the spans.
+    keys = np.concatenate([2 * random_segments(length - num_noise), 2 * random_segments(num_noise) + 1], axis=1)
+    mask = np.sort(keys, axis=1) % 2 == 1
+    return mask[0] if batch_size is None else mask
+
+
+def sentinel_token_ids(tokenizer, count):
+    """int32 [count]: the ids of `<extra_id_0>` .. `<extra_id_{count-1}>`, looked up by token (T5's vocabulary puts
+    `<extra_id_0>` last, a tokenizer with added sentinels may not). Raises ValueError if one is missing."""
+    vocab = tokenizer.get_vocab()
+    missing = [f"<extra_id_{i}>" for i in range(count) if f"<extra_id_{i}>" not in vocab]
+    if missing:
+        raise ValueError(
+            f"The tokenizer {tokenizer.name_or_path!r} lacks {len(missing)} of the {count} sentinel tokens "
+            f"<extra_id_0> .. <extra_id_{count - 1}> that span corruption needs here (one per noise span; missing: "
+            f"{missing[0]}{' ...' if len(missing) > 1 else ''}). Use a T5 tokenizer, train one with `python -m "
+            "flaxtrain.t5_tokenizer --extra_ids N`, or make fewer spans (shorter --max_seq_length, smaller "
+            "--mlm_probability or longer --mean_noise_span_length).")
+    return np.array([vocab[f"<extra_id_{i}>"] for i in range(count)], np.int32)
+
+
+def _replace_spans(ids, spans, sentinel_ids):
+    """[b, L] -> [b, L']: each run of `spans` becomes one sentinel, the k-th run sentinel_ids[k]; the tokens outside
+    the runs are kept. Every row has as many runs and run tokens, so the rows keep one length L'. No token id is
+    used as a marker, so any id (the pad token too) may occur in the text."""
+    first = spans & ~np.pad(spans, ((0, 0), (1, 0)))[:, :-1]
+    span_index = np.cumsum(first, axis=1) - 1
+    replaced = np.where(first, sentinel_ids[np.clip(span_index, 0, None)], ids)
+    return replaced[~spans | first].reshape(len(ids), -1)
+
+
+def span_corrupt(input_ids, rng, rows, sentinel_ids, eos_id, pad_id, noise_density, mean_noise_span_length,
+                 inputs_length, targets_length):
+    """Span corruption of this host's `rows` of a global batch.
+
+    input_ids: int [B, raw_length], the whole global batch of raw chunks (see `compute_input_and_target_lengths`).
+    The noise masks are drawn from `rng` (an np.random.Generator) for all B rows, so a row is corrupted the same way
+    however the batch is split over hosts. sentinel_ids: int [>= num_spans] from `sentinel_token_ids`.
+    Returns int32 arrays for the b rows of `rows`:
+      input_ids, attention_mask [b, inputs_length]: the text with sentinels, then EOS; padded at the end where the
+          corruption comes out shorter (attention_mask 0 there).
+      labels, decoder_input_ids [b, targets_length]: the noise spans after their sentinels, then EOS; the decoder
+          input is the labels shifted right after the pad token (T5's decoder start).
+      weights float32 [b, targets_length]: 1 on every real target token (EOS included), 0 on padding.
+    """
+    input_ids = np.asarray(input_ids)
+    batch, raw_length = input_ids.shape
+    num_spans = noise_span_counts(raw_length, noise_density, mean_noise_span_length)[1]
+    sentinel_ids = np.asarray(sentinel_ids)
+    if len(sentinel_ids) < num_spans:
+        raise ValueError(f"Corrupting {raw_length} tokens makes {num_spans} noise spans, but only "
+                         f"{len(sentinel_ids)} sentinel ids were given.")
+    noise = random_spans_noise_mask(raw_length, noise_density, mean_noise_span_length, rng, batch_size=batch)[rows]
+    ids = input_ids[rows]
+
+    def finish(parts, length, name):  # [b, n] -> [b, length]: EOS, then padding; and the mask of real tokens
+        if parts.shape[1] + 1 > length:
+            raise ValueError(f"Chunks of {raw_length} tokens give {parts.shape[1] + 1} {name} tokens, more than "
+                             f"{length}: take raw_length from compute_input_and_target_lengths.")
+        out = np.full((len(parts), length), pad_id, np.int32)
+        out[:, :parts.shape[1]] = parts
+        out[:, parts.shape[1]] = eos_id
+        return out, (np.arange(length) <= parts.shape[1]).astype(np.int32)[None].repeat(len(parts), 0)
+
+    inputs, attention_mask = finish(_replace_spans(ids, noise, sentinel_ids), inputs_length, "input")
+    # The targets are the complement: each non-noise span becomes a sentinel. The mask starts with non-noise, so
+    # non-noise span k, like noise span k, gets the k-th sentinel, and the targets start with <extra_id_0>.
+    labels, real = finish(_replace_spans(ids, ~noise, sentinel_ids), targets_length, "target")
+    return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels,
+            "decoder_input_ids": t5.shift_right(labels, pad_id, pad_id).astype(np.int32),
+            "weights": real.astype(np.float32)}
+
+
+def group_texts(examples, raw_length):
+    """For `datasets.map(batched=True)`: concatenates the tokenized texts (each column, e.g. input_ids) of one map
+    batch and cuts them into chunks of `raw_length` tokens; the tail shorter than that is dropped, so chunks never
+    straddle two map batches. The `</s>` that the T5 tokenizer appends to every text is kept (as the original did):
+    it marks where a document ends, inside a chunk too."""
+    joined = {key: list(itertools.chain.from_iterable(values)) for key, values in examples.items()}
+    total = len(next(iter(joined.values()), [])) // raw_length * raw_length
+    return {key: [tokens[i:i + raw_length] for i in range(0, total, raw_length)] for key, tokens in joined.items()}
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def train_step(state, batch, rng, accumulation_steps):
+    """Per-device step: token-weighted loss over every target token of the global batch."""
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
+    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+
+    def loss_fn(params, micro, rng):
+        logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
+                                micro["decoder_input_ids"], deterministic=False, rngs={"dropout": rng})
+        loss_sum, _, _ = training.cross_entropy_sums(logits, micro["labels"], micro["weights"])
+        return loss_sum / total_weight, loss_sum
+
+    grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
+    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
+    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state, batch):
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"],
+                            batch["decoder_input_ids"])
+    loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
+    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    model_args, data_args, training_args = parse_args((ModelArguments, T5DataArguments, TrainingArguments), argv)
+    parallel.initialize_distributed()  # before anything else touches JAX
+    setup_logging()
+    if data_args.train_ref_file or data_args.validation_ref_file:
+        logger.warning("--train_ref_file / --validation_ref_file are ignored.")
+    density, span = data_args.mlm_probability, data_args.mean_noise_span_length
+    if not 0 < density < 1:
+        raise ValueError(f"--mlm_probability (--noise_density) must be between 0 and 1, got {density}.")
+    if span < 1:
+        raise ValueError(f"--mean_noise_span_length must be at least 1, got {span}.")
+    raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
+
+    # Cheap checks first: output directory, tokenizer, config.
+    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    tokenizer = pretrained.load_tokenizer(model_args)
+    sentinels = sentinel_token_ids(tokenizer, noise_span_counts(raw_length, density, span)[1])
+    hf_config = pretrained.load_config(model_args)
+    family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
+                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+    logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,
+                targets_length)
+
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
+    column = data.text_column(next(iter(raw.values())))
+    tokenized = raw.map(lambda examples: tokenizer(examples[column], return_attention_mask=False, verbose=False),
+                        batched=True, num_proc=data_args.preprocessing_num_workers,
+                        remove_columns=next(iter(raw.values())).column_names,
+                        load_from_cache_file=not data_args.overwrite_cache)
+    chunks = tokenized.map(group_texts, batched=True, fn_kwargs={"raw_length": raw_length},
+                           num_proc=data_args.preprocessing_num_workers,
+                           load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+    splits = {}
+    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
+                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
+        if wanted:
+            splits[split] = data.take(chunks[split], limit)
+            if len(splits[split]) == 0:
+                raise ValueError(f"The {split} data gives no chunk of {raw_length} tokens (what --max_seq_length="
+                                 f"{data_args.max_seq_length} needs before corruption): use more text or a smaller "
+                                 "--max_seq_length.")
+
+    # Model, optimizer and mesh.
+    mesh = parallel.make_mesh()
+    params = family.init_params(model, jax.random.key(training_args.seed))
+    if model_args.model_name_or_path:
+        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=hf_config.model_type,
+                                       revision=model_args.model_revision)
+    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
+                    * training_args.gradient_accumulation_steps)
+    if training_args.do_train:
+        steps_per_epoch, total_steps = training.plan_steps(len(splits["train"]), update_batch, training_args)
+        schedule = training.make_schedule(training_args, total_steps)
+        tx = training.make_optimizer(training_args, schedule)
+    else:
+        tx = optax.identity()  # evaluation only
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
+
+    def make_batch(dataset, indices, rng):
+        return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.local_rows(mesh, len(indices)),
+                            sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
+                            data_args.max_seq_length, targets_length)
+
+    def run_eval(state):
+        return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
+                             len(splits["validation"]), mesh, eval_batch, training_args.seed)
+
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    p_eval_step = parallel.data_parallel(eval_step, mesh)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+
+    if training_args.do_train:
+        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
+                   for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
+                                                               training_args.seed, start_step, total_steps))
+        p_train_step = parallel.data_parallel(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
+            donate_argnums=(0,))
+        state, train_metrics, eval_metrics = loop.train(
+            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
+            tokens_per_step=update_batch * (data_args.max_seq_length + targets_length),
+            evaluate=run_eval if training_args.do_eval else None,
+            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+                                                        architecture=model.hf_architecture),
+            meta={"update_batch": update_batch})
+        write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+    elif training_args.do_eval:
+        eval_metrics = run_eval(state)
+    if training_args.do_eval:
+        logger.info("Evaluation: %s", eval_metrics)
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
