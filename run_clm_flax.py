@@ -23,7 +23,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flaxtrain import checkpoint, data, generate, hf_io, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
@@ -170,48 +169,44 @@ def main(argv=None):
     block_size = data_args.block_size or min(1024, model_max)
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+    pretrained.check_vocab(tokenizer, model.config.vocab_size)
 
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
-                                 streaming=data_args.streaming, keep_linebreaks=data_args.keep_linebreaks)
-    if data_args.streaming:
-        eval_blocks = stream_blocks(raw["validation"], tokenizer, block_size) if training_args.do_eval else []
-        eval_blocks = np.array(list(itertools.islice(eval_blocks, data_args.max_eval_samples)), np.int32)
-    else:
+    raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
+    if training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
+        raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+                                     streaming=data_args.streaming, keep_linebreaks=data_args.keep_linebreaks)
+    if raw is not None and data_args.streaming:
+        if training_args.do_eval:
+            blocks = stream_blocks(raw["validation"], tokenizer, block_size)
+            eval_blocks = np.array(list(itertools.islice(blocks, data_args.max_eval_samples)), np.int32)
+    elif raw is not None:
         column = data.text_column(next(iter(raw.values())))
         tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
                             num_proc=data_args.preprocessing_num_workers,
                             remove_columns=next(iter(raw.values())).column_names,
                             load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
-        train_set = data.take(tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
-        eval_blocks = (data.take(tokenized["validation"], data_args.max_eval_samples)["input_ids"]
-                       if training_args.do_eval else [])
-    for split, blocks in (("train", None if data_args.streaming else train_set), ("validation", eval_blocks)):
-        if blocks is not None and (split == "train" and training_args.do_train or
-                                   split == "validation" and training_args.do_eval) and len(blocks) == 0:
-            raise ValueError(f"The {split} data gives no block of {block_size} tokens: the text is too short. Use "
-                             "more text or a smaller --block_size.")
+        if training_args.do_train:
+            train_set = data.take(tokenized["train"], data_args.max_train_samples)
+            if len(train_set) == 0:
+                raise ValueError(f"The train data gives no block of {block_size} tokens: the text is too short. "
+                                 "Use more text or a smaller --block_size.")
+        if training_args.do_eval:
+            eval_blocks = data.take(tokenized["validation"], data_args.max_eval_samples)["input_ids"]
+    if training_args.do_eval and len(eval_blocks) == 0:
+        raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too short. Use "
+                         "more text or a smaller --block_size.")
 
     # Model, optimizer and mesh.
     mesh = parallel.make_mesh()
     params = family.init_params(model, jax.random.key(training_args.seed))
     if model_args.model_name_or_path:
-        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=hf_config.model_type,
-                                       revision=model_args.model_revision)
+        params = pretrained.load_weights(model_args, params, hf_config.model_type)
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
-    if training_args.do_train:
-        if data_args.streaming:
-            steps_per_epoch = total_steps = training_args.max_steps
-        else:
-            steps_per_epoch, total_steps = training.plan_steps(len(train_set), update_batch, training_args)
-        schedule = training.make_schedule(training_args, total_steps)
-        tx = training.make_optimizer(training_args, schedule)
-    else:
-        tx = optax.identity()  # evaluation or prediction only
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
+    train_examples = None if data_args.streaming else len(train_set) if training_args.do_train else 0
+    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
+    meta = loop.run_meta(training_args, update_batch, train_examples)
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
 
     def run_eval(state):
         rows = parallel.local_rows(mesh, eval_batch)
@@ -242,12 +237,13 @@ def main(argv=None):
             tokens_per_step=update_batch * block_size, evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta={"update_batch": update_batch})
-        train_metrics["train_samples"] = total_steps * update_batch if data_args.streaming else len(train_set)
-        write_results(training_args.output_dir, "train", train_metrics)
+            meta=meta)
+        if train_metrics:  # None: the run had already finished
+            samples = total_steps * update_batch if data_args.streaming else len(train_set)
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval:
+    if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(eval_blocks)})
     if prompts and jax.process_index() == 0:

@@ -20,7 +20,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
@@ -139,6 +138,8 @@ def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, MlmDataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    if training_args.do_predict:
+        raise ValueError("--do_predict: this script has no prediction step (use --do_train and --do_eval).")
     logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
                 jax.process_index(), jax.process_count())
     if data_args.train_ref_file or data_args.validation_ref_file:
@@ -157,9 +158,7 @@ def main(argv=None):
     family, model = models.create(hf_config, "MaskedLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
     config = model.config
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+    pretrained.check_vocab(tokenizer, config.vocab_size)
     model_max = family.max_positions(config)
     max_len = data_args.max_seq_length or min(model_max, 512)
     if max_len > model_max:
@@ -181,17 +180,13 @@ def main(argv=None):
     params = family.init_params(model, jax.random.key(training_args.seed))
     if model_args.model_name_or_path:
         # Hub BERT checkpoints also carry the next-sentence head and the pooler, which masked-LM does not use.
-        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=config.model_type,
-                                       revision=model_args.model_revision, drop=NOT_MASKED_LM)
+        params = pretrained.load_weights(model_args, params, config.model_type, drop=NOT_MASKED_LM)
     global_batch = training_args.per_device_train_batch_size * jax.device_count()
     update_batch = global_batch * training_args.gradient_accumulation_steps
-    if training_args.do_train:
-        steps_per_epoch, total_steps = training.plan_steps(len(splits["train"]), update_batch, training_args)
-        schedule = training.make_schedule(training_args, total_steps)
-        tx = training.make_optimizer(training_args, schedule)
-    else:
-        tx = optax.identity()  # evaluation only
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
+    train_examples = len(splits["train"]) if training_args.do_train else 0
+    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
+    meta = loop.run_meta(training_args, update_batch, train_examples)
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
 
     def make_batch(dataset, indices, rng):
         rows = parallel.local_rows(mesh, len(indices))
@@ -208,7 +203,7 @@ def main(argv=None):
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 
     if training_args.do_train:
-        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
+        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))
                    for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
                                                                training_args.seed, start_step, total_steps))
         p_train_step = parallel.data_parallel(
@@ -220,11 +215,12 @@ def main(argv=None):
             tokens_per_step=update_batch * max_len, evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta={"update_batch": update_batch})
-        write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+            meta=meta)
+        if train_metrics:  # None: the run had already finished
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval:
+    if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)

@@ -22,7 +22,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
@@ -154,7 +153,7 @@ def _replace_spans(ids, spans, sentinel_ids):
 
 
 def span_corrupt(input_ids, rng, rows, sentinel_ids, eos_id, pad_id, noise_density, mean_noise_span_length,
-                 inputs_length, targets_length):
+                 inputs_length, targets_length, decoder_start_id=None):
     """Span corruption of this host's `rows` of a global batch.
 
     input_ids: int [B, raw_length], the whole global batch of raw chunks (see `compute_input_and_target_lengths`).
@@ -164,7 +163,7 @@ def span_corrupt(input_ids, rng, rows, sentinel_ids, eos_id, pad_id, noise_densi
       input_ids, attention_mask [b, inputs_length]: the text with sentinels, then EOS; padded at the end where the
           corruption comes out shorter (attention_mask 0 there).
       labels, decoder_input_ids [b, targets_length]: the noise spans after their sentinels, then EOS; the decoder
-          input is the labels shifted right after the pad token (T5's decoder start).
+          input is the labels shifted right after `decoder_start_id` (default: the pad token, as T5's).
       weights float32 [b, targets_length]: 1 on every real target token (EOS included), 0 on padding.
     """
     input_ids = np.asarray(input_ids)
@@ -191,7 +190,8 @@ def span_corrupt(input_ids, rng, rows, sentinel_ids, eos_id, pad_id, noise_densi
     # non-noise span k, like noise span k, gets the k-th sentinel, and the targets start with <extra_id_0>.
     labels, real = finish(_replace_spans(ids, ~noise, sentinel_ids), targets_length, "target")
     return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels,
-            "decoder_input_ids": t5.shift_right(labels, pad_id, pad_id).astype(np.int32),
+            "decoder_input_ids": t5.shift_right(labels, pad_id if decoder_start_id is None else decoder_start_id,
+                                                pad_id).astype(np.int32),
             "weights": real.astype(np.float32)}
 
 
@@ -235,6 +235,8 @@ def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, T5DataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    if training_args.do_predict:
+        raise ValueError("--do_predict: this script has no prediction step (use --do_train and --do_eval).")
     if data_args.train_ref_file or data_args.validation_ref_file:
         logger.warning("--train_ref_file / --validation_ref_file are ignored.")
     density, span = data_args.mlm_probability, data_args.mean_noise_span_length
@@ -251,9 +253,7 @@ def main(argv=None):
     hf_config = pretrained.load_config(model_args)
     family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}: set vocab_size in the config to at least {len(tokenizer)}.")
+    pretrained.check_vocab(tokenizer, model.config.vocab_size)
     logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,
                 targets_length)
 
@@ -280,22 +280,18 @@ def main(argv=None):
     mesh = parallel.make_mesh()
     params = family.init_params(model, jax.random.key(training_args.seed))
     if model_args.model_name_or_path:
-        params = hf_io.load_pretrained(model_args.model_name_or_path, params, model_type=hf_config.model_type,
-                                       revision=model_args.model_revision)
+        params = pretrained.load_weights(model_args, params, hf_config.model_type)
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
-    if training_args.do_train:
-        steps_per_epoch, total_steps = training.plan_steps(len(splits["train"]), update_batch, training_args)
-        schedule = training.make_schedule(training_args, total_steps)
-        tx = training.make_optimizer(training_args, schedule)
-    else:
-        tx = optax.identity()  # evaluation only
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, update_batch)
+    train_examples = len(splits["train"]) if training_args.do_train else 0
+    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
+    meta = loop.run_meta(training_args, update_batch, train_examples)
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
 
     def make_batch(dataset, indices, rng):
         return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.local_rows(mesh, len(indices)),
                             sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
-                            data_args.max_seq_length, targets_length)
+                            data_args.max_seq_length, targets_length, model.config.decoder_start_token_id)
 
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
@@ -307,7 +303,7 @@ def main(argv=None):
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 
     if training_args.do_train:
-        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 0, epoch, i]))
+        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))
                    for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
                                                                training_args.seed, start_step, total_steps))
         p_train_step = parallel.data_parallel(
@@ -320,11 +316,12 @@ def main(argv=None):
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta={"update_batch": update_batch})
-        write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+            meta=meta)
+        if train_metrics:  # None: the run had already finished
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval:
+    if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import jax
 from transformers import HfArgumentParser
 
 SECRET_FIELDS = ("hub_token", "token")
@@ -47,7 +48,7 @@ class ModelArguments:
         default=None, repr=False, metadata={"help": "Hugging Face token for private models and datasets."}
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow datasets and configs that run code from the Hub."}
+        default=False, metadata={"help": "Allow configs and tokenizers that run code from the Hub."}
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model to use."})
 
@@ -166,5 +167,7 @@ def args_to_dict(*arg_objects) -> dict:
 
 
 def save_args(path, *arg_objects):
+    if jax.process_index() != 0:
+        return
     with open(path, "w") as f:
         json.dump(args_to_dict(*arg_objects), f, indent=2, sort_keys=True)

@@ -38,16 +38,19 @@ def resolve_start(training_args) -> Optional[tuple[str, int]]:
     if choice and choice.lower() != "none":
         path = os.path.abspath(os.path.expanduser(choice))
         if os.path.basename(path).isdigit() and os.path.isdir(path):
-            return os.path.dirname(path), int(os.path.basename(path))
-        step = _latest_step(path)
+            directory, step = os.path.dirname(path), int(os.path.basename(path))
+        else:
+            directory, step = path, _latest_step(path)
         if step is None:
             raise ValueError(f"--resume_from_checkpoint={choice}: not a checkpoint folder (expected "
                              f"OUTPUT_DIR/{CHECKPOINTS}/STEP or OUTPUT_DIR/{CHECKPOINTS}).")
-        return path, step
+        _drop_later_steps(own_dir, step)
+        return directory, step
     if choice is None:
         step = _latest_step(own_dir)
         if step is not None:
-            logger.info("Resuming from the checkpoint of step %d in %s", step, own_dir)
+            logger.warning("Resuming from the checkpoint of step %d in %s (pass --resume_from_checkpoint=none "
+                           "--overwrite_output_dir to start over instead)", step, own_dir)
             return own_dir, step
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         if not training_args.overwrite_output_dir:
@@ -56,6 +59,17 @@ def resolve_start(training_args) -> Optional[tuple[str, int]]:
         if jax.process_index() == 0 and os.path.isdir(own_dir):
             shutil.rmtree(own_dir)  # --resume_from_checkpoint none: old checkpoints must not be resumed later.
     return None
+
+
+def _drop_later_steps(directory: str, step: int):
+    """Going back to `step` abandons the checkpoints after it: orbax would not save over them, and a later plain
+    resume would pick them up."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.isdigit() and int(name) > step:
+            logger.warning("Removing the checkpoint of step %s, after the one resumed from", name)
+            shutil.rmtree(os.path.join(directory, name))
 
 
 class Checkpoints:
@@ -89,3 +103,11 @@ def restore(directory: str, step: int, state_like):
     )
     manager.close()
     return restored.state, restored.meta
+
+
+def restore_meta(directory: str, step: int) -> dict:
+    """Only the metadata saved at `step` (cheap: checked before the state is restored)."""
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    manager.close()
+    return meta

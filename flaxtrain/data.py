@@ -14,6 +14,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# Every random stream is keyed [seed, tag, ...] with its own tag and key length, so that no two coincide (numpy
+# pads a shorter key with zeros: [s, 1] would be the same stream as [s, 1, 0]).
+RNG_STREAMS = {"data order": "[seed, 1, epoch]", "training masks": "[seed, 2, epoch, batch]",
+               "evaluation masks": "[seed, 3, batch]"}
+
 BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 
 
@@ -62,17 +67,19 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
     raw = datasets.load_dataset(**source)
     if need_train and "train" not in raw:
         raise ValueError("Training needs a train split: give --train_file or a dataset that has one.")
-    if need_eval and "validation" not in raw:
-        if streaming:
-            raise ValueError("Evaluating a stream needs --validation_file or a dataset with a validation split.")
-        if "train" not in raw or not 0 < data_args.validation_split_percentage < 100:
-            raise ValueError("Evaluation needs --validation_file, a validation split, or "
-                             "--validation_split_percentage between 1 and 99 to hold out part of the training data.")
-        p = data_args.validation_split_percentage
-        raw = datasets.DatasetDict({
-            "validation": datasets.load_dataset(**source, split=f"train[:{p}%]"),
-            "train": datasets.load_dataset(**source, split=f"train[{p}%:]"),
-        })
+    if need_eval and "validation" not in raw and (streaming or not 0 < data_args.validation_split_percentage < 100):
+        raise ValueError("Evaluation needs --validation_file or a dataset with a validation split"
+                         + ("." if streaming else ", or --validation_split_percentage between 1 and 99."))
+    # Held out whether or not this run evaluates, so the training data (and a resumed run's order) do not depend
+    # on --do_eval.
+    if "validation" not in raw and "train" in raw and not streaming and 0 < data_args.validation_split_percentage < 100:
+        held_out = round(len(raw["train"]) * data_args.validation_split_percentage / 100)
+        if held_out == 0 and need_eval:
+            raise ValueError(f"The training data has {len(raw['train'])} rows: too few to hold out "
+                             f"{data_args.validation_split_percentage}% for evaluation. Give --validation_file.")
+        if held_out:
+            raw = datasets.DatasetDict({"validation": raw["train"].select(range(held_out)),
+                                        "train": raw["train"].select(range(held_out, len(raw["train"])))})
     for split in () if streaming else ("train", "validation"):
         if split in raw and len(raw[split]) == 0:
             raise ValueError(f"The {split} data has no rows.")
@@ -103,7 +110,7 @@ def train_batches(num_examples: int, global_batch: int, seed: int, epoch: int, s
 
     The order is a permutation seeded by (seed, epoch); `start` skips batches already trained on (resume).
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order = np.random.default_rng([seed, 1, epoch]).permutation(num_examples)  # 1: see RNG_STREAMS
     for i in range(start, num_examples // global_batch):
         yield i, order[i * global_batch:(i + 1) * global_batch]
 

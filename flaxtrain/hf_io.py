@@ -191,22 +191,26 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
-def _download(name: str, revision: str | None) -> str:
+def _download(name: str, revision: str | None, **hub) -> str:
     """Local snapshot of a Hub repo's weights: safetensors when the repo has them, else the PyTorch pickle."""
     from huggingface_hub import snapshot_download
 
     for patterns in (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
                      ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]):
-        local = snapshot_download(name, revision=revision, allow_patterns=patterns)
+        local = snapshot_download(name, revision=revision, allow_patterns=patterns, **hub)
         if any(os.path.exists(os.path.join(local, f)) for f in patterns[:2]):
             return local
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their sharded forms) in {name}")
 
 
-def load_state_dict(model_name_or_path: str, revision: str | None = None) -> dict[str, np.ndarray]:
-    """{key: array} of a checkpoint: a file, a local directory, or a Hub repo name (downloaded). A directory is read
-    from model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin(.index.json), in that order."""
-    path = model_name_or_path if os.path.exists(model_name_or_path) else _download(model_name_or_path, revision)
+def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, np.ndarray]:
+    """{key: array} of a checkpoint: a file, a local directory, or a Hub repo name (downloaded; `hub` may give
+    token and cache_dir). A directory is read from model.safetensors, a sharded model.safetensors.index.json, or
+    pytorch_model.bin(.index.json), in that order."""
+    if os.path.exists(model_name_or_path):
+        path = model_name_or_path
+    else:
+        path = _download(model_name_or_path, revision, **{k: v for k, v in hub.items() if v is not None})
     if os.path.isdir(path):
         found = [f for f in _CHECKPOINT_FILES if os.path.exists(os.path.join(path, f))]
         if not found:
@@ -223,7 +227,8 @@ def load_state_dict(model_name_or_path: str, revision: str | None = None) -> dic
 
 
 def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_type: str,
-                    fresh: Sequence[str] = (), drop: Sequence[str] = (), revision: str | None = None) -> dict:
+                    fresh: Sequence[str] = (), drop: Sequence[str] = (), revision: str | None = None,
+                    **hub) -> dict:
     """Params for a model of `model_type` from a local or Hub checkpoint; see `state_dict_to_params` for fresh/drop.
 
     E.g. a GLUE classifier from an MLM checkpoint:
@@ -232,7 +237,7 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
     """
     family = get_family(model_type)
     return state_dict_to_params(
-        load_state_dict(model_name_or_path, revision), template_params, scanned=family.HF_SCANNED,
+        load_state_dict(model_name_or_path, revision, **hub), template_params, scanned=family.HF_SCANNED,
         tied=family.HF_TIED, fresh=fresh, drop=(*drop, *getattr(family, "HF_IGNORED", ())),
         base_model_prefix=family.HF_BASE_PREFIX.get(model_type),
         untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None))

@@ -29,6 +29,14 @@ def setup_logging():
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns through absl about routine read-only lookups
 
 
+def _step_of(line: str) -> float:
+    """The step of a log_history line; a line a kill cut short counts as past any resume point."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 class MetricsWriter:
     """TensorBoard scalars plus one JSON line per logged step in `log_history.jsonl`.
 
@@ -46,10 +54,11 @@ class MetricsWriter:
         kept = []
         if resumed_step and os.path.exists(self.history_path):
             with open(self.history_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+                kept = [line for line in f if _step_of(line) <= resumed_step]
         with open(self.history_path, "w") as f:
             f.writelines(kept)
-        self.tensorboard = SummaryWriter(logdir=output_dir, purge_step=resumed_step or None)
+        # Hides what an earlier or interrupted run logged after the step this run starts from.
+        self.tensorboard = SummaryWriter(logdir=output_dir, purge_step=resumed_step + 1)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -104,13 +113,22 @@ class TrainProgress:
     def add(self, metrics):
         self.pending.append(metrics)
 
-    def record(self, step: int) -> dict:
+    def _loss(self, step: int) -> float:
+        """Token-weighted loss over the pending steps; raises if it is NaN or infinite."""
         sums = jax.tree.map(lambda *xs: sum(np.asarray(x.addressable_data(0), np.float64) for x in xs),
                             *self.pending)
         loss = float(sums["loss_sum"] / max(sums["weight"], 1.0))
         if not math.isfinite(loss):
             raise FloatingPointError(f"The training loss is {loss} in steps {self.last_step + 1}-{step}: stopping. "
                                      "Try a lower --learning_rate, more --warmup_steps or --max_grad_norm.")
+        return loss
+
+    def check(self, step: int):
+        if self.pending:
+            self._loss(step)
+
+    def record(self, step: int) -> dict:
+        loss = self._loss(step)
         now = time.perf_counter()
         record = {
             "train/loss": loss,

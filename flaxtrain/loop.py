@@ -24,16 +24,30 @@ def as_scalars(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def start_state(model, params, tx, mesh, resume, update_batch: int):
-    """The replicated TrainState, restored from `resume` (checkpoint.resolve_start's answer) when given.
-    Returns (state, the step it starts at)."""
+RESUME_KEYS = {"update_batch": "examples per update (batch size x devices x accumulation)",
+               "train_examples": "training examples", "seed": "--seed", "optimizer": "optimizer flags"}
+
+
+def run_meta(args, update_batch: int, train_examples: int) -> dict:
+    """What a resumed run must share with the run that saved the checkpoint, for its batches and state to fit."""
+    optimizer = "adafactor" if args.adafactor else "adamw"
+    return {"update_batch": update_batch, "train_examples": train_examples, "seed": args.seed,
+            "optimizer": f"{optimizer}, clip={bool(args.max_grad_norm and args.max_grad_norm > 0)}"}
+
+
+def start_state(model, params, tx, mesh, resume, meta: dict):
+    """The replicated TrainState, restored from `resume` (checkpoint.resolve_start's answer) when given, after
+    checking that this run's `meta` (see `run_meta`) matches the checkpoint's. Returns (state, its step)."""
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
     if not resume:
         return state, 0
-    state, meta = checkpoint.restore(*resume, state)
-    if meta["update_batch"] != update_batch:
-        raise ValueError(f"The checkpoint was trained with {meta['update_batch']} examples per update, this run has "
-                         f"{update_batch}: resume with the same batch size, accumulation and device count.")
+    saved = checkpoint.restore_meta(*resume)
+    for key, what in RESUME_KEYS.items():
+        if key in saved and saved[key] != meta[key]:
+            raise ValueError(f"The checkpoint in {resume[0]} was trained with {what} = {saved[key]}, this run has "
+                             f"{meta[key]}: resume with the same settings, or start over with "
+                             "--resume_from_checkpoint=none --overwrite_output_dir.")
+    state, _ = checkpoint.restore(*resume, state)
     return state, int(parallel.fetch(state.step))
 
 
@@ -47,7 +61,7 @@ def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_bat
     rows = parallel.local_rows(mesh, global_batch)
     totals = None
     for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
-        host = make_batch(indices, np.random.default_rng([seed, 1, i]))
+        host = make_batch(indices, np.random.default_rng([seed, 3, i]))  # 3: see data.RNG_STREAMS
         host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
         sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -63,7 +77,11 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     """Runs `p_train_step(state, batch, dropout_rng)` on `batches` (host dicts of this host's rows, from
     `start_step` on) until `total_steps`; logs every --logging_steps, evaluates every --eval_steps (when
     `evaluate` is given), saves a checkpoint and the exported model every --save_steps and at the end, then
-    evaluates once more. Returns (state, train metrics, final eval metrics or None)."""
+    evaluates once more. Returns (state, train metrics, final eval metrics or None); (state, None, None) when
+    the checkpoint resumed from is already the last step, leaving that run's results alone."""
+    if start_step >= total_steps:
+        logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.", start_step)
+        return state, None, None
     clear_results(args.output_dir)
     writer = MetricsWriter(args.output_dir, start_step)
     checkpoints = checkpoint.Checkpoints(args.output_dir, args.save_total_limit)
@@ -73,6 +91,7 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     started, step, record = time.perf_counter(), start_step, {}
 
     def save():
+        progress.check(step)  # never save or export weights a NaN loss came from
         checkpoints.save(step, state, meta)
         if jax.process_index() == 0:
             export(parallel.fetch(state.params))
@@ -87,6 +106,7 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
         if step % args.logging_steps == 0 or step == total_steps:
             record = progress.record(step)
             writer.write(step, record)
+            logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in record.items()))
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
         if evaluate and step % args.eval_steps == 0 and step < total_steps:
             eval_metrics = evaluate(state)

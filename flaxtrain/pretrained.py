@@ -27,3 +27,18 @@ def load_tokenizer(model_args):
         raise ValueError("Give --tokenizer_name (or --model_name_or_path): this script does not train a tokenizer. "
                          "The README shows how to train one on your corpus first.")
     return AutoTokenizer.from_pretrained(source, use_fast=model_args.use_fast_tokenizer, **_hub_kwargs(model_args))
+
+
+def load_weights(model_args, template_params, model_type: str, **rules):
+    """Params of --model_name_or_path shaped like `template_params` (see hf_io.load_pretrained for `rules`)."""
+    from flaxtrain import hf_io
+
+    return hf_io.load_pretrained(model_args.model_name_or_path, template_params, model_type=model_type,
+                                 revision=model_args.model_revision, token=model_args.token,
+                                 cache_dir=model_args.cache_dir, **rules)
+
+
+def check_vocab(tokenizer, vocab_size: int):
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
+                         f"set vocab_size in the config to at least {len(tokenizer)}.")

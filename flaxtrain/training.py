@@ -1,5 +1,6 @@
 """Optimizer, schedule, train state and the small numerical pieces every train step shares."""
 
+import logging
 import math
 
 import jax
@@ -28,6 +29,19 @@ def plan_steps(num_examples: int, global_batch: int, args) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
+def plan(args, train_examples, update_batch: int):
+    """(steps_per_epoch, total_steps, schedule, optimizer) of a run. Without --do_train: an identity optimizer
+    (evaluation or prediction only); train_examples None: a stream, whose length --max_steps gives."""
+    if not args.do_train:
+        return 0, 0, None, optax.identity()
+    if train_examples is None:
+        steps_per_epoch = total_steps = args.max_steps
+    else:
+        steps_per_epoch, total_steps = plan_steps(train_examples, update_batch, args)
+    schedule = make_schedule(args, total_steps)
+    return steps_per_epoch, total_steps, schedule, make_optimizer(args, schedule)
+
+
 def make_schedule(args, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to the peak rate, then linear or cosine decay to 0 (or constant)."""
     warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
@@ -53,6 +67,8 @@ def decay_mask(params):
 
 def make_optimizer(args, schedule: optax.Schedule) -> optax.GradientTransformation:
     if args.adafactor:
+        if args.weight_decay:
+            logging.getLogger(__name__).warning("--weight_decay is not applied with --adafactor (as in the original).")
         opt = optax.adafactor(learning_rate=schedule)
     else:
         opt = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,

@@ -51,3 +51,30 @@ def test_starting_over_needs_overwrite_and_removes_old_checkpoints(run_dir):
 def test_a_fresh_or_empty_directory_starts_fresh(tmp_path):
     assert checkpoint.resolve_start(args(tmp_path / "new")) is None
     assert checkpoint.resolve_start(args(tmp_path)) is None
+
+
+def test_going_back_to_an_older_checkpoint_removes_the_later_ones(run_dir):
+    older = str(run_dir / checkpoint.CHECKPOINTS / "1")
+    assert checkpoint.resolve_start(args(run_dir, resume=older)) == (str(run_dir / checkpoint.CHECKPOINTS), 1)
+    assert not (run_dir / checkpoint.CHECKPOINTS / "2").exists()
+    assert checkpoint.resolve_start(args(run_dir))[1] == 1
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(run_dir):
+    import types
+
+    import optax
+
+    from flaxtrain import loop, parallel
+
+    saver = checkpoint.Checkpoints(run_dir / "other")
+    run = argparse.Namespace(adafactor=False, max_grad_norm=1.0, seed=42)
+    saver.save(3, {"w": jnp.ones(3)}, loop.run_meta(run, update_batch=8, train_examples=100))
+    saver.wait()
+    model, mesh = types.SimpleNamespace(apply=None), parallel.make_mesh()
+    resume = (str(run_dir / "other" / checkpoint.CHECKPOINTS), 3)
+    with pytest.raises(ValueError, match="--seed = 42, this run has 7"):
+        loop.start_state(model, {"w": jnp.zeros(3)}, optax.sgd(0.1), mesh, resume,
+                         loop.run_meta(argparse.Namespace(adafactor=False, max_grad_norm=1.0, seed=7), 8, 100))
+    with pytest.raises(ValueError, match="training examples = 100, this run has 95"):
+        loop.start_state(model, {"w": jnp.zeros(3)}, optax.sgd(0.1), mesh, resume, loop.run_meta(run, 8, 95))

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import run_clm_flax
-from flaxtrain import checkpoint
 from tests import tiny
 
 FLAGS = ["--block_size=32", "--learning_rate=3e-3", "--warmup_steps=5", "--max_steps=60", "--logging_steps=10",
@@ -53,31 +52,16 @@ def test_llama_on_eight_devices_learns(setup, tmp_path):
     assert tiny.read_json(out / "config.json")["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_streaming_trains_and_resumes_where_the_stream_stopped(setup, tmp_path, monkeypatch):
+def test_streaming_trains_and_resumes_where_the_stream_stopped(setup, tmp_path):
     args = ["--streaming", "--per_device_train_batch_size=8", *setup["data"]["gpt2"], *FLAGS,
             "--max_steps=40", "--save_steps=20", "--eval_steps=1000"]
     whole = tmp_path / "whole"
     run_clm_flax.main([f"--output_dir={whole}", *args])
 
     interrupted = tmp_path / "interrupted"
-    save = checkpoint.Checkpoints.save
-
-    def save_then_die(self, step, state, meta):
-        save(self, step, state, meta)
-        self.wait()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_clm_flax.main([f"--output_dir={interrupted}", *args])
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
-    run_clm_flax.main([f"--output_dir={interrupted}", *args])
-
-    def curve(out):
-        return [(r["step"], r["train/loss"]) for r in tiny.read_history(out) if "train/loss" in r]
-
-    assert [s for s, _ in curve(interrupted)] == [10, 20, 30, 40]
-    np.testing.assert_allclose(curve(interrupted), curve(whole), rtol=1e-6)
+    tiny.run_interrupted_then_resumed(run_clm_flax.main, [f"--output_dir={interrupted}", *args])
+    assert [s for s, _, _ in tiny.loss_curve(interrupted)] == [10, 20, 30, 40]
+    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(whole), rtol=1e-6)
     whole_results = tiny.read_json(whole / "all_results.json")
     assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
         whole_results["eval_loss"], rel=1e-5)

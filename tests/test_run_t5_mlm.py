@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import run_t5_mlm_flax
-from flaxtrain import checkpoint
 from tests import tiny
 
 FLAGS = ["--max_seq_length=32", "--learning_rate=3e-3", "--warmup_steps=5", "--max_steps=100",
@@ -57,30 +56,15 @@ def test_t5_v1_1_on_eight_devices_learns(setup, tmp_path):
     assert results["eval_accuracy"] > 0.35, results  # untrained: below 0.1
 
 
-def test_resumed_run_continues_the_uninterrupted_one_exactly(setup, tmp_path, monkeypatch):
+def test_resumed_run_continues_the_uninterrupted_one_exactly(setup, tmp_path):
     args = ["--per_device_train_batch_size=8", *setup["data"]["v1.0"], *FLAGS, "--max_steps=20", "--save_steps=10",
             "--eval_steps=1000", "--logging_steps=5"]
     whole = tmp_path / "whole"
     run_t5_mlm_flax.main([f"--output_dir={whole}", *args])
     interrupted = tmp_path / "interrupted"
-    save = checkpoint.Checkpoints.save
-
-    def save_then_die(self, step, state, meta):
-        save(self, step, state, meta)
-        self.wait()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_t5_mlm_flax.main([f"--output_dir={interrupted}", *args])
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
-    run_t5_mlm_flax.main([f"--output_dir={interrupted}", *args])
-
-    def curve(out):
-        return [(r["step"], r["train/loss"]) for r in tiny.read_history(out) if "train/loss" in r]
-
-    assert [s for s, _ in curve(interrupted)] == [5, 10, 15, 20]
-    np.testing.assert_allclose(curve(interrupted), curve(whole), rtol=1e-6)
+    tiny.run_interrupted_then_resumed(run_t5_mlm_flax.main, [f"--output_dir={interrupted}", *args])
+    assert [s for s, _, _ in tiny.loss_curve(interrupted)] == [5, 10, 15, 20]
+    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(whole), rtol=1e-6)
     assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
         tiny.read_json(whole / "eval_results.json")["eval_loss"], rel=1e-5)
 
