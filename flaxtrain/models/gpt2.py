@@ -200,7 +200,6 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
-        cfg = self.config
         length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
         if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
@@ -236,6 +235,19 @@ def tied_logits(x, embedding):
     return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def lm_logits(module: nn.Module, body: nn.Module, input_ids, attention_mask, position_ids, cache):
+    """The decoders' shared top, called inside their compact __call__: the body, then the tied or untied head.
+    Returns logits [B, T, V] float32, or (logits, cache) when a cache is given."""
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    x, new_cache = body(input_ids, attention_mask, position_ids, cache)
+    if module.config.tie_word_embeddings:
+        logits = tied_logits(x, body.word_embedding_matrix())
+    else:
+        logits = LMHead(module.config.vocab_size, module.config.initializer_range, name="lm_head")(x)
+    return logits if cache is None else (logits, new_cache)
+
+
 class GPT2ForCausalLM(nn.Module):
     """GPT-2 with its LM head (transformers' GPT2LMHeadModel)."""
 
@@ -250,15 +262,8 @@ class GPT2ForCausalLM(nn.Module):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
         from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         body = GPT2Model(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
-        x, new_cache = body(input_ids, attention_mask, position_ids, cache)
-        if self.config.tie_word_embeddings:
-            logits = tied_logits(x, body.word_embedding_matrix())
-        else:
-            logits = LMHead(self.config.vocab_size, self.config.initializer_range, name="lm_head")(x)
-        return logits if cache is None else (logits, new_cache)
+        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from flaxtrain import generate
 from flaxtrain.models.bert import ACT_FNS
-from flaxtrain.models.gpt2 import LMHead, attention, tied_logits, write_cache
+from flaxtrain.models.gpt2 import attention, lm_logits, write_cache
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
 HF_SCANNED = ("model.layers",)
@@ -289,15 +289,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
         from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         body = LlamaModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
-        x, new_cache = body(input_ids, attention_mask, position_ids, cache)
-        if self.config.tie_word_embeddings:
-            logits = tied_logits(x, body.word_embedding_matrix())
-        else:
-            logits = LMHead(self.config.vocab_size, self.config.initializer_range, name="lm_head")(x)
-        return logits if cache is None else (logits, new_cache)
+        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""
