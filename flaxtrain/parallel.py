@@ -6,6 +6,7 @@ which is what `jax.pmap` itself is built on today. Each host builds only its own
 `to_global` assembles the global array from them.
 """
 
+import functools
 import os
 
 import jax
@@ -49,6 +50,7 @@ def replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+@functools.lru_cache(maxsize=None)  # asked for every batch; the answer depends only on the mesh and the size
 def local_rows(mesh, global_rows: int) -> slice:
     """The rows of a global batch of `global_rows` that this host feeds: its devices' contiguous block."""
     sharding = NamedSharding(mesh, P(AXIS))

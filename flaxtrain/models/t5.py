@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.llama import RMSNorm
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
 HF_SCANNED = ("encoder.block", "decoder.block")
@@ -149,18 +150,9 @@ def _dense(dtype, features: int, std: float, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=_normal(std), name=name)
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm: x / sqrt(mean(x**2) + eps) * scale; no mean subtraction, no bias, statistics in float32."""
-
-    config: T5Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.layer_norm_epsilon)
-        return x32.astype(self.dtype) * scale.astype(self.dtype)
+def _layer_norm(config: T5Config, dtype, name: str) -> RMSNorm:
+    """T5's layer norm is an RMS norm: no mean subtraction, no bias, statistics in float32 (Llama's, shared)."""
+    return RMSNorm(config.layer_norm_epsilon, dtype, name=name)
 
 
 class T5Attention(nn.Module):
@@ -211,7 +203,7 @@ class T5LayerSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, bias, index=None, cache=None):
         """x [B, T, D]; cache None or {"k", "v": [B, T_max, N, H]} -> (x, updated cache or None)."""
-        h = T5LayerNorm(self.config, self.dtype, name="layer_norm")(x)
+        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
         attention = T5Attention(self.config, self.dtype, name="SelfAttention")
         k, v = attention.kv(h)
         if cache is not None:
@@ -235,7 +227,7 @@ class T5LayerCrossAttention(nn.Module):
     def __call__(self, x, encoder_hidden, encoder_mask, cache=None):
         """x [B, T, D]; encoder_hidden [B, S, D] (may be None when the cache holds keys/values); encoder_mask
         [B, 1, 1, S] -> (x, cache)."""
-        h = T5LayerNorm(self.config, self.dtype, name="layer_norm")(x)
+        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
         attention = T5Attention(self.config, self.dtype, name="EncDecAttention")
         if cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -275,7 +267,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = T5LayerNorm(self.config, self.dtype, name="layer_norm")(x)
+        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
         h = T5DenseReluDense(self.config, self.dtype, self.deterministic, name="DenseReluDense")(h)
         return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic)
 
@@ -358,7 +350,7 @@ class T5Stack(nn.Module):
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = blocks(cfg, self.dtype, self.is_decoder, deterministic, name="block")(
             dropout(x), self_mask, bias, encoder_hidden, encoder_mask, index, layer_caches)
-        x = dropout(T5LayerNorm(cfg, self.dtype, name="final_layer_norm")(x))
+        x = dropout(_layer_norm(cfg, self.dtype, "final_layer_norm")(x))
         return x, (None if cache is None else {"index": index + length, **layer_caches})
 
 
