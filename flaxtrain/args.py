@@ -122,6 +122,18 @@ class TrainingArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute layer activations in the backward pass to save memory."}
     )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Keep the model of the best evaluation (by --metric_for_best_model) as the final model, "
+                          "in output_dir, instead of the last one (scripts that evaluate by a task metric)."},
+    )
+    metric_for_best_model: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation metric that picks the best model (default: the task's main one)."}
+    )
+    greater_is_better: Optional[bool] = field(
+        default=None, metadata={"help": "Whether a larger --metric_for_best_model is better (default: yes, except "
+                                        "for losses)."}
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model and logs to the Hugging Face Hub."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Repository name on the Hub."})
     hub_token: Optional[str] = field(default=None, repr=False, metadata={"help": "Token for the Hub."})

@@ -39,12 +39,13 @@ def _check_file(flag: str, path: str) -> str:
 
 
 def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, streaming: bool = False,
-                      **builder_kwargs):
-    """Returns a DatasetDict (IterableDatasetDict when streaming) with "train" and/or "validation" as needed.
+                      need_test: bool = False, eval_splits: tuple[str, ...] = ("validation",), **builder_kwargs):
+    """Returns a DatasetDict (IterableDatasetDict when streaming) with "train", "validation" and "test" as needed
+    (local files: --train_file, --validation_file and, where the script has it, --test_file).
 
-    Without a validation split, the first `validation_split_percentage` percent of the training data becomes
-    the validation set (and is removed from training). `builder_kwargs` go to the text builder only (e.g.
-    keep_linebreaks).
+    Without any of `eval_splits` (a Hub dataset may name them otherwise, e.g. MNLI's "validation_matched"), the
+    first `validation_split_percentage` percent of the training data becomes the validation set (and is removed
+    from training). `builder_kwargs` go to the text builder only (e.g. keep_linebreaks).
     """
     common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=streaming)
     if data_args.dataset_name:
@@ -55,32 +56,37 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
             files["train"] = data_args.train_file
         if data_args.validation_file:
             files["validation"] = data_args.validation_file
+        if getattr(data_args, "test_file", None) and need_test:
+            files["test"] = data_args.test_file
         if not files:
             raise ValueError("Give --dataset_name or --train_file / --validation_file.")
-        builders = {_check_file(f"{split}_file" if split == "train" else "validation_file", path)
-                    for split, path in files.items()}
+        builders = {_check_file(f"{split}_file", path) for split, path in files.items()}
         if len(builders) > 1:
-            raise ValueError(f"--train_file and --validation_file must be of the same type, got {sorted(builders)}.")
+            raise ValueError(f"--{'/--'.join(f'{split}_file' for split in files)} must be of one type, got "
+                             f"{sorted(builders)}.")
         builder = builders.pop()
         source = dict(path=builder, data_files=files, **common, **(builder_kwargs if builder == "text" else {}))
 
     raw = datasets.load_dataset(**source)
     if need_train and "train" not in raw:
         raise ValueError("Training needs a train split: give --train_file or a dataset that has one.")
-    if need_eval and "validation" not in raw and (streaming or not 0 < data_args.validation_split_percentage < 100):
+    if need_test and not any(split.startswith("test") for split in raw):
+        raise ValueError("Prediction (--do_predict) needs --test_file or a dataset with a test split.")
+    has_eval = any(split in raw for split in eval_splits)
+    if need_eval and not has_eval and (streaming or not 0 < data_args.validation_split_percentage < 100):
         raise ValueError("Evaluation needs --validation_file or a dataset with a validation split"
                          + ("." if streaming else ", or --validation_split_percentage between 1 and 99."))
     # Held out whether or not this run evaluates, so the training data (and a resumed run's order) do not depend
     # on --do_eval.
-    if "validation" not in raw and "train" in raw and not streaming and 0 < data_args.validation_split_percentage < 100:
+    if not has_eval and "train" in raw and not streaming and 0 < data_args.validation_split_percentage < 100:
         held_out = round(len(raw["train"]) * data_args.validation_split_percentage / 100)
         if held_out == 0 and need_eval:
             raise ValueError(f"The training data has {len(raw['train'])} rows: too few to hold out "
                              f"{data_args.validation_split_percentage}% for evaluation. Give --validation_file.")
         if held_out:
-            raw = datasets.DatasetDict({"validation": raw["train"].select(range(held_out)),
+            raw = datasets.DatasetDict({**raw, "validation": raw["train"].select(range(held_out)),
                                         "train": raw["train"].select(range(held_out, len(raw["train"])))})
-    for split in () if streaming else ("train", "validation"):
+    for split in () if streaming else raw:
         if split in raw and len(raw[split]) == 0:
             raise ValueError(f"The {split} data has no rows.")
     return raw

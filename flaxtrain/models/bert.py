@@ -13,7 +13,8 @@ Shapes: B batch, T length, D hidden_size, N heads, H head size, V vocab_size, L 
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -71,10 +72,13 @@ class BertConfig:
     classifier_dropout: float | None = None
     problem_type: str | None = None
 
+    # The model types this class describes (ELECTRA's config subclasses it).
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = tuple(_HF_CLASS_PREFIX)
+
     def __post_init__(self):
-        if self.model_type not in _HF_CLASS_PREFIX:
-            raise ValueError(f"model_type {self.model_type!r} is not BERT-like; expected one of "
-                             f"{list(_HF_CLASS_PREFIX)}")
+        if self.model_type not in self.MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {type(self).__name__}'s "
+                             f"{list(self.MODEL_TYPES)}")
         if self.hidden_act not in ACT_FNS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACT_FNS)}")
         if self.hidden_size % self.num_attention_heads:
@@ -132,10 +136,12 @@ def position_ids(input_ids: jax.Array, config: BertConfig) -> jax.Array:
 class BertEmbeddings(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
+    features: int | None = None  # the embedding width E when not hidden_size (ELECTRA's embedding_size)
 
     def setup(self):
         cfg = self.config
-        embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+        embed = functools.partial(nn.Embed, features=self.features or cfg.hidden_size, dtype=self.dtype,
+                                  param_dtype=jnp.float32,
                                   embedding_init=nn.initializers.normal(cfg.initializer_range))
         self.word_embeddings = embed(cfg.vocab_size)
         self.position_embeddings = embed(cfg.max_position_embeddings)
@@ -144,10 +150,22 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
-        """[B, T] ids, [B, T] segment ids -> [B, T, D]."""
+        """[B, T] ids, [B, T] segment ids -> [B, T, E] (E = features or D)."""
         x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
              + self.position_embeddings(position_ids(input_ids, self.config)))
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+def attention(q, k, v, mask, dropout_rate: float, deterministic: bool):
+    """q, k, v [B, T, N, H], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, N, H]. Call it inside a
+    module's compact method: its dropout is a submodule of the caller."""
+    if deterministic or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    # jax.nn.dot_product_attention has no dropout on the attention probabilities, which BERT trains with.
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = nn.Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
 class BertSelfAttention(nn.Module):
@@ -160,15 +178,7 @@ class BertSelfAttention(nn.Module):
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
         q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name)(x)) for name in ("query", "key", "value"))
-        rate = cfg.attention_probs_dropout_prob
-        if deterministic or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
-        else:
-            # jax.nn.dot_product_attention has no dropout on the attention probabilities, which BERT trains with.
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = nn.Dropout(rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
-            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        out = attention(q, k, v, mask, cfg.attention_probs_dropout_prob, deterministic)
         return out.reshape(*x.shape[:2], cfg.hidden_size)
 
 
@@ -220,6 +230,17 @@ class BertLayer(nn.Module):
         return BertOutput(self.config, self.dtype, name="output")(h, x, self.deterministic), None
 
 
+def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool) -> type[nn.Module]:
+    """`layer` ((x, mask) -> (x, None), the mask broadcast) applied num_layers times by nn.scan, its params stacked
+    [L, ...], each layer with its own dropout rng; rematerialised in the backward pass if gradient_checkpointing."""
+    if gradient_checkpointing:
+        # Inside scan, XLA cannot CSE the recomputation away, so prevent_cse's barriers would only cost
+        # speed (jax.checkpoint's docs: unnecessary under scan).
+        layer = nn.remat(layer, prevent_cse=False)
+    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,), length=num_layers)
+
+
 class BertEncoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
@@ -228,13 +249,7 @@ class BertEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         """x [B, T, D], mask [B, 1, 1, T] -> [B, T, D]; params of `layer` are stacked [L, ...]."""
-        layer = BertLayer
-        if self.gradient_checkpointing:
-            # Inside scan, XLA cannot CSE the recomputation away, so prevent_cse's barriers would only cost
-            # speed (jax.checkpoint's docs: unnecessary under scan).
-            layer = nn.remat(layer, prevent_cse=False)
-        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast,), length=self.config.num_hidden_layers)
+        layers = scan_layers(BertLayer, self.config.num_hidden_layers, self.gradient_checkpointing)
         x, _ = layers(self.config, self.dtype, deterministic, name="layer")(x, mask)
         return x
 
@@ -250,15 +265,19 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The shared body: embeddings, encoder and (BERT classifiers only) the pooler."""
+    """The shared body: embeddings, encoder and (BERT classifiers only) the pooler. ELECTRA's embeddings may be
+    narrower than hidden_size (embedding_size), then `embeddings_project` maps them up to it."""
 
     config: BertConfig
     dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
     add_pooling_layer: bool = False
+    embedding_size: int | None = None
 
     def setup(self):
-        self.embeddings = BertEmbeddings(self.config, self.dtype)
+        self.embeddings = BertEmbeddings(self.config, self.dtype, features=self.embedding_size)
+        if self.embedding_size not in (None, self.config.hidden_size):
+            self.embeddings_project = _dense(self.config, self.dtype, self.config.hidden_size, None)
         self.encoder = BertEncoder(self.config, self.dtype, self.gradient_checkpointing)
         if self.add_pooling_layer:
             self.pooler = BertPooler(self.config, self.dtype)
@@ -269,12 +288,14 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic)
+        if hasattr(self, "embeddings_project"):
+            x = self.embeddings_project(x)
         mask = attention_mask.astype(bool)[:, None, None, :]  # every query, pads included, sees the non-pad keys
         x = self.encoder(x, mask, deterministic)
         return x, (self.pooler(x) if self.add_pooling_layer else None)
 
     def word_embedding_matrix(self):
-        """[V, D] float32: the MLM decoder's weights (tied to the input embeddings)."""
+        """[V, E] float32: the MLM decoder's weights (tied to the input embeddings)."""
         return self.embeddings.word_embeddings.embedding
 
 
@@ -329,16 +350,19 @@ class RobertaLMHead(nn.Module):
 
 
 class RobertaClassificationHead(nn.Module):
-    """RoBERTa's classifier on the <s> token: dropout, dense, tanh, dropout, out_proj."""
+    """RoBERTa's classifier on the <s> token: dropout, dense, tanh, dropout, out_proj. ELECTRA's is the same with
+    gelu for tanh."""
 
     config: BertConfig
     dtype: Any = jnp.float32
+    activation: Callable[[jax.Array], jax.Array] = jnp.tanh
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
+        """[B, T, D] -> [B, num_labels]."""
         cfg = self.config
         dropout = nn.Dropout(_classifier_dropout(cfg), deterministic=deterministic)
-        x = jnp.tanh(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
+        x = self.activation(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
         return _dense(cfg, self.dtype, cfg.num_labels, "out_proj")(dropout(x))
 
 

@@ -1,0 +1,68 @@
+"""ELECTRA encoder with a sequence-classification head, as Flax linen modules.
+
+ELECTRA's body is BERT's (the modules of `flaxtrain.models.bert`, under `electra` instead of `bert`) with one
+difference: its embeddings have their own width, embedding_size, and when that differs from hidden_size a Linear
+`electra.embeddings_project` maps them up to it. Its classifier is RoBERTa's head on the first token with gelu for
+tanh. Pretraining checkpoints are the discriminator (`ElectraForPreTraining`, head `discriminator_predictions`) and
+the generator (`ElectraForMaskedLM`, heads `generator_predictions` and `generator_lm_head`); a classifier drops both.
+
+Shapes: B batch, T length, D hidden_size, E embedding_size.
+"""
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxtrain.models import bert
+
+# Rules for flaxtrain.hf_io (see bert.py).
+HF_SCANNED = bert.HF_SCANNED
+HF_TIED = {"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
+HF_BASE_PREFIX = {"electra": "electra"}
+HF_PRETRAINING_HEADS = (r"^discriminator_predictions\.", r"^generator_predictions\.", r"^generator_lm_head\.")
+HF_CLASSIFIER_HEAD = (r"^classifier\.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElectraConfig(bert.BertConfig):
+    """A Hugging Face ELECTRA `config.json`'s fields: BERT's plus embedding_size (defaults: ELECTRA-small)."""
+
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    model_type: str = "electra"
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("electra",)
+
+
+class ElectraForSequenceClassification(nn.Module):
+    """ELECTRA with `classifier.{dense,out_proj}` on the first token: dropout, dense, gelu, dropout, out_proj."""
+
+    config: ElectraConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return "ElectraForSequenceClassification"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """[B, T] int inputs (attention_mask 1 = token, 0 = pad) -> logits [B, num_labels] float32."""
+        cfg = self.config
+        body = bert.BertModel(cfg, self.dtype, self.gradient_checkpointing, embedding_size=cfg.embedding_size,
+                              name="electra")
+        hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
+        # transformers' ElectraClassificationHead uses gelu where BERT/RoBERTa use tanh, whatever hidden_act says.
+        head = bert.RobertaClassificationHead(cfg, self.dtype, activation=bert.ACT_FNS["gelu"], name="classifier")
+        return head(hidden, deterministic).astype(jnp.float32)
+
+
+init_params = bert.init_params
+max_positions = bert.max_positions
+
+# The names scripts use through `flaxtrain.models.create`.
+Config, SequenceClassification = ElectraConfig, ElectraForSequenceClassification
