@@ -10,7 +10,8 @@ HF_BASE_PREFIX (model_type -> body prefix), and where it needs them HF_UNTRANSPO
 `kernel` is stored [in, out] as flax has it, e.g. GPT-2's Conv1D), HF_IGNORED (regexes of buffers that old
 checkpoints carry and the model does not use) and HF_RENAMED ({params path prefix: checkpoint key prefix} for params
 that sit elsewhere in the checkpoint, e.g. T5's shared position bias, kept outside the scanned blocks but saved in
-block 0).
+block 0) and HF_ZEROS (regexes of buffers that some checkpoints lack and that load as zeros then, as transformers
+initialises them, e.g. BART's final_logits_bias in a checkpoint of the bare BartModel).
 """
 
 import copy
@@ -94,7 +95,7 @@ def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = (), untran
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping, *, scanned: Sequence[str] = (),
                          tied: Mapping[str, str] | None = None, fresh: Sequence[str] = (), drop: Sequence[str] = (),
                          base_model_prefix: str | None = None, untransposed: Sequence[str] = (),
-                         renamed: Mapping[str, str] | None = None) -> dict:
+                         renamed: Mapping[str, str] | None = None, zeros: Sequence[str] = ()) -> dict:
     """PyTorch state dict -> params tree shaped and typed like `template` (init'd or `jax.eval_shape`d params).
 
     fresh: regexes over checkpoint keys of template params that may be absent from the checkpoint; those keep the
@@ -104,6 +105,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
       unless the template has a param of that key (a model configured with untied weights), which the source
       fills when the checkpoint was saved tied.
     untransposed: regexes over checkpoint keys of kernels stored [in, out], as flax has them.
+    zeros: regexes over checkpoint keys that load as zeros when absent (works with eval_shape'd templates).
     base_model_prefix: prepended to every checkpoint key when that makes more keys fit the template (a checkpoint
       of the bare body, as transformers' AutoModel saves it).
     Anything else missing or unexpected, and any shape mismatch, raises ValueError naming the keys.
@@ -140,7 +142,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
         keys, stacked = _hf_keys(path, _leading(leaf), scanned, renamed)
         absent = [k for k in keys if k not in state]
         if absent:
-            if len(absent) == len(keys) and all(_matches(k, fresh) for k in keys):
+            if len(absent) == len(keys) and all(_matches(k, zeros) for k in keys):
+                params[path] = np.zeros(leaf.shape, leaf.dtype)
+                fresh_keys += keys
+            elif len(absent) == len(keys) and all(_matches(k, fresh) for k in keys):
                 if isinstance(leaf, jax.ShapeDtypeStruct):
                     raise ValueError(f"{keys[0]} is allowed fresh but the template has no values for it: "
                                      "pass init'd params, not eval_shape'd ones")
@@ -240,7 +245,8 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
         load_state_dict(model_name_or_path, revision, **hub), template_params, scanned=family.HF_SCANNED,
         tied=family.HF_TIED, fresh=fresh, drop=(*drop, *getattr(family, "HF_IGNORED", ())),
         base_model_prefix=family.HF_BASE_PREFIX.get(model_type),
-        untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None))
+        untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None),
+        zeros=getattr(family, "HF_ZEROS", ()))
 
 
 def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer: Any = None, *,

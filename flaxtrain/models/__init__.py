@@ -2,11 +2,12 @@
 
 from types import ModuleType
 
-from flaxtrain.models import bert, distilbert, electra, gpt2, llama, t5
+from flaxtrain.models import bart, bert, distilbert, electra, gpt2, llama, t5
 
 # model_type -> the module that implements it (its config, heads and checkpoint-key rules).
 FAMILIES: dict[str, ModuleType] = {"bert": bert, "roberta": bert, "electra": electra, "distilbert": distilbert,
-                                   "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "t5": t5, "mt5": t5}
+                                   "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "t5": t5, "mt5": t5,
+                                   "bart": bart, "mbart": bart}
 
 
 def get_family(model_type: str) -> ModuleType:
