@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, generate, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain import checkpoint, data, generate, hf_io, hub, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -156,6 +156,7 @@ def main(argv=None):
     prompts = read_prompts(data_args) if training_args.do_predict else []
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
+    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
     resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
     tokenizer = pretrained.load_tokenizer(model_args)
     if tokenizer.eos_token_id is None:
@@ -237,7 +238,7 @@ def main(argv=None):
             tokens_per_step=update_batch * block_size, evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta=meta)
+            meta=meta, hub=repo)
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(train_set)
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
@@ -250,6 +251,7 @@ def main(argv=None):
         path = os.path.join(training_args.output_dir, "generations.jsonl")
         write_generations(path, model, parallel.fetch(state.params), tokenizer, prompts, data_args, training_args.seed)
         logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
+    hub.finish(repo, "text-generation", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 
 

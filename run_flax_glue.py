@@ -26,9 +26,8 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
-from flaxtrain.best import BestModel
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_flax_glue")
@@ -273,13 +272,11 @@ def main(argv=None):
             data_args.dataset_name, data_args.dataset_config_name = "nyu-mll/glue", data_args.task_name
     if model_args.use_slow_tokenizer:
         model_args.use_fast_tokenizer = False
-    if training_args.load_best_model_at_end and not (training_args.do_train and training_args.do_eval):
-        raise ValueError("--load_best_model_at_end needs --do_train and --do_eval (the best model is chosen by "
-                         "evaluations during training).")
     if not model_args.model_name_or_path:
         logger.warning("No --model_name_or_path: the classifier starts from random weights.")
 
     # Cheap checks first: output directory, tokenizer, config and model family, then the data and its labels.
+    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
     resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
     tokenizer = pretrained.load_tokenizer(model_args)
     hf_config = pretrained.load_config(model_args)
@@ -353,17 +350,8 @@ def main(argv=None):
             loss, predictions, labels = predict(state, split)
             metrics.update({f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in
                                                        compute_metrics(task, predictions, labels).items()}})
-        if best is not None:
-            best.update(int(parallel.fetch(state.step)), metrics, state.params, export)
         return metrics
 
-    def export(directory, params):
-        hf_io.save_pretrained(directory, params, hf_config, tokenizer, architecture=model.hf_architecture)
-
-    best = None
-    if training_args.load_best_model_at_end:
-        best = BestModel(training_args.output_dir, training_args.metric_for_best_model or task.main_metric,
-                         training_args.greater_is_better, start_step)
     os.makedirs(training_args.output_dir, exist_ok=True)
     save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
 
@@ -381,16 +369,10 @@ def main(argv=None):
             steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
             tokens_per_step=int(update_batch * lengths["train"].mean()),  # real tokens, not padding
             evaluate=run_eval if training_args.do_eval else None,
-            export=functools.partial(export, training_args.output_dir), meta=meta)
+            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+                                                        architecture=model.hf_architecture),
+            meta=meta, hub=repo, best_metric=f"eval_{task.main_metric}")
         if train_metrics:  # None: the run had already finished
-            if best is not None and best.record is not None:
-                logger.info("Loading the best model: step %d, %s = %.4g", best.record["step"], best.metric,
-                            best.record["value"])
-                params = best.best_params(parallel.fetch(state.params), model.config.model_type)
-                state = state.replace(params=parallel.replicate(params, mesh))
-                if jax.process_index() == 0:
-                    export(training_args.output_dir, params)
-                eval_metrics = {**best.record["metrics"], "eval_best_step": best.record["step"]}
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
@@ -412,6 +394,7 @@ def main(argv=None):
             logger.info("Test: %s", test_metrics)
             write_results(training_args.output_dir, "test",
                           {**test_metrics, "test_samples": sum(len(splits[s]) for s in tests)})
+    hub.finish(repo, "text-classification", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -148,6 +148,7 @@ def main(argv=None):
         raise ValueError(f"--mlm_probability must be between 0 and 1, got {data_args.mlm_probability}.")
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
+    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
     resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
     tokenizer = pretrained.load_tokenizer(model_args)
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
@@ -215,7 +216,7 @@ def main(argv=None):
             tokens_per_step=update_batch * max_len, evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta=meta)
+            meta=meta, hub=repo)
         if train_metrics:  # None: the run had already finished
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
     elif training_args.do_eval:
@@ -223,6 +224,7 @@ def main(argv=None):
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    hub.finish(repo, "fill-mask", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 
 

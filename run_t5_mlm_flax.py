@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, hf_io, loop, models, parallel, pretrained, training
+from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import t5
@@ -247,6 +247,7 @@ def main(argv=None):
     raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
 
     # Cheap checks first: output directory, tokenizer, config.
+    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
     resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
     tokenizer = pretrained.load_tokenizer(model_args)
     sentinels = sentinel_token_ids(tokenizer, noise_span_counts(raw_length, density, span)[1])
@@ -316,7 +317,7 @@ def main(argv=None):
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture),
-            meta=meta)
+            meta=meta, hub=repo)
         if train_metrics:  # None: the run had already finished
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
     elif training_args.do_eval:
@@ -324,6 +325,7 @@ def main(argv=None):
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    hub.finish(repo, "text2text-generation", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py, run_t5_mlm_flax.py) on the devices at hand.
+"""Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py, run_t5_mlm_flax.py,
+run_summarization_flax.py) on the devices at hand.
 
 Prints the first-step (compile) time, steady-state seconds per step, tokens/second, model-FLOPs utilisation
 against this machine's measured peak matmul throughput, and peak memory.
@@ -9,7 +10,7 @@ against this machine's measured peak matmul throughput, and peak memory.
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
 to the embedding) and 12 * layers * length * width for attention, as in the PaLM paper's appendix; for T5 the
-encoder's parameters count the input tokens and the decoder's the target tokens.
+encoder's parameters count the input tokens and the decoder's the target tokens (BART likewise).
 """
 
 import argparse
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import run_clm_flax  # noqa: E402
 import run_mlm_flax  # noqa: E402
+import run_summarization_flax  # noqa: E402
 import run_t5_mlm_flax  # noqa: E402
 from flaxtrain import models, parallel, training  # noqa: E402
 
@@ -44,15 +46,22 @@ CONFIGS = {
         intermediate_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)),
     "t5-small": dict(type="t5", seq=128, target=32, batch=8, model=dict(
         vocab_size=32128, d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64)),
+    "bart-small": dict(type="bart", seq=256, target=64, batch=4, model=dict(
+        vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+        decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)),
 }
 TASKS = {"bert": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
-         "t5": ("Seq2SeqLM", run_t5_mlm_flax)}
+         "t5": ("Seq2SeqLM", run_t5_mlm_flax), "bart": ("Seq2SeqLM", run_summarization_flax)}
+# Arguments a script's train_step takes besides accumulation_steps.
+STEP_OPTIONS = {run_summarization_flax: dict(label_smoothing=0.0)}
 
 
 def matrix_params(params, prefix=None) -> int:
-    """Parameters used in matrix products: all but the embedding lookups (under `prefix` only, if given)."""
+    """Parameters used in matrix products: all but the embedding lookups (only those under a module named
+    `prefix`, if given: T5's `encoder/...`, BART's `model/encoder/...`)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return sum(x.size for path, x in flat if path[-1].key != "embedding" and prefix in (None, path[0].key))
+    return sum(x.size for path, x in flat
+               if path[-1].key != "embedding" and (prefix is None or prefix in [p.key for p in path[:2]]))
 
 
 def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 0) -> float:
@@ -65,9 +74,11 @@ def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 
     # Encoder-decoder: the encoder sees the inputs, the decoder and output layer the targets; the decoder attends
     # to itself and to the inputs.
     output = 0 if "lm_head" in params else vocab * width
-    encoder = 6 * matrix_params(params, "encoder") + 12 * hf_config.num_layers * seq * width
+    # num_hidden_layers is T5's num_layers and BART's encoder_layers; the decoder's count has a name per family.
+    decoder_layers = getattr(hf_config, "num_decoder_layers", None) or hf_config.decoder_layers
+    encoder = 6 * matrix_params(params, "encoder") + 12 * hf_config.num_hidden_layers * seq * width
     decoder = (6 * (matrix_params(params, "decoder") + matrix_params(params, "lm_head") + output)
-               + 12 * hf_config.num_decoder_layers * (target + seq) * width)
+               + 12 * decoder_layers * (target + seq) * width)
     return batch * (seq * encoder + target * decoder)
 
 
@@ -77,7 +88,7 @@ def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, 
     if script is run_mlm_flax:
         return {"input_ids": ids, "attention_mask": ones, "labels": ids,
                 "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
-    if script is run_t5_mlm_flax:
+    if script in (run_t5_mlm_flax, run_summarization_flax):
         labels = rng.integers(5, vocab_size, (batch, target)).astype(np.int32)
         return {"input_ids": ids, "attention_mask": ones, "labels": labels, "decoder_input_ids": labels,
                 "weights": np.ones((batch, target), np.float32)}
@@ -127,7 +138,8 @@ def main(argv=None):
                                   weight_decay=0.01, max_grad_norm=1.0)
     tx = training.make_optimizer(opt_args, 1e-4)
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    step = parallel.data_parallel(functools.partial(script.train_step, accumulation_steps=1), mesh,
+    step = parallel.data_parallel(functools.partial(script.train_step, accumulation_steps=1,
+                                                    **STEP_OPTIONS.get(script, {})), mesh,
                                   donate_argnums=(0,))
     host = synthetic_batch(script, hf_config.vocab_size, batch, seq, target, np.random.default_rng(0))
     device_batch = parallel.to_global(host, mesh, batch)
@@ -143,7 +155,7 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
 
-    tokens_per_s = batch * (seq + target) / step_s  # encoder and decoder tokens for T5
+    tokens_per_s = batch * (seq + target) / step_s  # encoder and decoder tokens for T5 and BART
     peak = peak_matmul_flops(dtype) * jax.device_count()
     memory, memory_kind = peak_memory_bytes()
     result = {

@@ -16,6 +16,7 @@ import jax
 from transformers import HfArgumentParser
 
 SECRET_FIELDS = ("hub_token", "token")
+HUB_STRATEGIES = ("every_save", "end", "checkpoint")
 
 
 @dataclass
@@ -125,7 +126,7 @@ class TrainingArguments:
     load_best_model_at_end: bool = field(
         default=False,
         metadata={"help": "Keep the model of the best evaluation (by --metric_for_best_model) as the final model, "
-                          "in output_dir, instead of the last one (scripts that evaluate by a task metric)."},
+                          "in output_dir, instead of the last one."},
     )
     metric_for_best_model: Optional[str] = field(
         default=None, metadata={"help": "Evaluation metric that picks the best model (default: the task's main one)."}
@@ -136,7 +137,17 @@ class TrainingArguments:
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model and logs to the Hugging Face Hub."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Repository name on the Hub."})
-    hub_token: Optional[str] = field(default=None, repr=False, metadata={"help": "Token for the Hub."})
+    hub_token: Optional[str] = field(
+        default=None, repr=False,
+        metadata={"help": "Token for the Hub (default: HF_TOKEN, or the login saved by `hf auth login`)."},
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_strategy: str = field(
+        default="every_save",
+        metadata={"help": "What --push_to_hub uploads when: every_save (model, logs and results at every save and "
+                          "at the end), end (only at the end), checkpoint (every_save plus the resumable training "
+                          "state in last-checkpoint/).", "choices": list(HUB_STRATEGIES)},
+    )
 
     def __post_init__(self):
         self.output_dir = os.path.expanduser(self.output_dir)
@@ -152,9 +163,11 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.push_to_hub:
-            raise ValueError("--push_to_hub is not available in this version yet; upload output_dir by hand with "
-                             "`huggingface-cli upload`.")
+        if self.load_best_model_at_end and not (self.do_train and self.do_eval):
+            raise ValueError("--load_best_model_at_end needs --do_train and --do_eval (the best model is chosen by "
+                             "the evaluations during training).")
+        if self.hub_strategy not in HUB_STRATEGIES:  # argparse checks choices, a .json file of flags does not
+            raise ValueError(f"--hub_strategy must be one of {', '.join(HUB_STRATEGIES)}, got {self.hub_strategy!r}.")
 
 
 def parse_args(dataclass_types, argv=None):

@@ -1,11 +1,11 @@
-"""--load_best_model_at_end: remember the evaluation with the best task metric and its weights.
+"""--load_best_model_at_end: remember the evaluation with the best metric and its weights (used by `loop.train`).
 
 Each evaluation during training goes through `BestModel.update`. A new best is kept in host memory (on every host:
-the metrics are the same everywhere, so every host takes the same decision) and exported by process 0 to
-output_dir/best_model/ as a Hugging Face model, with best.json naming the step and metrics. At the end the script
-puts the best weights back in place of the last ones.
+the metrics are the same everywhere, so every host takes the same decision) and written by process 0 to
+output_dir/best_model/ (params.safetensors by params path, and best.json naming the step and metrics), so that a
+resumed run knows it. At the end `restore` puts the best weights in place of the last ones.
 
-A resumed run (one host) picks up best_model/ where its step is not past the step resumed from; on several hosts the
+A resumed run (one host) picks up best_model/ when its step is not past the step resumed from; on several hosts the
 earlier best is forgotten (not every host may see output_dir) and tracking starts again at the resumed step.
 """
 
@@ -15,8 +15,11 @@ import os
 import shutil
 
 import jax
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
 
-from flaxtrain import hf_io, parallel
+from flaxtrain import parallel
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +39,9 @@ class BestModel:
         if self.record is None and jax.process_index() == 0 and os.path.isdir(self.dir):
             shutil.rmtree(self.dir)  # an earlier run's, or from after the step resumed from
 
-    def update(self, step: int, metrics: dict, params, export) -> bool:
+    def update(self, step: int, metrics: dict, params) -> bool:
         """Records `metrics` of the model at `step`; when they are the best so far, keeps `params` (replicated
-        device arrays) on the host and calls `export(directory, params)` on process 0. Returns whether this was a new
-        best."""
+        device arrays) on the host and writes them to best_model/ on process 0. Returns whether this was a new best."""
         if self.metric not in metrics:
             raise ValueError(f"--metric_for_best_model: the evaluation has no {self.metric}; it has "
                              f"{', '.join(sorted(k for k in metrics if k.startswith('eval_')))}.")
@@ -51,17 +53,27 @@ class BestModel:
         self.record = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
         self.params = parallel.fetch(params)
         if jax.process_index() == 0:
+            os.makedirs(self.dir, exist_ok=True)
             record_file = os.path.join(self.dir, "best.json")
             if os.path.exists(record_file):
-                os.remove(record_file)  # no best.json next to half-written weights if the export is killed
-            export(self.dir, self.params)
+                os.remove(record_file)  # no best.json next to half-written weights if the write is killed
+            flat = {"/".join(path): np.asarray(v) for path, v in traverse_util.flatten_dict(self.params).items()}
+            safetensors.numpy.save_file(flat, os.path.join(self.dir, "params.safetensors"))
             with open(record_file, "w") as f:
                 json.dump(self.record, f, indent=2)
         logger.info("New best model at step %d: %s = %.4g", step, self.metric, value)
         return True
 
-    def best_params(self, template, model_type: str):
-        """The best weights (from memory, or from best_model/ when they were found there on resume)."""
-        if self.params is not None:
-            return self.params
-        return hf_io.load_pretrained(self.dir, template, model_type=model_type)
+    def restore(self, state, mesh):
+        """`state` with the best weights in place of its own (replicated over `mesh`)."""
+        params = self.params
+        if params is None:  # found on disk when this run resumed
+            flat = safetensors.numpy.load_file(os.path.join(self.dir, "params.safetensors"))
+            params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+        logger.info("Loading the best model: step %d, %s = %.4g", self.record["step"], self.metric,
+                    self.record["value"])
+        return state.replace(params=parallel.replicate(params, mesh))
+
+    def results(self) -> dict:
+        """The best evaluation's metrics, with the step it was made at."""
+        return {**self.record["metrics"], "eval_best_step": self.record["step"]}

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxtrain import checkpoint, data, parallel, training
+from flaxtrain.best import BestModel
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
 
 logger = logging.getLogger(__name__)
@@ -73,12 +74,18 @@ def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_bat
 
 
 def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: int, steps_per_epoch: int,
-          start_step: int, schedule, tokens_per_step: int, evaluate, export, meta: dict):
+          start_step: int, schedule, tokens_per_step: int, evaluate, export, meta: dict, hub=None,
+          best_metric: str = "eval_loss"):
     """Runs `p_train_step(state, batch, dropout_rng)` on `batches` (host dicts of this host's rows, from
     `start_step` on) until `total_steps`; logs every --logging_steps, evaluates every --eval_steps (when
     `evaluate` is given), saves a checkpoint and the exported model every --save_steps and at the end, then
     evaluates once more. Returns (state, train metrics, final eval metrics or None); (state, None, None) when
-    the checkpoint resumed from is already the last step, leaving that run's results alone."""
+    the checkpoint resumed from is already the last step, leaving that run's results alone. `hub` (hub.connect's
+    answer) is told of every save, and pushes in the background.
+
+    With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
+    `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
+    model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
     if start_step >= total_steps:
         logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.", start_step)
         return state, None, None
@@ -89,12 +96,23 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
     dropout_rng = jax.random.key(args.seed + 1)  # the step folds its step number in
     started, step, record = time.perf_counter(), start_step, {}
+    best = (BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better, start_step)
+            if args.load_best_model_at_end and evaluate else None)
+
+    def run_eval():
+        metrics = evaluate(state)
+        writer.write(step, as_scalars("eval", metrics))
+        if best is not None:
+            best.update(step, metrics, state.params)
+        return metrics
 
     def save():
         progress.check(step)  # never save or export weights a NaN loss came from
         checkpoints.save(step, state, meta)
         if jax.process_index() == 0:
             export(parallel.fetch(state.params))
+        if hub is not None:
+            hub.push(step)
 
     for host_batch in batches:
         if step >= total_steps:
@@ -109,9 +127,7 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
             logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in record.items()))
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
         if evaluate and step % args.eval_steps == 0 and step < total_steps:
-            eval_metrics = evaluate(state)
-            writer.write(step, as_scalars("eval", eval_metrics))
-            logger.info("step %d: %s", step, eval_metrics)
+            logger.info("step %d: %s", step, run_eval())
         if step % args.save_steps == 0 or step == total_steps:
             save()
     bar.close()
@@ -121,9 +137,12 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     checkpoints.close()
     train_metrics = {"train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - started,
                      "train_steps": total_steps, "epoch": step / steps_per_epoch}
-    eval_metrics = None
-    if evaluate:
-        eval_metrics = evaluate(state)
-        writer.write(step, as_scalars("eval", eval_metrics))
+    eval_metrics = run_eval() if evaluate else None
     writer.close()
+    if best is not None and best.record["step"] != step:
+        state = best.restore(state, mesh)
+        if jax.process_index() == 0:
+            export(parallel.fetch(state.params))
+    if best is not None:
+        eval_metrics = best.results()
     return state, train_metrics, eval_metrics

@@ -1,5 +1,6 @@
 """Tiny, learnable data and models that the tests build for themselves (nothing is downloaded)."""
 
+import csv
 import json
 import os
 
@@ -7,6 +8,24 @@ import numpy as np
 
 WORDS = ("amber basil cedar dune ember fern grove heath iris juniper kelp larch moss nettle olive pine quartz "
          "reed sage thyme umber vale willow yarrow zinnia").split()
+PAIR_LABELS = ("cold", "mild", "warm")
+
+
+def write_pairs(path, rows, seed, labelled=True, regression=False):
+    """sentence1: noise words; sentence2: one word three times, whose place in WORDS sets the label (its third
+    of the list as a name, or its position scaled to 0..5 for regression). Returns the true labels."""
+    rng = np.random.default_rng(seed)
+    truth = []
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence1", "sentence2", *(["label"] if labelled else [])])
+        for _ in range(rows):
+            k = int(rng.integers(len(WORDS)))
+            label = round(5 * k / (len(WORDS) - 1), 3) if regression else PAIR_LABELS[k * 3 // len(WORDS)]
+            truth.append(label)
+            writer.writerow([" ".join(rng.choice(WORDS, rng.integers(2, 6))), " ".join([WORDS[k]] * 3),
+                             *([label] if labelled else [])])
+    return truth
 
 
 def write_corpus(path, lines=200, seed=0):
@@ -153,3 +172,63 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None):
         assert w.returncode == 0, err[-5000:]
         results.append(subprocess.CompletedProcess(command, 0, out, err))
     return results
+
+
+def topics(rows, seed):
+    """The topic word of each document that `write_summaries(path, rows, seed)` writes."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(rows):
+        topic, *noise = rng.choice(WORDS, size=3, replace=False)
+        words = [topic] * int(rng.integers(5, 9)) + noise
+        rng.shuffle(words)
+        chosen.append((str(topic), " ".join(words)))
+    return chosen
+
+
+def write_summaries(path, rows, seed, summaries=True):
+    """Documents of one topic word among two others ("pine thyme pine pine moss pine"), summarized as "The pine
+    grows. The pine stays.": the decoder learns the template, and reads the word from the document."""
+    with open(path, "w") as f:
+        for i, (topic, document) in enumerate(topics(rows, seed)):
+            row = {"document": document, "summary": f"The {topic} grows. The {topic} stays.", "id": str(i)}
+            if not summaries:
+                del row["summary"]
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def write_text(path, json_file):
+    with open(json_file) as f, open(path, "w") as out:
+        for row in map(json.loads, f):
+            out.write(row["document"] + "\n" + row.get("summary", "") + "\n")
+    return str(path)
+
+
+def make_word_t5(model_dir, corpus):
+    """A tiny T5 with a word-level tokenizer in T5's layout (<pad> 0, </s> 1, <unk> 2; </s> after every text),
+    trained on `corpus`. (flaxtrain.t5_tokenizer's Unigram trainer cuts so small a corpus into letters.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train([corpus], trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False))
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(model_dir)
+    AutoConfig.for_model("t5", vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                         initializer_factor=1.0, decoder_start_token_id=0).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def make_bart(model_dir, corpus, max_positions=32):
+    """A tiny BART with a byte-level BPE tokenizer (RoBERTa's, as BART's) trained on `corpus`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    make_roberta(model_dir, corpus)
+    AutoConfig.for_model("bart", vocab_size=len(AutoTokenizer.from_pretrained(model_dir)), d_model=32,
+                         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_position_embeddings=max_positions, init_std=0.1, pad_token_id=1, bos_token_id=0,
+                         eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2).save_pretrained(model_dir)
+    return str(model_dir)

@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""Summarization: fine-tune an encoder-decoder (BART, mBART, T5, mT5) with JAX on TPUs, GPUs or CPUs, watch ROUGE,
+and write summaries of a test set.
+
+    python run_summarization_flax.py --output_dir=./bart-xsum --model_name_or_path=facebook/bart-base \
+        --dataset_name=EdinburghNLP/xsum --do_train --do_eval --do_predict --predict_with_generate \
+        --max_source_length=512 --max_target_length=64 --per_device_train_batch_size=64 \
+        --per_device_eval_batch_size=64 --learning_rate=5e-5 --warmup_steps=0 --num_train_epochs=6 \
+        --logging_steps=100 --eval_steps=1000 --save_steps=1000 --overwrite_output_dir
+
+Documents are truncated and padded to --max_source_length, summaries to --max_target_length (evaluation and test:
+--val_max_target_length), so every batch has one shape. Run the same command again to resume.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxtrain import checkpoint, data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain.logging import setup_logging, write_results
+
+logger = logging.getLogger("run_summarization_flax")
+
+# The original's table: (text column, summary column) of well-known datasets, looked up by the last part of
+# --dataset_name (so "EdinburghNLP/xsum" finds xsum). Other data: the first and the second column.
+SUMMARIZATION_NAME_MAPPING = {
+    "amazon_reviews_multi": ("review_body", "review_title"),
+    "big_patent": ("description", "abstract"),
+    "cnn_dailymail": ("article", "highlights"),
+    "orange_sum": ("text", "summary"),
+    "pn_summary": ("article", "summary"),
+    "psc": ("extract_text", "summary_text"),
+    "samsum": ("dialogue", "summary"),
+    "thaisum": ("body", "summary"),
+    "xglue": ("news_body", "news_title"),
+    "xsum": ("document", "summary"),
+    "wiki_summary": ("article", "highlights"),
+}
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class SummarizationDataArguments(DataArguments):
+    text_column: Optional[str] = field(default=None, metadata={"help": "Column of the documents (default: the "
+                                                                       "dataset's known one, else the first)."})
+    summary_column: Optional[str] = field(default=None, metadata={"help": "Column of the summaries (default: the "
+                                                                          "dataset's known one, else the second)."})
+    test_file: Optional[str] = field(default=None, metadata={"help": "--do_predict data: a .csv, .json or .jsonl "
+                                                                     "file (the summary column is optional)."})
+    max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many test examples."})
+    source_prefix: Optional[str] = field(default=None, metadata={"help": "Put before every document, e.g. "
+                                                                         "'summarize: ' for the original T5s."})
+    max_source_length: int = field(default=1024, metadata={"help": "Document tokens (truncated and padded)."})
+    max_target_length: int = field(default=128, metadata={"help": "Summary tokens in training."})
+    val_max_target_length: Optional[int] = field(
+        default=None, metadata={"help": "Summary tokens in evaluation and test (default: --max_target_length)."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Accepted; batches are always padded to the "
+                                                                     "maximum lengths (one compiled shape)."})
+    predict_with_generate: bool = field(default=False, metadata={"help": "Generate summaries in evaluation and "
+                                                                         "report ROUGE (--do_predict always does)."})
+    num_beams: int = field(default=1, metadata={"help": "Beams in generation (1: greedy)."})
+    generation_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Most tokens generated per summary, its end token included (default: "
+                                        "--val_max_target_length)."})
+    length_penalty: Optional[float] = field(
+        default=None, metadata={"help": "Beam search: scores are divided by length**length_penalty (default: the "
+                                        "model's generation config, else 1.0)."})
+    no_repeat_ngram_size: Optional[int] = field(
+        default=None, metadata={"help": "Never repeat an n-gram of this size (default: the model's generation "
+                                        "config, else 0: off)."})
+
+    def __post_init__(self):
+        self.val_max_target_length = self.val_max_target_length or self.max_target_length
+        self.generation_max_length = self.generation_max_length or self.val_max_target_length
+        for name in ("max_source_length", "max_target_length", "val_max_target_length", "generation_max_length",
+                     "num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class Seq2SeqTrainingArguments(TrainingArguments):
+    label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing of the training loss."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}.")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def summarization_columns(data_args, raw):
+    """(text column, summary column): the flags, else the known dataset's, else the first two columns. Every split
+    must have both as string columns, except that a test split may lack the summaries (then it is only
+    summarized, not scored). Errors name the columns found."""
+    reference = next(raw[split] for split in ("train", "validation", "test") if split in raw)
+    columns = filled_columns(reference)
+    known = SUMMARIZATION_NAME_MAPPING.get((data_args.dataset_name or "").rstrip("/").rsplit("/", 1)[-1])
+    if known is None and len(columns) < 2 and not (data_args.text_column and data_args.summary_column):
+        raise ValueError(f"The data has only the column(s) {', '.join(columns)}: summarization needs a document and "
+                         "a summary column (name them with --text_column and --summary_column).")
+    text = data_args.text_column or (known or columns)[0]
+    summary = data_args.summary_column or (known or columns)[1]
+    if text == summary:
+        raise ValueError(f"--text_column and --summary_column are both {text!r}.")
+    logger.info("Summarizing the %r column into the %r column", text, summary)
+    for split, dataset in raw.items():
+        features = {name: dataset.features[name] for name in filled_columns(dataset)}
+        found = ", ".join(f"{name} ({getattr(f, 'dtype', type(f).__name__)})" for name, f in features.items())
+        for flag, column in (("text_column", text), ("summary_column", summary)):
+            if column not in features:
+                if split == "test" and flag == "summary_column":
+                    continue  # (load_splits says so)
+                raise ValueError(f"--{flag}={column!r} is not a column of the {split} data; its columns are: "
+                                 f"{found}.")
+            if getattr(features[column], "dtype", None) not in ("string", "large_string"):
+                raise ValueError(f"--{flag}={column!r} of the {split} data is not a text column; its columns are: "
+                                 f"{found}.")
+    return text, summary
+
+
+def filled_columns(dataset):
+    """The columns that hold a value in some row. (Files loaded together share one schema: a json test file without
+    summaries gets the training file's summary column, all None.)"""
+    return [name for name in dataset.column_names if dataset.data.column(name).null_count < len(dataset)]
+
+
+def drop_empty(dataset, split, text_column, summary_column, data_args):
+    """Training and validation rows whose document or summary is empty (or only whitespace) teach and score
+    nothing: they are dropped, with a warning that counts them; all of them empty is an error. (Test rows are all
+    kept, so that generated_predictions.txt has a line for every one.)"""
+    def filled(examples):
+        return [bool(t and t.strip()) and bool(s and s.strip())
+                for t, s in zip(examples[text_column], examples[summary_column])]
+
+    kept = dataset.filter(filled, batched=True, num_proc=data_args.preprocessing_num_workers,
+                          load_from_cache_file=not data_args.overwrite_cache)
+    dropped = len(dataset) - len(kept)
+    if dropped == len(dataset):
+        raise ValueError(f"Every one of the {len(dataset)} {split} examples has an empty document "
+                         f"({text_column!r}) or summary ({summary_column!r}).")
+    if dropped:
+        logger.warning("Dropped %d of the %d %s examples: their document (%r) or summary (%r) is empty.", dropped,
+                       len(dataset), split, text_column, summary_column)
+    return kept
+
+
+def tokenize_fn(tokenizer, text_column, summary_column, prefix, source_length, target_length):
+    """A batched map function: prefix + document -> input_ids, attention_mask [source_length]; summary (when
+    `summary_column`) -> labels, label_mask [target_length]; all truncated and padded at the end."""
+    def tokenize(examples):
+        inputs = tokenizer([prefix + (text or "") for text in examples[text_column]], max_length=source_length,
+                           padding="max_length", truncation=True)
+        out = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if summary_column:
+            targets = tokenizer(text_target=[s or "" for s in examples[summary_column]], max_length=target_length,
+                                padding="max_length", truncation=True)
+            out.update(labels=targets["input_ids"], label_mask=targets["attention_mask"])
+        return out
+    return tokenize
+
+
+def shift_right_fn(family, decoder_start_token_id, pad_token_id):
+    """labels [B, T] -> decoder_input_ids [B, T] (the start token, then labels[:, :-1]): the family's helper, whose
+    argument order differs between T5 and BART."""
+    if hasattr(family, "shift_tokens_right"):
+        return lambda labels: family.shift_tokens_right(labels, pad_token_id, decoder_start_token_id)
+    return lambda labels: family.shift_right(labels, decoder_start_token_id, pad_token_id)
+
+
+def to_batch(examples, shift_right):
+    """Rows of the tokenized data -> a teacher-forcing batch; weights [b, T] mark real summary tokens (EOS too)."""
+    labels = np.asarray(examples["labels"], np.int32)
+    return {"input_ids": np.asarray(examples["input_ids"], np.int32),
+            "attention_mask": np.asarray(examples["attention_mask"], np.int32),
+            "labels": labels, "decoder_input_ids": np.asarray(shift_right(labels), np.int32),
+            "weights": np.asarray(examples["label_mask"], np.float32)}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def generated_lengths(tokens, eos_token_ids):
+    """tokens [N, T] -> int [N]: tokens up to and including the first end token (T where there is none)."""
+    ended = np.isin(tokens, eos_token_ids)
+    return np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, tokens.shape[1])
+
+
+def rouge_scores(predictions, references) -> dict:
+    """Mean ROUGE-1/2/L/Lsum F-measures x 100 (rounded to 4 places, as the original reported), with stemming.
+    rougeLsum reads one sentence per line: both sides are split by pysbd's rules (no data download)."""
+    import pysbd
+    from rouge_score import rouge_scorer
+
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+
+    def lines(text):
+        return "\n".join(s.strip() for s in segmenter.segment(text)) if text.strip() else ""
+
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(lines(reference), lines(prediction))
+        for key in ROUGE_KEYS:
+            totals[key] += scores[key].fmeasure
+    return {key: round(100 * total / max(len(predictions), 1), 4) for key, total in totals.items()}
+
+
+def generation_options(model_args, data_args, hf_config, eos_token_id):
+    """Keyword arguments of generate_seq2seq.generate: the flags, and the model's generation config
+    (generation_config.json, else its config.json) for what the flags leave unset."""
+    from transformers import GenerationConfig
+
+    source = model_args.model_name_or_path or model_args.config_name
+    try:
+        defaults = GenerationConfig.from_pretrained(source, cache_dir=model_args.cache_dir, token=model_args.token,
+                                                    revision=model_args.model_revision)
+    except (OSError, TypeError, ValueError):  # no generation_config.json (or no source: a config from --model_type)
+        defaults = GenerationConfig.from_model_config(hf_config)
+    options = dict(
+        max_new_tokens=data_args.generation_max_length, num_beams=data_args.num_beams,
+        length_penalty=(defaults.length_penalty or 1.0 if data_args.length_penalty is None
+                        else data_args.length_penalty),
+        no_repeat_ngram_size=(defaults.no_repeat_ngram_size or 0 if data_args.no_repeat_ngram_size is None
+                              else data_args.no_repeat_ngram_size),
+        early_stopping=defaults.early_stopping or False,
+        eos_token_id=eos_token_id if defaults.eos_token_id is None else defaults.eos_token_id,
+        forced_bos_token_id=defaults.forced_bos_token_id, forced_eos_token_id=defaults.forced_eos_token_id)
+    options["eos_token_id"] = tuple(np.atleast_1d(options["eos_token_id"]).tolist())
+    return options
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def train_step(state, batch, rng, accumulation_steps, label_smoothing):
+    """Per-device step: token-weighted (label-smoothed) loss over every summary token of the global batch."""
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
+    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+
+    def loss_fn(params, micro, rng):
+        logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
+                                micro["decoder_input_ids"], deterministic=False, rngs={"dropout": rng})
+        loss_sum, _, _ = training.cross_entropy_sums(logits, micro["labels"], micro["weights"], label_smoothing)
+        return loss_sum / total_weight, loss_sum
+
+    grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
+    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
+    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state, batch):
+    """Plain cross-entropy (no smoothing), so that eval_loss and eval_perplexity compare across runs."""
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"],
+                            batch["decoder_input_ids"])
+    loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
+    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+
+
+def generate_step(params, input_ids, attention_mask, model, options):
+    """Each device summarizes its rows; the tokens [B, max_new_tokens] of the global batch come back to all."""
+    return parallel.gather_rows(generate_seq2seq.generate(model, params, input_ids, attention_mask, **options))
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, SummarizationDataArguments, Seq2SeqTrainingArguments), argv)
+    if training_args.do_predict and not (data_args.test_file or data_args.dataset_name):
+        raise ValueError("--do_predict needs a test set: give --test_file (or a --dataset_name with a test split).")
+    parallel.initialize_distributed()  # before anything else touches JAX
+    setup_logging()
+
+    # Cheap checks first: output directory, tokenizer, config, lengths.
+    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
+    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    tokenizer = pretrained.load_tokenizer(model_args)
+    tokenizer.padding_side = "right"  # teacher forcing needs the summary tokens first
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer needs a padding and an end-of-sequence token.")
+    hf_config = pretrained.load_config(model_args)
+    family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
+                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    pretrained.check_vocab(tokenizer, model.config.vocab_size)
+    if getattr(model.config, "decoder_start_token_id", None) is None:
+        raise ValueError("The model config has no decoder_start_token_id: set it in config.json.")
+    if hasattr(family, "max_positions"):  # learned positions (BART); T5's relative positions have no limit
+        positions = family.max_positions(model.config)
+        for name in ("max_source_length", "max_target_length", "val_max_target_length", "generation_max_length"):
+            if getattr(data_args, name) > positions:
+                raise ValueError(f"--{name}={getattr(data_args, name)} is more than the model's {positions} "
+                                 "positions.")
+    if hf_config.model_type == "t5" and data_args.source_prefix is None:
+        logger.warning("A T5 model without --source_prefix: the T5 checkpoints trained on many tasks (t5-small .. "
+                       "t5-11b) expect --source_prefix='summarize: ' (a T5 v1.1 or your own needs none).")
+    generating = training_args.do_predict or (training_args.do_eval and data_args.predict_with_generate)
+    gen_options = generation_options(model_args, data_args, hf_config, tokenizer.eos_token_id) if generating else {}
+
+    splits, references = load_splits(data_args, model_args, training_args, tokenizer)
+    shift_right = shift_right_fn(family, model.config.decoder_start_token_id, tokenizer.pad_token_id)
+
+    # Model, optimizer and mesh.
+    mesh = parallel.make_mesh()
+    params = family.init_params(model, jax.random.key(training_args.seed))
+    if model_args.model_name_or_path:
+        params = pretrained.load_weights(model_args, params, hf_config.model_type)
+    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
+                    * training_args.gradient_accumulation_steps)
+    train_examples = len(splits["train"]) if training_args.do_train else 0
+    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
+    meta = loop.run_meta(training_args, update_batch, train_examples)
+    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    p_eval_step = parallel.data_parallel(eval_step, mesh)
+    p_generate = parallel.data_parallel(functools.partial(generate_step, model=model, options=gen_options), mesh,
+                                        batch_args=(1, 2))
+    if generating:  # traced now (no compiling, no computing), so that unsupported settings fail before training
+        ids = jax.ShapeDtypeStruct((eval_batch, data_args.max_source_length), jnp.int32)
+        jax.eval_shape(p_generate, state.params, ids, ids)
+
+    def make_batch(dataset, indices, rng=None):
+        return to_batch(dataset[indices[parallel.local_rows(mesh, len(indices))].tolist()], shift_right)
+
+    def summarize(params, dataset):
+        """Token ids [N, generation_max_length] of every example's summary, in order."""
+        rows, outputs = parallel.local_rows(mesh, eval_batch), []
+        for indices, n_real in data.eval_batches(len(dataset), eval_batch):
+            host = dataset[indices[rows].tolist()]
+            batch = parallel.to_global({k: np.asarray(host[k], np.int32) for k in ("input_ids", "attention_mask")},
+                                       mesh, eval_batch)
+            outputs.append((p_generate(params, batch["input_ids"], batch["attention_mask"]), n_real))
+        return np.concatenate([parallel.fetch(tokens)[:n_real] for tokens, n_real in outputs])
+
+    def evaluate(state, split="validation", generate=data_args.predict_with_generate):
+        """{"eval_loss", ..., "eval_rouge1", ..., "eval_gen_len"} of a split and its summaries (None if not
+        generating). Every example counts once: the last batch is padded with rows of weight zero."""
+        dataset, metrics, predictions = splits[split], {}, None
+        if "labels" in dataset.column_names:
+            metrics = loop.evaluate(state, p_eval_step, functools.partial(make_batch, dataset), len(dataset), mesh,
+                                    eval_batch, training_args.seed)
+        if generate:
+            tokens = summarize(state.params, dataset)
+            lengths = generated_lengths(tokens, gen_options["eos_token_id"])
+            predictions = [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                           for row, n in zip(tokens, lengths)]
+            metrics["eval_gen_len"] = float(lengths.mean())
+            if references[split] is not None:
+                metrics.update({f"eval_{k}": v for k, v in rouge_scores(predictions, references[split]).items()})
+        return metrics, predictions
+
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+
+    eval_metrics = None
+    if training_args.do_train:
+        batches = (make_batch(splits["train"], indices)
+                   for _, _, indices in data.epoch_batches(len(splits["train"]), update_batch, training_args.seed,
+                                                           start_step, total_steps))
+        p_train_step = parallel.data_parallel(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
+                              label_smoothing=training_args.label_smoothing_factor), mesh, donate_argnums=(0,))
+        state, train_metrics, eval_metrics = loop.train(
+            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
+            tokens_per_step=update_batch * (data_args.max_source_length + data_args.max_target_length),
+            evaluate=(lambda state: evaluate(state)[0]) if training_args.do_eval else None,
+            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+                                                        architecture=model.hf_architecture),
+            meta=meta, hub=repo, best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")
+        if train_metrics:  # None: the run had already finished
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})
+    elif training_args.do_eval:
+        eval_metrics = evaluate(state)[0]
+    if training_args.do_eval and eval_metrics:
+        logger.info("Evaluation: %s", eval_metrics)
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    if training_args.do_predict:
+        test_metrics, predictions = evaluate(state, "test", generate=True)
+        test_metrics = {k.replace("eval_", "test_", 1): v for k, v in test_metrics.items()}
+        logger.info("Test: %s", test_metrics)
+        write_results(training_args.output_dir, "test", {**test_metrics, "test_samples": len(splits["test"])})
+        if jax.process_index() == 0:
+            with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:
+                f.writelines(" ".join(p.splitlines()) + "\n" for p in predictions)  # one line per example
+    hub.finish(repo, "summarization", model_args, data_args, training_args)
+    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+
+
+def load_splits(data_args, model_args, training_args, tokenizer):
+    """The tokenized splits this run needs ("train", "validation", "test") and the reference summaries of the
+    evaluated ones (None for a test set without summaries)."""
+    if not (training_args.do_train or training_args.do_eval):  # prediction alone reads no training data
+        data_args = dataclasses.replace(data_args, train_file=None, validation_file=None)
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+                                 need_test=training_args.do_predict)
+    if training_args.do_predict and "test" not in raw:
+        raise ValueError(f"--do_predict: the dataset has no 'test' split (it has {', '.join(raw)}).")
+    text_column, summary_column = summarization_columns(data_args, raw)
+    prefix = data_args.source_prefix or ""
+    splits, references = {}, {}
+    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
+                                 ("validation", training_args.do_eval, data_args.max_eval_samples),
+                                 ("test", training_args.do_predict, data_args.max_predict_samples)):
+        if not wanted:
+            continue
+        dataset = raw[split]
+        summaries = summary_column if summary_column in filled_columns(dataset) else None
+        if split != "test":
+            dataset = drop_empty(dataset, split, text_column, summary_column, data_args)
+        dataset = data.take(dataset, limit)
+        references[split] = [s or "" for s in dataset[summaries]] if summaries and split != "train" else None
+        if split == "test" and not any(s.strip() for s in references[split] or ()):
+            logger.warning("The test data has no summaries (%r): writing summaries without scoring them.",
+                           summary_column)
+            summaries = references[split] = None
+        target_length = data_args.max_target_length if split == "train" else data_args.val_max_target_length
+        splits[split] = dataset.map(
+            tokenize_fn(tokenizer, text_column, summaries, prefix, data_args.max_source_length, target_length),
+            batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=dataset.column_names,
+            load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+    return splits, references
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Smoke runs of run_summarization_flax.py on a tiny summarization task made here: T5 (1 device) and BART (8
+devices) learn it, ROUGE rises far above the untrained model's, every file is written, summaries come out one per
+test example in order, and 8 devices count every example exactly once (the same test metrics as 1 device)."""
+
+import os
+
+import pytest
+
+import run_summarization_flax
+from tests import tiny
+
+LENGTHS = ["--max_source_length=12", "--max_target_length=10"]
+TRAIN = ["--learning_rate=5e-3", "--warmup_steps=10", "--max_steps=80", "--logging_steps=20", "--eval_steps=1000",
+         "--save_steps=1000", "--per_device_eval_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    work = tmp_path_factory.mktemp("summarization")
+    files = {"train": tiny.write_summaries(work / "train.json", 320, 0),
+             "validation": tiny.write_summaries(work / "valid.json", 27, 1),
+             "test": tiny.write_summaries(work / "test.json", 21, 2),
+             "test_unscored": tiny.write_summaries(work / "test_unscored.json", 21, 3, summaries=False)}
+    corpus = tiny.write_text(work / "corpus.txt", files["train"])
+    return dict(work=work, files=files, t5=tiny.make_word_t5(work / "t5", corpus),
+                bart=tiny.make_bart(work / "bart", corpus))
+
+
+def data_flags(task, test="test"):
+    return [f"--train_file={task['files']['train']}", f"--validation_file={task['files']['validation']}",
+            f"--test_file={task['files'][test]}"]
+
+
+@pytest.fixture(scope="module")
+def t5_runs(task):
+    """The untrained T5 evaluated, and T5 trained on one device (its test set without summaries)."""
+    model = [f"--config_name={task['t5']}", f"--tokenizer_name={task['t5']}"]
+    untrained = task["work"] / "t5_untrained"
+    run_summarization_flax.main([f"--output_dir={untrained}", *model, *data_flags(task), *LENGTHS, "--do_eval",
+                                 "--do_predict", "--predict_with_generate", "--per_device_eval_batch_size=8"])
+    trained = task["work"] / "t5_trained"
+    run_summarization_flax.main([f"--output_dir={trained}", *model, *data_flags(task, "test_unscored"), *LENGTHS,
+                                 *TRAIN, "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
+                                 "--per_device_train_batch_size=16", "--label_smoothing_factor=0.1"])
+    return untrained, trained
+
+
+def test_t5_learns_far_above_the_untrained_model(t5_runs):
+    untrained, trained = t5_runs
+    before, after = tiny.read_json(untrained / "eval_results.json"), tiny.read_json(trained / "eval_results.json")
+    for key, margin in (("eval_rouge1", 50), ("eval_rouge2", 30), ("eval_rougeL", 50), ("eval_rougeLsum", 50)):
+        assert after[key] > before[key] + margin, (key, before, after)
+    assert after["eval_loss"] < before["eval_loss"] / 2, (before, after)
+    losses = [loss for _, loss, _ in tiny.loss_curve(trained)]
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_results_files_have_the_promised_keys(t5_runs):
+    untrained, trained = t5_runs
+    rouge = {"rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len"}
+    assert set(tiny.read_json(trained / "eval_results.json")) == {
+        f"eval_{k}" for k in {"loss", "accuracy", "perplexity", "samples", *rouge}}
+    # Scored test set: loss and ROUGE; a test set without summaries: its summaries' length only.
+    assert set(tiny.read_json(untrained / "test_results.json")) == {
+        f"test_{k}" for k in {"loss", "accuracy", "perplexity", "samples", *rouge}}
+    assert set(tiny.read_json(trained / "test_results.json")) == {"test_gen_len", "test_samples"}
+    assert tiny.read_json(trained / "eval_results.json")["eval_samples"] == 27
+    assert {"train_loss", "train_samples", "eval_rouge1", "test_gen_len"} <= set(
+        tiny.read_json(trained / "all_results.json"))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_args.json", "log_history.jsonl"):
+        assert (trained / name).is_file(), name
+
+
+def test_one_summary_per_test_example_in_order(task, t5_runs):
+    _, trained = t5_runs
+    lines = (trained / "generated_predictions.txt").read_text().split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) == 21
+    # Trained, the model names each document's topic word; in order, line i names document i's.
+    named = [topic in line.split() for (topic, _), line in zip(tiny.topics(21, 3), lines)]
+    assert sum(named) >= 17, list(zip(tiny.topics(21, 3), lines))
+
+
+@pytest.fixture(scope="module")
+def bart_on_eight_devices(task):
+    out = task["work"] / "bart8"
+    tiny.run_script("run_summarization_flax.py", [
+        f"--output_dir={out}", f"--config_name={task['bart']}", f"--tokenizer_name={task['bart']}",
+        *data_flags(task), *LENGTHS, *TRAIN, "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
+        "--per_device_train_batch_size=2", "--per_device_eval_batch_size=2"], devices=8)
+    return out
+
+
+def test_bart_learns_on_eight_devices(bart_on_eight_devices):
+    results = tiny.read_json(bart_on_eight_devices / "all_results.json")
+    assert results["eval_rouge1"] > 50 and results["test_rouge1"] > 50, results  # untrained: about 0
+    assert results["eval_samples"] == 27 and results["test_samples"] == 21
+    losses = [loss for _, loss, _ in tiny.loss_curve(bart_on_eight_devices)]
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_eight_devices_count_every_test_example_once(task, bart_on_eight_devices, tmp_path):
+    """Predicting alone with the saved model on one device (batches of 8, not 16; no training data read) gives the
+    8-device run's test metrics and summaries."""
+    out = tmp_path / "predict"
+    run_summarization_flax.main([f"--output_dir={out}", f"--model_name_or_path={bart_on_eight_devices}",
+                                 f"--train_file={tmp_path}/absent.json", f"--test_file={task['files']['test']}",
+                                 *LENGTHS, "--do_predict", "--per_device_eval_batch_size=8"])
+    eight, one = (tiny.read_json(d / "test_results.json") for d in (bart_on_eight_devices, out))
+    assert eight.keys() == one.keys()
+    for key in eight:
+        assert one[key] == pytest.approx(eight[key], rel=1e-5, abs=1e-4), key
+    assert (out / "generated_predictions.txt").read_text() == (
+        bart_on_eight_devices / "generated_predictions.txt").read_text()
+    assert not os.path.exists(out / "eval_results.json")
+
+
+def test_rouge_lsum_reads_one_sentence_per_line():
+    swapped = run_summarization_flax.rouge_scores(["The dog ran home. The cat sat down."],
+                                                  ["The cat sat down. The dog ran home."])
+    assert swapped["rouge1"] == 100 and swapped["rougeLsum"] == 100 > swapped["rougeL"], swapped
+    assert run_summarization_flax.rouge_scores(["cats running"], ["cat runs"])["rouge1"] == 100  # stemmed
