@@ -22,7 +22,7 @@ from transformers import AutoConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_train_step import CONFIGS  # noqa: E402
+from bench_train_step import CONFIGS  # noqa: E402  (this folder is on sys.path when run as a script)
 from flaxtrain import generate_seq2seq, models, parallel  # noqa: E402
 
 
