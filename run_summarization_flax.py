@@ -234,6 +234,10 @@ def generation_options(model_args, data_args, hf_config, eos_token_id):
         eos_token_id=eos_token_id if defaults.eos_token_id is None else defaults.eos_token_id,
         forced_bos_token_id=defaults.forced_bos_token_id, forced_eos_token_id=defaults.forced_eos_token_id)
     options["eos_token_id"] = tuple(np.atleast_1d(options["eos_token_id"]).tolist())
+    if defaults.min_length or defaults.min_new_tokens:
+        logger.warning("The model's generation config sets min_length=%s / min_new_tokens=%s, which this script does "
+                       "not apply: summaries may end earlier than transformers' generate would end them.",
+                       defaults.min_length, defaults.min_new_tokens)
     return options
 
 

@@ -2,15 +2,16 @@
 
 Each evaluation during training goes through `BestModel.update`. A new best is kept in host memory (on every host:
 the metrics are the same everywhere, so every host takes the same decision) and written by process 0 to
-output_dir/best_model/ (params.safetensors by params path, and best.json naming the step and metrics), so that a
-resumed run knows it. At the end `restore` puts the best weights in place of the last ones.
-
-A resumed run (one host) picks up best_model/ when its step is not past the step resumed from; on several hosts the
-earlier best is forgotten (not every host may see output_dir) and tracking starts again at the resumed step.
+output_dir/best_model/STEP.safetensors (params by path; best.json says which, for people). Every training
+checkpoint carries the best record of its time in its metadata (`checkpoint_meta`), so a resumed run continues with
+the best that its checkpoint knew, and reads those weights back at the end. Weights files that no newer checkpoint
+refers to are removed at each save. Multi-host runs need output_dir on a shared file system for that, as orbax
+checkpoints do.
 """
 
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -22,22 +23,35 @@ from flax import traverse_util
 from flaxtrain import parallel
 
 logger = logging.getLogger(__name__)
+DIRECTORY = "best_model"
 
 
 class BestModel:
-    def __init__(self, output_dir: str, metric: str, greater_is_better: bool | None, start_step: int):
-        self.dir = os.path.join(output_dir, "best_model")
+    def __init__(self, output_dir: str, metric: str, greater_is_better: bool | None, resumed: dict | None):
+        """resumed: the "best" record of the checkpoint this run resumed from (None: a fresh start)."""
+        self.dir = os.path.join(output_dir, DIRECTORY)
         self.metric = metric if metric.startswith("eval_") else f"eval_{metric}"
         self.greater = not self.metric.endswith("loss") if greater_is_better is None else greater_is_better
         self.record, self.params = None, None
-        record_file = os.path.join(self.dir, "best.json")
-        if start_step and jax.process_count() == 1 and os.path.exists(record_file):
-            with open(record_file) as f:
-                record = json.load(f)
-            if record["step"] <= start_step and record["metric"] == self.metric:
-                self.record = record
-        if self.record is None and jax.process_index() == 0 and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)  # an earlier run's, or from after the step resumed from
+        if resumed is not None and resumed["metric"] == self.metric:
+            if os.path.exists(self._weights(resumed["step"])):
+                self.record = resumed
+            else:
+                logger.warning("The best model of the checkpoint resumed from (step %d) is not in %s: the best is "
+                               "tracked again from here.", resumed["step"], self.dir)
+        elif resumed is None and jax.process_index() == 0 and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir)  # an earlier run's
+
+    def _weights(self, step: int) -> str:
+        return os.path.join(self.dir, f"{step}.safetensors")
+
+    def _better(self, value) -> bool:
+        if self.record is None:
+            return True
+        best = self.record["value"]
+        if math.isnan(value) or math.isnan(best):  # NaN (e.g. Pearson of constant predictions) is the worst
+            return math.isnan(best) and not math.isnan(value)
+        return value > best if self.greater else value < best
 
     def update(self, step: int, metrics: dict, params) -> bool:
         """Records `metrics` of the model at `step`; when they are the best so far, keeps `params` (replicated
@@ -45,30 +59,38 @@ class BestModel:
         if self.metric not in metrics:
             raise ValueError(f"--metric_for_best_model: the evaluation has no {self.metric}; it has "
                              f"{', '.join(sorted(k for k in metrics if k.startswith('eval_')))}.")
-        value = metrics[self.metric]
-        if self.record is not None:
-            best = self.record["value"]
-            if not (value > best if self.greater else value < best):
-                return False
+        value = float(metrics[self.metric])
+        if not self._better(value):
+            return False
         self.record = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
         self.params = parallel.fetch(params)
         if jax.process_index() == 0:
             os.makedirs(self.dir, exist_ok=True)
-            record_file = os.path.join(self.dir, "best.json")
-            if os.path.exists(record_file):
-                os.remove(record_file)  # no best.json next to half-written weights if the write is killed
             flat = {"/".join(path): np.asarray(v) for path, v in traverse_util.flatten_dict(self.params).items()}
-            safetensors.numpy.save_file(flat, os.path.join(self.dir, "params.safetensors"))
-            with open(record_file, "w") as f:
+            tmp = self._weights(step) + ".tmp"
+            safetensors.numpy.save_file(flat, tmp)
+            os.replace(tmp, self._weights(step))  # never a half-written file under the final name
+            with open(os.path.join(self.dir, "best.json"), "w") as f:
                 json.dump(self.record, f, indent=2)
         logger.info("New best model at step %d: %s = %.4g", step, self.metric, value)
         return True
 
+    def checkpoint_meta(self, meta: dict) -> dict:
+        """`meta` for the training checkpoint being saved, with the best record; removes the other weights files
+        (earlier bests, or a killed run's later ones), which this and later checkpoints do not refer to."""
+        if self.record is None:
+            return meta
+        if jax.process_index() == 0 and os.path.isdir(self.dir):
+            for name in os.listdir(self.dir):
+                if name.endswith(".safetensors") and name != os.path.basename(self._weights(self.record["step"])):
+                    os.remove(os.path.join(self.dir, name))
+        return {**meta, "best": self.record}
+
     def restore(self, state, mesh):
         """`state` with the best weights in place of its own (replicated over `mesh`)."""
         params = self.params
-        if params is None:  # found on disk when this run resumed
-            flat = safetensors.numpy.load_file(os.path.join(self.dir, "params.safetensors"))
+        if params is None:  # the best of the checkpoint this run resumed from
+            flat = safetensors.numpy.load_file(self._weights(self.record["step"]))
             params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
         logger.info("Loading the best model: step %d, %s = %.4g", self.record["step"], self.metric,
                     self.record["value"])

@@ -168,6 +168,8 @@ class HubRepo:
                     rel = os.path.relpath(path, directory).replace(os.sep, "/")
                     files[f"{REMOTE_CHECKPOINT}/{step}/{rel}"] = _read_or_open(path, opened)
         except FileNotFoundError:  # save_total_limit removed it meanwhile: a newer push carries a newer one
+            files = {}
+        if not files:  # (os.walk of a folder removed meanwhile yields nothing)
             logger.warning("Hub: the checkpoint of step %d was removed before it could be pushed", step)
             return None
         return files
@@ -224,17 +226,23 @@ def connect(training_args) -> Optional[HubRepo]:
     if constants.HF_HUB_OFFLINE:
         raise ValueError("--push_to_hub needs the network, but HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set.")
     token = training_args.hub_token or get_token()
-    if not token and jax.process_index() == 0:  # other hosts only download, which a public repo allows
-        raise ValueError("--push_to_hub needs a Hugging Face token that may write: pass --hub_token, set HF_TOKEN "
-                         "or log in with `hf auth login`.")
     api = HfApi(token=token, library_name="flaxtrain")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
-    repo_id, remote, download = "", set(), ""
+    repo_id, remote, download, error = "", set(), "", ""
     if jax.process_index() == 0:  # decides for every host, so that they all take the same path below
-        repo_id = _open_repo(api, training_args)
-        if training_args.hub_strategy == "checkpoint":
-            remote = _remote_checkpoint_files(api, repo_id)
-            download = "yes" if remote and _should_download(training_args) else ""
+        try:
+            if not token:  # other hosts only download, which a public repo allows
+                raise ValueError("--push_to_hub needs a Hugging Face token that may write: pass --hub_token, set "
+                                 "HF_TOKEN or log in with `hf auth login`.")
+            repo_id = _open_repo(api, training_args)
+            if training_args.hub_strategy == "checkpoint":
+                remote = _remote_checkpoint_files(api, repo_id)
+                download = "yes" if remote and _should_download(training_args) else ""
+        except ValueError as e:
+            error = str(e)
+    # Every host fails with process 0's error, rather than waiting for it in the broadcasts below.
+    if error := _same_on_every_host(error):
+        raise ValueError(error)
     repo_id, download = _same_on_every_host(repo_id), _same_on_every_host(download)
     if download:
         _download_checkpoint(api, repo_id, training_args)
@@ -280,8 +288,8 @@ def _same_on_every_host(text: str) -> str:
         return text
     from jax.experimental import multihost_utils
 
-    raw = np.zeros(512, np.uint8)
-    encoded = text.encode()[:512]
+    raw = np.zeros(2048, np.uint8)
+    encoded = text.encode()[:2048]
     raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).rstrip(b"\0").decode()
 
@@ -296,8 +304,9 @@ def _local_checkpoint(output_dir: str) -> bool:
 
 
 def _should_download(args) -> bool:
-    """Only a plain start (no --resume_from_checkpoint choice) with no checkpoint of its own takes the Hub's."""
-    return args.resume_from_checkpoint is None and not _local_checkpoint(args.output_dir)
+    """Only a training run's plain start (no --resume_from_checkpoint choice) with no checkpoint of its own takes
+    the Hub's."""
+    return args.do_train and args.resume_from_checkpoint is None and not _local_checkpoint(args.output_dir)
 
 
 def _download_checkpoint(api, repo_id: str, args):

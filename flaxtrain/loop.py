@@ -38,7 +38,8 @@ def run_meta(args, update_batch: int, train_examples: int) -> dict:
 
 def start_state(model, params, tx, mesh, resume, meta: dict):
     """The replicated TrainState, restored from `resume` (checkpoint.resolve_start's answer) when given, after
-    checking that this run's `meta` (see `run_meta`) matches the checkpoint's. Returns (state, its step)."""
+    checking that this run's `meta` (see `run_meta`) matches the checkpoint's; the checkpoint's best-model record
+    (--load_best_model_at_end) is copied into `meta`. Returns (state, its step)."""
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
     if not resume:
         return state, 0
@@ -48,6 +49,8 @@ def start_state(model, params, tx, mesh, resume, meta: dict):
             raise ValueError(f"The checkpoint in {resume[0]} was trained with {what} = {saved[key]}, this run has "
                              f"{meta[key]}: resume with the same settings, or start over with "
                              "--resume_from_checkpoint=none --overwrite_output_dir.")
+    if "best" in saved:
+        meta["best"] = saved["best"]
     state, _ = checkpoint.restore(*resume, state)
     return state, int(parallel.fetch(state.step))
 
@@ -78,16 +81,27 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
           best_metric: str = "eval_loss"):
     """Runs `p_train_step(state, batch, dropout_rng)` on `batches` (host dicts of this host's rows, from
     `start_step` on) until `total_steps`; logs every --logging_steps, evaluates every --eval_steps (when
-    `evaluate` is given), saves a checkpoint and the exported model every --save_steps and at the end, then
-    evaluates once more. Returns (state, train metrics, final eval metrics or None); (state, None, None) when
+    `evaluate` is given), saves a checkpoint and the exported model every --save_steps, and at the end evaluates
+    once more and saves. Returns (state, train metrics, final eval metrics or None); (state, None, None) when
     the checkpoint resumed from is already the last step, leaving that run's results alone. `hub` (hub.connect's
     answer) is told of every save, and pushes in the background.
 
     With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
     `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
     model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
+    def best_model():
+        if not (args.load_best_model_at_end and evaluate):
+            return None
+        return BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better,
+                         meta.get("best") if start_step else None)
+
     if start_step >= total_steps:
         logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.", start_step)
+        best = best_model()
+        if best is not None and best.record is not None:  # what follows (e.g. --do_predict) uses the best model
+            state = best.restore(state, mesh)
+            if jax.process_index() == 0:
+                export(parallel.fetch(state.params))
         return state, None, None
     clear_results(args.output_dir)
     writer = MetricsWriter(args.output_dir, start_step)
@@ -96,8 +110,7 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
     dropout_rng = jax.random.key(args.seed + 1)  # the step folds its step number in
     started, step, record = time.perf_counter(), start_step, {}
-    best = (BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better, start_step)
-            if args.load_best_model_at_end and evaluate else None)
+    best = best_model()
 
     def run_eval():
         metrics = evaluate(state)
@@ -106,11 +119,12 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
             best.update(step, metrics, state.params)
         return metrics
 
-    def save():
+    def save(exported=None):
+        """A checkpoint of `state`, and the model export of `exported` (default: state) as numpy params."""
         progress.check(step)  # never save or export weights a NaN loss came from
-        checkpoints.save(step, state, meta)
+        checkpoints.save(step, state, meta if best is None else best.checkpoint_meta(meta))
         if jax.process_index() == 0:
-            export(parallel.fetch(state.params))
+            export(parallel.fetch(state.params) if exported is None else exported)
         if hub is not None:
             hub.push(step)
 
@@ -128,21 +142,23 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
         if evaluate and step % args.eval_steps == 0 and step < total_steps:
             logger.info("step %d: %s", step, run_eval())
-        if step % args.save_steps == 0 or step == total_steps:
+        if step % args.save_steps == 0 and step < total_steps:
             save()
     bar.close()
     if step < total_steps:
         raise RuntimeError(f"The training data ran out at step {step} of {total_steps}.")
-    checkpoints.wait()
-    checkpoints.close()
     train_metrics = {"train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - started,
                      "train_steps": total_steps, "epoch": step / steps_per_epoch}
+    # The last evaluation comes before the last save, so that the checkpoint's best record includes it.
+    progress.check(step)
     eval_metrics = run_eval() if evaluate else None
-    writer.close()
-    if best is not None and best.record["step"] != step:
-        state = best.restore(state, mesh)
-        if jax.process_index() == 0:
-            export(parallel.fetch(state.params))
+    final = state
     if best is not None:
+        if best.record["step"] != step:
+            final = best.restore(state, mesh)
         eval_metrics = best.results()
-    return state, train_metrics, eval_metrics
+    save(exported=parallel.fetch(final.params))  # the checkpoint holds the last state, the export the final model
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    return final, train_metrics, eval_metrics

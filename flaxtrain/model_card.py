@@ -16,7 +16,7 @@ import yaml
 from flaxtrain.args import SECRET_FIELDS, args_to_dict
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hub repo id, not a local path
-NOT_METRICS = ("_samples", "_runtime", "_steps", "_per_second")
+NOT_METRICS = ("_samples", "_runtime", "_steps", "_step", "_per_second")
 CURVE_ROWS = 10
 
 

@@ -83,12 +83,13 @@ def test_keeps_the_best_evaluation(trained):
     assert sorted(evals) == [40, 80, 100]
     best = tiny.read_json(trained / "best_model" / "best.json")
     assert best["value"] == max(evals.values()) and evals[best["step"]] == best["value"]
+    assert best["step"] < 100, "the best is not the last evaluation, so the final model is restored"
     results = tiny.read_json(trained / "eval_results.json")
     assert results["eval_best_step"] == best["step"] and results["eval_accuracy"] == best["value"]
     import safetensors.numpy
 
     final = safetensors.numpy.load_file(trained / "model.safetensors")
-    kept = safetensors.numpy.load_file(trained / "best_model" / "params.safetensors")
+    kept = safetensors.numpy.load_file(trained / "best_model" / f"{best['step']}.safetensors")
     np.testing.assert_array_equal(final["classifier.out_proj.weight"], kept["classifier/out_proj/kernel"].T)
     np.testing.assert_array_equal(final["roberta.encoder.layer.1.output.dense.weight"],
                                   kept["roberta/encoder/layer/output/dense/kernel"][1].T)
