@@ -297,6 +297,9 @@ def main(argv=None):
                              gradient_checkpointing=training_args.gradient_checkpointing)
     pretrained.check_vocab(tokenizer, model.config.vocab_size)
     max_len = min(data_args.max_seq_length, tokenizer.model_max_length)
+    if max_len < data_args.max_seq_length:
+        logger.warning("--max_seq_length=%d is more than the tokenizer's model_max_length: using %d.",
+                       data_args.max_seq_length, max_len)
     if max_len > family.max_positions(model.config):
         raise ValueError(f"--max_seq_length={max_len} is more than the model's {family.max_positions(model.config)} "
                          "positions.")
