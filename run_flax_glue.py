@@ -334,16 +334,16 @@ def main(argv=None):
     def predict(state, split):
         """(loss or None when unlabelled, predictions, labels) over every example of `split` once."""
         dataset, rows = splits[split], parallel.local_rows(mesh, eval_batch)
-        loss = weight = 0.0
-        logits = []
-        for indices, n_real in data.eval_batches(len(dataset), eval_batch):
-            host = gather(dataset, lengths[split], indices, rows, buckets, tokenizer.pad_token_id,
-                          task.is_regression)
-            host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
-            out = parallel.fetch(p_eval_step(state, parallel.to_global(host, mesh, eval_batch)))
-            loss, weight = loss + float(out["loss"]), weight + float(out["weight"])
-            logits.append(out["logits"][:n_real])
-        logits = np.concatenate(logits)
+
+        def make_batch(indices, rng):
+            return gather(dataset, lengths[split], indices, rows, buckets, tokenizer.pad_token_id, task.is_regression)
+
+        # Dispatched batch after batch; read back once at the end, so the host never waits for the devices.
+        outputs = [(p_eval_step(state, batch), n_real) for batch, n_real in
+                   loop.eval_batches(make_batch, len(dataset), mesh, eval_batch, training_args.seed)]
+        outputs = [(parallel.fetch(out), n_real) for out, n_real in outputs]
+        loss, weight = (sum(float(out[k]) for out, _ in outputs) for k in ("loss", "weight"))
+        logits = np.concatenate([out["logits"][:n_real] for out, n_real in outputs])
         predictions = logits[:, 0] if task.is_regression else logits.argmax(-1)
         return (loss / weight if weight else None), predictions, np.asarray(dataset["labels"][:])
 

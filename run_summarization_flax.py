@@ -334,12 +334,14 @@ def main(argv=None):
 
     def summarize(params, dataset):
         """Token ids [N, generation_max_length] of every example's summary, in order."""
-        rows, outputs = parallel.local_rows(mesh, eval_batch), []
-        for indices, n_real in data.eval_batches(len(dataset), eval_batch):
+        rows = parallel.local_rows(mesh, eval_batch)
+
+        def make_batch(indices, rng):
             host = dataset[indices[rows].tolist()]
-            batch = parallel.to_global({k: np.asarray(host[k], np.int32) for k in ("input_ids", "attention_mask")},
-                                       mesh, eval_batch)
-            outputs.append((p_generate(params, batch["input_ids"], batch["attention_mask"]), n_real))
+            return {k: np.asarray(host[k], np.int32) for k in ("input_ids", "attention_mask")}
+
+        outputs = [(p_generate(params, batch["input_ids"], batch["attention_mask"]), n_real) for batch, n_real in
+                   loop.eval_batches(make_batch, len(dataset), mesh, eval_batch, training_args.seed)]
         return np.concatenate([parallel.fetch(tokens)[:n_real] for tokens, n_real in outputs])
 
     def evaluate(state, split="validation", generate=data_args.predict_with_generate):

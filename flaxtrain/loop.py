@@ -55,19 +55,30 @@ def start_state(model, params, tx, mesh, resume, meta: dict):
     return state, int(parallel.fetch(state.step))
 
 
+def eval_batches(make_batch, num_examples: int, mesh, global_batch: int, seed: int):
+    """Yields (global batch, number of real rows) covering every example once, in order.
+
+    make_batch(indices, rng) builds this host's rows of the global batch `indices`; its rng is seeded by the
+    batch's position, so random masks are the same at every evaluation. The last batch is padded (data.eval_batches);
+    where the batch has "weights", the padding rows get weight zero.
+    """
+    rows = parallel.local_rows(mesh, global_batch)
+    for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
+        host = make_batch(indices, np.random.default_rng([seed, 3, i]))  # 3: see data.RNG_STREAMS
+        if "weights" in host:
+            host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
+        yield parallel.to_global(host, mesh, global_batch), n_real
+
+
 def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_batch: int, seed: int) -> dict:
     """Loss, accuracy and perplexity over every example once.
 
-    p_eval_step(state, batch) returns psum'd {"loss", "accuracy", "weight"} sums. make_batch(indices, rng) builds
-    this host's rows of the global batch `indices`, with "weights"; its rng is seeded by the batch's position, so
-    random masks are the same at every evaluation. Rows past the data in the last batch get weight zero.
+    p_eval_step(state, batch) returns psum'd {"loss", "accuracy", "weight"} sums; make_batch builds this host's rows
+    with "weights" (see `eval_batches`).
     """
-    rows = parallel.local_rows(mesh, global_batch)
     totals = None
-    for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
-        host = make_batch(indices, np.random.default_rng([seed, 3, i]))  # 3: see data.RNG_STREAMS
-        host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
-        sums = p_eval_step(state, parallel.to_global(host, mesh, global_batch))
+    for batch, _ in eval_batches(make_batch, num_examples, mesh, global_batch, seed):
+        sums = p_eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = parallel.fetch(totals)
     weight = max(float(totals["weight"]), 1.0)

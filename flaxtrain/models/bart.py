@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from flaxtrain.models import t5
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
 HF_SCANNED = ("encoder.layers", "decoder.layers")
@@ -299,12 +300,8 @@ class BartStack(nn.Module):
         if encoder_mask is not None:
             encoder_mask = encoder_mask.astype(bool)[:, None, None, :]
 
-        layer = BartLayer
-        if self.gradient_checkpointing:
-            layer = nn.remat(layer, prevent_cse=False)  # under scan, prevent_cse only costs speed (see bert.py)
-        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast,) * 4 + (0,),
-                         length=cfg.decoder_layers if self.is_decoder else cfg.encoder_layers)
+        layers = scan_layers(BartLayer, cfg.decoder_layers if self.is_decoder else cfg.encoder_layers,
+                             self.gradient_checkpointing, in_axes=(nn.broadcast,) * 4 + (0,))
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = layers(cfg, self.dtype, self.is_decoder, deterministic, name="layers")(
             x, self_mask, encoder_hidden, encoder_mask, index, layer_caches)

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtrain.models.stack import scan_layers
+
 # Rules for flaxtrain.hf_io. HF_SCANNED: module paths whose params are stacked over layers. HF_TIED: checkpoint keys
 # that are copies of other weights (transformers' `_tied_weights_keys`): never saved, checked and dropped on load.
 HF_SCANNED = ("encoder.layer",)
@@ -228,17 +230,6 @@ class BertLayer(nn.Module):
         x = BertAttention(self.config, self.dtype, name="attention")(x, mask, self.deterministic)
         h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
         return BertOutput(self.config, self.dtype, name="output")(h, x, self.deterministic), None
-
-
-def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool) -> type[nn.Module]:
-    """`layer` ((x, mask) -> (x, None), the mask broadcast) applied num_layers times by nn.scan, its params stacked
-    [L, ...], each layer with its own dropout rng; rematerialised in the backward pass if gradient_checkpointing."""
-    if gradient_checkpointing:
-        # Inside scan, XLA cannot CSE the recomputation away, so prevent_cse's barriers would only cost
-        # speed (jax.checkpoint's docs: unnecessary under scan).
-        layer = nn.remat(layer, prevent_cse=False)
-    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,), length=num_layers)
 
 
 class BertEncoder(nn.Module):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from flaxtrain.models import bert
 from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py).
 HF_SCANNED = ("transformer.layer",)
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         """x [B, T, D], mask [B, 1, 1, T] -> [B, T, D]; params of `layer` are stacked [L, ...]."""
-        layers = bert.scan_layers(TransformerBlock, self.config.n_layers, self.gradient_checkpointing)
+        layers = scan_layers(TransformerBlock, self.config.n_layers, self.gradient_checkpointing)
         x, _ = layers(self.config, self.dtype, deterministic, name="layer")(x, mask)
         return x
 

@@ -24,6 +24,7 @@ from jax import lax
 
 from flaxtrain import generate
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
 HF_SCANNED = ("transformer.h",)
@@ -190,12 +191,8 @@ class GPT2Model(nn.Module):
         self.wte = embed(cfg.vocab_size)
         self.wpe = embed(cfg.n_positions)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        block = GPT2Block
-        if self.gradient_checkpointing:
-            block = nn.remat(block, prevent_cse=False)  # under scan, CSE barriers would only cost speed
-        self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layer)(
-                             cfg, self.dtype, self.deterministic)
+        self.h = scan_layers(GPT2Block, cfg.n_layer, self.gradient_checkpointing,
+                             in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
         self.ln_f = _layer_norm(cfg, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):

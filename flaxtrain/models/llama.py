@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flaxtrain import generate
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.gpt2 import attention, lm_logits, write_cache
+from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
 HF_SCANNED = ("model.layers",)
@@ -242,12 +243,8 @@ class LlamaModel(nn.Module):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
-        layer = LlamaDecoderLayer
-        if self.gradient_checkpointing:
-            layer = nn.remat(layer, prevent_cse=False)  # under scan, CSE barriers would only cost speed
-        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast,) * 4 + (0, 0), length=cfg.num_hidden_layers)(
-                                  cfg, self.dtype, self.deterministic)
+        self.layers = scan_layers(LlamaDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
+                                  in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):

@@ -25,6 +25,7 @@ import numpy as np
 
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.llama import RMSNorm
+from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
 HF_SCANNED = ("encoder.block", "decoder.block")
@@ -340,12 +341,8 @@ class T5Stack(nn.Module):
         if encoder_mask is not None:
             encoder_mask = encoder_mask.astype(bool)[:, None, None, :]
 
-        block = T5Block
-        if self.gradient_checkpointing:
-            block = nn.remat(block, prevent_cse=False)  # under scan, prevent_cse only costs speed (see bert.py)
-        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast,) * 5 + (0,),
-                         length=cfg.num_decoder_layers if self.is_decoder else cfg.num_layers)
+        blocks = scan_layers(T5Block, cfg.num_decoder_layers if self.is_decoder else cfg.num_layers,
+                             self.gradient_checkpointing, in_axes=(nn.broadcast,) * 5 + (0,))
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = blocks(cfg, self.dtype, self.is_decoder, deterministic, name="block")(

@@ -1,0 +1,16 @@
+"""Layers stacked by nn.scan, the way every family here builds its encoder or decoder."""
+
+import flax.linen as nn
+
+
+def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool,
+                in_axes=(nn.broadcast,)) -> type[nn.Module]:
+    """`layer` applied num_layers times by nn.scan ((carry, *inputs) -> (carry, output)): its params stacked
+    [L, ...], each layer with its own dropout rng, `in_axes` saying which inputs are the same for every layer
+    (nn.broadcast) and which are sliced per layer (0, e.g. a per-layer cache). Rematerialised in the backward pass
+    if gradient_checkpointing: inside scan XLA cannot CSE the recomputation away, so prevent_cse's barriers would
+    only cost speed (jax.checkpoint's docs: unnecessary under scan)."""
+    if gradient_checkpointing:
+        layer = nn.remat(layer, prevent_cse=False)
+    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=num_layers)
