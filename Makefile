@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo/work
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean tpu gpu
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# On a TPU VM or an NVIDIA GPU machine: .venv with JAX's accelerator build (no test tools).
+tpu gpu:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-$@.txt
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train_step.py --config bert-small

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Causal-language-model training (GPT-2, Llama, Mistral, Qwen2) with JAX on TPUs, GPUs or CPUs.
 
 Pretrain from scratch (tokenizer + config + corpus) or continue training a checkpoint on your own text:
@@ -18,14 +18,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, generate, hf_io, hub, loop, models, parallel, pretrained, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import data, generate, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_clm_flax")
@@ -34,6 +34,7 @@ logger = logging.getLogger("run_clm_flax")
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
 class ClmDataArguments(DataArguments):
+    MAY_CHANGE: ClassVar[tuple] = ("prompt", "prompts_file", "max_new_tokens", "temperature", "top_k", "top_p")
     block_size: Optional[int] = field(
         default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's positions))."}
     )
@@ -140,10 +141,10 @@ def write_generations(path, model, params, tokenizer, prompts, data_args, seed):
     sampled = generate.generate(model, params, encoded["input_ids"], encoded["attention_mask"], do_sample=True,
                                 temperature=data_args.temperature, top_k=data_args.top_k, top_p=data_args.top_p,
                                 rng=jax.random.key(seed), **options)
-    with open(path, "w") as f:
-        for prompt, g, s in zip(prompts, np.asarray(greedy), np.asarray(sampled)):
-            f.write(json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
-                                "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n")
+    storage.write_text(path, "".join(
+        json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
+                    "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n"
+        for prompt, g, s in zip(prompts, np.asarray(greedy), np.asarray(sampled))))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -156,21 +157,21 @@ def main(argv=None):
     prompts = read_prompts(data_args) if training_args.do_predict else []
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
-    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
-    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
+    run = resume.start(model_args, data_args, training_args)
     tokenizer = pretrained.load_tokenizer(model_args)
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no end-of-sequence token, which this script puts between documents.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only prompts are ever padded, and masked
     hf_config = pretrained.load_config(model_args)
+    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
     family, model = models.create(hf_config, "CausalLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
     model_max = family.max_positions(model.config)
     block_size = data_args.block_size or min(1024, model_max)
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
-    pretrained.check_vocab(tokenizer, model.config.vocab_size)
 
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
     if training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
@@ -206,8 +207,7 @@ def main(argv=None):
                     * training_args.gradient_accumulation_steps)
     train_examples = None if data_args.streaming else len(train_set) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    meta = loop.run_meta(training_args, update_batch, train_examples)
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
 
     def run_eval(state):
         rows = parallel.local_rows(mesh, eval_batch)
@@ -216,8 +216,8 @@ def main(argv=None):
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = parallel.data_parallel(eval_step, mesh)
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
+                        data_args, training_args)
 
     if training_args.do_train:
         rows = parallel.local_rows(mesh, update_batch)
@@ -248,7 +248,7 @@ def main(argv=None):
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(eval_blocks)})
     if prompts and jax.process_index() == 0:
-        path = os.path.join(training_args.output_dir, "generations.jsonl")
+        path = storage.join(training_args.output_dir, "generations.jsonl")
         write_generations(path, model, parallel.fetch(state.params), tokenizer, prompts, data_args, training_args.seed)
         logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
     hub.finish(repo, "text-generation", model_args, data_args, training_args)

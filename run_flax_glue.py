@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Fine-tuning an encoder (BERT, RoBERTa, ELECTRA, DistilBERT) for sequence classification or regression: the GLUE
 tasks, or your own labelled csv/json files, with JAX on TPUs, GPUs or CPUs.
 
@@ -15,9 +15,8 @@ regression. Run the same command again to resume from the newest checkpoint in o
 
 import functools
 import logging
-import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import datasets
 import jax
@@ -26,8 +25,8 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_flax_glue")
@@ -49,6 +48,7 @@ class GlueModelArguments(ModelArguments):
 
 @dataclass
 class GlueDataArguments(DataArguments):
+    MAY_CHANGE: ClassVar[tuple] = ("test_file", "max_predict_samples")
     task_name: Optional[str] = field(
         default=None, metadata={"help": f"A GLUE task: {', '.join(TASK_TO_KEYS)}. With --train_file etc. it picks "
                                         "the task's columns and metrics for local copies of its data."}
@@ -129,6 +129,8 @@ def find_task(raw, data_args, hf_config, do_train: bool) -> Task:
 
     # A test file without labels may still have the column, empty (the csv builder gives all files its columns).
     seen = {s: {str(v) for v in raw[s][label_column] if v is not None} for s in labelled}
+    for split, values in seen.items():
+        _check_label_kinds(values, split, label_column, data_args)
     model_labels = [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
     if any(name != f"LABEL_{i}" for i, name in enumerate(model_labels)) and (
             not do_train or set(model_labels) == seen.get("train")):
@@ -144,6 +146,19 @@ def find_task(raw, data_args, hf_config, do_train: bool) -> Task:
             raise ValueError(f"The {split} data has labels that {source} does not have: {', '.join(unknown[:20])} "
                              f"(known: {', '.join(labels[:20])}).")
     return Task(data_args.task_name, keys, label_column, labels)
+
+
+def _check_label_kinds(values: set, split: str, column: str, data_args):
+    """Labels that mix numbers and words (a stray "positive" among scores, or "1" among names) would silently
+    become one class per distinct value: refuse them, with examples of each kind."""
+    numbers = sorted((v for v in values if _label_order(v)[0] == 0), key=_label_order)
+    words = sorted(values.difference(numbers))
+    if numbers and words:
+        path = getattr(data_args, f"{split}_file", None)
+        where = f"--{split}_file={path}" if path else f"The {split} data"
+        raise ValueError(f"{where}: the label column '{column}' mixes numbers ({', '.join(numbers[:3])}) and words "
+                         f"({', '.join(words[:3])}). Use class names only, or numbers only (whole numbers are "
+                         "classes, decimals a regression).")
 
 
 def _label_order(label: str):
@@ -272,12 +287,12 @@ def main(argv=None):
             data_args.dataset_name, data_args.dataset_config_name = "nyu-mll/glue", data_args.task_name
     if model_args.use_slow_tokenizer:
         model_args.use_fast_tokenizer = False
-    if not model_args.model_name_or_path:
-        logger.warning("No --model_name_or_path: the classifier starts from random weights.")
 
     # Cheap checks first: output directory, tokenizer, config and model family, then the data and its labels.
-    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
-    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
+    run = resume.start(model_args, data_args, training_args)
+    if not model_args.model_name_or_path:
+        logger.warning("No --model_name_or_path: the classifier starts from random weights.")
     tokenizer = pretrained.load_tokenizer(model_args)
     hf_config = pretrained.load_config(model_args)
     family, _ = models.create(hf_config, "SequenceClassification")
@@ -293,9 +308,9 @@ def main(argv=None):
         hf_config.id2label = dict(enumerate(task.labels))
         hf_config.label2id = {name: i for i, name in enumerate(task.labels)}
         hf_config.problem_type = "single_label_classification"
+    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
     _, model = models.create(hf_config, "SequenceClassification", dtype=pretrained.DTYPES[model_args.dtype],
                              gradient_checkpointing=training_args.gradient_checkpointing)
-    pretrained.check_vocab(tokenizer, model.config.vocab_size)
     max_len = min(data_args.max_seq_length, tokenizer.model_max_length)
     if max_len < data_args.max_seq_length:
         logger.warning("--max_seq_length=%d is more than the tokenizer's model_max_length: using %d.",
@@ -325,8 +340,7 @@ def main(argv=None):
     update_batch = global_batch * training_args.gradient_accumulation_steps
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    meta = loop.run_meta(training_args, update_batch, train_examples)
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = parallel.data_parallel(functools.partial(eval_step, is_regression=task.is_regression), mesh)
@@ -355,8 +369,8 @@ def main(argv=None):
                                                        compute_metrics(task, predictions, labels).items()}})
         return metrics
 
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
+                        data_args, training_args)
 
     eval_metrics = None
     if training_args.do_train:
@@ -406,11 +420,9 @@ def write_predictions(output_dir: str, name: str, predictions, task: Task):
     score for regression), one line per example in input order."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(output_dir, f"predict_results_{name}.txt" if name else "predict_results.txt")
-    with open(path, "w") as f:
-        f.write("index\tprediction\n")
-        for i, p in enumerate(predictions):
-            f.write(f"{i}\t{p:.3f}\n" if task.is_regression else f"{i}\t{task.labels[p]}\n")
+    path = storage.join(output_dir, f"predict_results_{name}.txt" if name else "predict_results.txt")
+    lines = (f"{i}\t{p:.3f}\n" if task.is_regression else f"{i}\t{task.labels[p]}\n" for i, p in enumerate(predictions))
+    storage.write_text(path, "index\tprediction\n" + "".join(lines))
     logger.info("Predictions: %s", path)
 
 

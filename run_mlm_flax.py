@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Masked-language-model pretraining (BERT / RoBERTa) with JAX on TPUs, GPUs or CPUs.
 
 Typical use, RoBERTa from scratch on your own corpus (see the README for training the tokenizer and config):
@@ -13,7 +13,6 @@ Run the same command again to resume from the newest checkpoint in output_dir.
 
 import functools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_mlm_flax")
@@ -59,8 +58,10 @@ def tokenize(raw, tokenizer, data_args, max_len):
     if data_args.line_by_line:
         def encode(examples):
             lines = [line for line in examples[column] if line and not line.isspace()]
-            return tokenizer(lines, truncation=True, max_length=max_len, return_special_tokens_mask=True,
-                             return_attention_mask=False)
+            # The tokenizer fails on an empty list; a batch of blank lines gives empty columns, the same ones.
+            encoded = tokenizer(lines or [""], truncation=True, max_length=max_len, return_special_tokens_mask=True,
+                                return_attention_mask=False)
+            return {key: values[:len(lines)] for key, values in encoded.items()}
         return raw.map(encode, remove_columns=raw["train" if "train" in raw else "validation"].column_names,
                        **common)
 
@@ -148,18 +149,18 @@ def main(argv=None):
         raise ValueError(f"--mlm_probability must be between 0 and 1, got {data_args.mlm_probability}.")
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
-    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
-    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
+    run = resume.start(model_args, data_args, training_args)
     tokenizer = pretrained.load_tokenizer(model_args)
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise ValueError(f"The tokenizer of {model_args.tokenizer_name or model_args.model_name_or_path} has no "
                          f"{'mask' if tokenizer.mask_token is None else 'padding'} token; masked-LM training needs "
                          "both (RoBERTa's are <mask> and <pad>).")
     hf_config = pretrained.load_config(model_args)
+    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
     family, model = models.create(hf_config, "MaskedLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
     config = model.config
-    pretrained.check_vocab(tokenizer, config.vocab_size)
     model_max = family.max_positions(config)
     max_len = data_args.max_seq_length or min(model_max, 512)
     if max_len > model_max:
@@ -172,6 +173,11 @@ def main(argv=None):
                                  ("validation", training_args.do_eval, data_args.max_eval_samples)):
         if wanted:
             splits[split] = data.take(tokenized[split], limit)
+            if len(splits[split]) == 0 and data_args.line_by_line:
+                path = getattr(data_args, f"{split}_file")
+                where = f"--{split}_file={path}" if path else "it"
+                raise ValueError(f"The {split} data gives no examples: {where} has no non-blank lines "
+                                 "(--line_by_line makes one example of each).")
             if len(splits[split]) == 0:
                 raise ValueError(f"The {split} data gives no examples: it is shorter than one block of {max_len} "
                                  "tokens. Use more text, a smaller --max_seq_length or --line_by_line.")
@@ -186,8 +192,7 @@ def main(argv=None):
     update_batch = global_batch * training_args.gradient_accumulation_steps
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    meta = loop.run_meta(training_args, update_batch, train_examples)
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
 
     def make_batch(dataset, indices, rng):
         rows = parallel.local_rows(mesh, len(indices))
@@ -200,8 +205,8 @@ def main(argv=None):
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = parallel.data_parallel(eval_step, mesh)
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
+                        data_args, training_args)
 
     if training_args.do_train:
         batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))

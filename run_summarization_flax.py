@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Summarization: fine-tune an encoder-decoder (BART, mBART, T5, mT5) with JAX on TPUs, GPUs or CPUs, watch ROUGE,
 and write summaries of a test set.
 
@@ -15,16 +15,15 @@ Documents are truncated and padded to --max_source_length, summaries to --max_ta
 import dataclasses
 import functools
 import logging
-import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_summarization_flax")
@@ -50,6 +49,9 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
 class SummarizationDataArguments(DataArguments):
+    MAY_CHANGE: ClassVar[tuple] = ("test_file", "max_predict_samples", "val_max_target_length",
+                                   "predict_with_generate", "num_beams", "generation_max_length", "length_penalty",
+                                   "no_repeat_ngram_size")  # evaluation and prediction only
     text_column: Optional[str] = field(default=None, metadata={"help": "Column of the documents (default: the "
                                                                        "dataset's known one, else the first)."})
     summary_column: Optional[str] = field(default=None, metadata={"help": "Column of the summaries (default: the "
@@ -79,6 +81,7 @@ class SummarizationDataArguments(DataArguments):
                                         "config, else 0: off)."})
 
     def __post_init__(self):
+        super().__post_init__()
         self.val_max_target_length = self.val_max_target_length or self.max_target_length
         self.generation_max_length = self.generation_max_length or self.val_max_target_length
         for name in ("max_source_length", "max_target_length", "val_max_target_length", "generation_max_length",
@@ -282,16 +285,16 @@ def main(argv=None):
     setup_logging()
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
-    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
-    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
+    run = resume.start(model_args, data_args, training_args)
     tokenizer = pretrained.load_tokenizer(model_args)
     tokenizer.padding_side = "right"  # teacher forcing needs the summary tokens first
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer needs a padding and an end-of-sequence token.")
     hf_config = pretrained.load_config(model_args)
+    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
     family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
-    pretrained.check_vocab(tokenizer, model.config.vocab_size)
     if getattr(model.config, "decoder_start_token_id", None) is None:
         raise ValueError("The model config has no decoder_start_token_id: set it in config.json.")
     if hasattr(family, "max_positions"):  # learned positions (BART); T5's relative positions have no limit
@@ -318,8 +321,7 @@ def main(argv=None):
                     * training_args.gradient_accumulation_steps)
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    meta = loop.run_meta(training_args, update_batch, train_examples)
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = parallel.data_parallel(eval_step, mesh)
@@ -361,8 +363,8 @@ def main(argv=None):
                 metrics.update({f"eval_{k}": v for k, v in rouge_scores(predictions, references[split]).items()})
         return metrics, predictions
 
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
+                        data_args, training_args)
 
     eval_metrics = None
     if training_args.do_train:
@@ -393,8 +395,8 @@ def main(argv=None):
         logger.info("Test: %s", test_metrics)
         write_results(training_args.output_dir, "test", {**test_metrics, "test_samples": len(splits["test"])})
         if jax.process_index() == 0:
-            with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:
-                f.writelines(" ".join(p.splitlines()) + "\n" for p in predictions)  # one line per example
+            storage.write_text(storage.join(training_args.output_dir, "generated_predictions.txt"),
+                               "".join(" ".join(p.splitlines()) + "\n" for p in predictions))  # a line an example
     hub.finish(repo, "summarization", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

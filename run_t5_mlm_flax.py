@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """T5 span-corruption pretraining with JAX on TPUs, GPUs or CPUs.
 
 The classic recipe: train a SentencePiece Unigram tokenizer with T5's sentinels on your corpus
@@ -15,7 +15,6 @@ Run the same command again to resume from the newest checkpoint in output_dir.
 import functools
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import checkpoint, data, hf_io, hub, loop, models, parallel, pretrained, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, training
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import t5
 
@@ -247,14 +246,14 @@ def main(argv=None):
     raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
 
     # Cheap checks first: output directory, tokenizer, config.
-    repo = hub.connect(training_args)  # before resolve_start: it may fetch the pushed training state
-    resume = checkpoint.resolve_start(training_args) if training_args.do_train else None
+    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
+    run = resume.start(model_args, data_args, training_args)
     tokenizer = pretrained.load_tokenizer(model_args)
     sentinels = sentinel_token_ids(tokenizer, noise_span_counts(raw_length, density, span)[1])
     hf_config = pretrained.load_config(model_args)
+    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
     family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
-    pretrained.check_vocab(tokenizer, model.config.vocab_size)
     logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,
                 targets_length)
 
@@ -286,8 +285,7 @@ def main(argv=None):
                     * training_args.gradient_accumulation_steps)
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    meta = loop.run_meta(training_args, update_batch, train_examples)
-    state, start_step = loop.start_state(model, params, tx, mesh, resume, meta)
+    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
 
     def make_batch(dataset, indices, rng):
         return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.local_rows(mesh, len(indices)),
@@ -300,8 +298,8 @@ def main(argv=None):
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = parallel.data_parallel(eval_step, mesh)
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    save_args(os.path.join(training_args.output_dir, "training_args.json"), model_args, data_args, training_args)
+    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
+                        data_args, training_args)
 
     if training_args.do_train:
         batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))

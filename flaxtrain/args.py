@@ -6,21 +6,32 @@ and sequence lengths fall back to the model's (in the scripts).
 """
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
-import jax
 from transformers import HfArgumentParser
+
+from flaxtrain import storage
 
 SECRET_FIELDS = ("hub_token", "token")
 HUB_STRATEGIES = ("every_save", "end", "checkpoint")
 
 
+def expand_home(obj):
+    """`~/...` in any text flag becomes the home folder's path (the shell leaves `--flag=~/x` alone)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, f.name, os.path.expanduser(value))
+
+
 @dataclass
 class ModelArguments:
+    # Flags that a resumed run may change (see resume.py): they do not change what is trained.
+    MAY_CHANGE: ClassVar[tuple] = ("cache_dir", "token", "trust_remote_code")
+
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Checkpoint (Hub name or local folder) to start from. Leave unset to train from scratch."},
@@ -53,9 +64,14 @@ class ModelArguments:
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model to use."})
 
+    def __post_init__(self):
+        expand_home(self)
+
 
 @dataclass
 class DataArguments:
+    MAY_CHANGE: ClassVar[tuple] = ("max_eval_samples", "overwrite_cache", "preprocessing_num_workers")
+
     dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset name on the Hub."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a .txt, .csv, .json or .jsonl file."})
@@ -74,9 +90,20 @@ class DataArguments:
         default=None, metadata={"help": "Processes for preprocessing."}
     )
 
+    def __post_init__(self):
+        expand_home(self)
+
 
 @dataclass
 class TrainingArguments:
+    # Cadence, reporting, evaluation and where things go; the batch size flags are compared as their product, the
+    # examples per update (resume.py).
+    MAY_CHANGE: ClassVar[tuple] = (
+        "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "per_device_train_batch_size",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
+        "save_total_limit", "resume_from_checkpoint", "allow_changed_flags", "gradient_checkpointing",
+        "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy")
+
     output_dir: str = field(metadata={"help": "Where checkpoints, the exported model, logs and results go."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty output_dir that holds no checkpoint."}
@@ -119,6 +146,12 @@ class TrainingArguments:
             "from the newest checkpoint in output_dir; pass 'none' to start over (needs --overwrite_output_dir)."
         },
     )
+    allow_changed_flags: Optional[str] = field(
+        default=None,
+        metadata={"help": "Resume although these flags (comma-separated, or 'all') differ from the checkpoint's run: "
+                          "a change on purpose, e.g. learning_rate,max_steps to extend a run with a new schedule. "
+                          "Without it a resumed run must have the flags it was saved with."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order, masking and dropout."})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute layer activations in the backward pass to save memory."}
@@ -150,7 +183,7 @@ class TrainingArguments:
     )
 
     def __post_init__(self):
-        self.output_dir = os.path.expanduser(self.output_dir)
+        self.output_dir = storage.absolute(self.output_dir)  # means the same after a chdir; orbax needs it
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         if not (self.do_train or self.do_eval or self.do_predict):
@@ -161,6 +194,8 @@ class TrainingArguments:
                      "logging_steps", "eval_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.do_train and not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be more than 0, got {self.learning_rate}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.load_best_model_at_end and not (self.do_train and self.do_eval):
@@ -189,10 +224,3 @@ def args_to_dict(*arg_objects) -> dict:
     for obj in arg_objects:
         flags.update(dataclasses.asdict(obj))
     return {k: v for k, v in flags.items() if k not in SECRET_FIELDS}
-
-
-def save_args(path, *arg_objects):
-    if jax.process_index() != 0:
-        return
-    with open(path, "w") as f:
-        json.dump(args_to_dict(*arg_objects), f, indent=2, sort_keys=True)

@@ -9,18 +9,16 @@ refers to are removed at each save. Multi-host runs need output_dir on a shared 
 checkpoints do.
 """
 
-import json
 import logging
 import math
-import os
-import shutil
 
 import jax
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from flaxtrain import parallel
+from flaxtrain import parallel, storage
+from flaxtrain.logging import dumps
 
 logger = logging.getLogger(__name__)
 DIRECTORY = "best_model"
@@ -29,21 +27,23 @@ DIRECTORY = "best_model"
 class BestModel:
     def __init__(self, output_dir: str, metric: str, greater_is_better: bool | None, resumed: dict | None):
         """resumed: the "best" record of the checkpoint this run resumed from (None: a fresh start)."""
-        self.dir = os.path.join(output_dir, DIRECTORY)
+        self.dir = storage.join(output_dir, DIRECTORY)
         self.metric = metric if metric.startswith("eval_") else f"eval_{metric}"
         self.greater = not self.metric.endswith("loss") if greater_is_better is None else greater_is_better
         self.record, self.params = None, None
+        if resumed is not None and resumed["value"] is None:  # NaN, saved as JSON's null
+            resumed = {**resumed, "value": math.nan}
         if resumed is not None and resumed["metric"] == self.metric:
-            if os.path.exists(self._weights(resumed["step"])):
+            if storage.isfile(self._weights(resumed["step"])):
                 self.record = resumed
             else:
                 logger.warning("The best model of the checkpoint resumed from (step %d) is not in %s: the best is "
                                "tracked again from here.", resumed["step"], self.dir)
-        elif resumed is None and jax.process_index() == 0 and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)  # an earlier run's
+        elif resumed is None and jax.process_index() == 0:
+            storage.remove(self.dir)  # an earlier run's
 
     def _weights(self, step: int) -> str:
-        return os.path.join(self.dir, f"{step}.safetensors")
+        return storage.join(self.dir, f"{step}.safetensors")
 
     def _better(self, value) -> bool:
         if self.record is None:
@@ -65,13 +65,9 @@ class BestModel:
         self.record = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
         self.params = parallel.fetch(params)
         if jax.process_index() == 0:
-            os.makedirs(self.dir, exist_ok=True)
             flat = {"/".join(path): np.asarray(v) for path, v in traverse_util.flatten_dict(self.params).items()}
-            tmp = self._weights(step) + ".tmp"
-            safetensors.numpy.save_file(flat, tmp)
-            os.replace(tmp, self._weights(step))  # never a half-written file under the final name
-            with open(os.path.join(self.dir, "best.json"), "w") as f:
-                json.dump(self.record, f, indent=2)
+            storage.write_bytes(self._weights(step), safetensors.numpy.save(flat))
+            storage.write_text(storage.join(self.dir, "best.json"), dumps(self.record, indent=2))
         logger.info("New best model at step %d: %s = %.4g", step, self.metric, value)
         return True
 
@@ -80,17 +76,17 @@ class BestModel:
         (earlier bests, or a killed run's later ones), which this and later checkpoints do not refer to."""
         if self.record is None:
             return meta
-        if jax.process_index() == 0 and os.path.isdir(self.dir):
-            for name in os.listdir(self.dir):
-                if name.endswith(".safetensors") and name != os.path.basename(self._weights(self.record["step"])):
-                    os.remove(os.path.join(self.dir, name))
+        if jax.process_index() == 0:
+            for name in storage.listdir(self.dir):
+                if name.endswith(".safetensors") and name != f"{self.record['step']}.safetensors":
+                    storage.remove(storage.join(self.dir, name))
         return {**meta, "best": self.record}
 
     def restore(self, state, mesh):
         """`state` with the best weights in place of its own (replicated over `mesh`)."""
         params = self.params
         if params is None:  # the best of the checkpoint this run resumed from
-            flat = safetensors.numpy.load_file(self._weights(self.record["step"]))
+            flat = safetensors.numpy.load(storage.read_bytes(self._weights(self.record["step"])))
             params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
         logger.info("Loading the best model: step %d, %s = %.4g", self.record["step"], self.metric,
                     self.record["value"])

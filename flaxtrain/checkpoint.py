@@ -1,82 +1,51 @@
-"""Resumable training checkpoints with orbax, in `output_dir/checkpoints/STEP`.
+"""Resumable training checkpoints with orbax, in `output_dir/checkpoints/STEP` (a local folder or a bucket URL).
 
-A checkpoint holds the whole `TrainState` (params, optimizer state, step). Everything else a run needs to continue
-exactly is a function of the step and the seed (data order, masking, dropout rngs), so nothing more is stored but
-a little metadata to check that the resumed command is compatible. Orbax writes each step into a temporary
-folder and renames it when complete, so a killed save is never taken as the latest checkpoint.
+A checkpoint holds the whole `TrainState` (params, optimizer state, step) and a little JSON metadata: the flags
+that make the run what it is (checked when a run resumes, see `resume.py`), the progress since the last log line
+and the best-model record. Everything else a run needs to continue exactly is a function of the step and the seed
+(data order, masking, dropout rngs). Orbax writes each step under a temporary name and renames it when complete
+(in a bucket: writes a commit marker last), so a killed save is never taken as a checkpoint.
 """
 
 import logging
-import os
-import shutil
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from flaxtrain import storage
+from flaxtrain.logging import finite_json
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = ".damaged"  # suffix of a checkpoint folder set aside because it does not restore
 
 
-def _latest_step(directory: str) -> Optional[int]:
-    if not os.path.isdir(directory):
-        return None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    return manager.latest_step()
+def directory_of(output_dir: str) -> str:
+    return storage.join(storage.absolute(output_dir), CHECKPOINTS)  # orbax wants absolute paths
 
 
-def resolve_start(training_args) -> Optional[tuple[str, int]]:
-    """Decides whether a training run resumes, and checks the output directory before any work starts.
-
-    Returns (checkpoints directory, step) to resume from, or None for a fresh start. A fresh start into a
-    non-empty `output_dir` needs `--overwrite_output_dir`.
-    """
-    output_dir = training_args.output_dir
-    own_dir = os.path.join(output_dir, CHECKPOINTS)
-    choice = training_args.resume_from_checkpoint
-    if choice and choice.lower() != "none":
-        path = os.path.abspath(os.path.expanduser(choice))
-        if os.path.basename(path).isdigit() and os.path.isdir(path):
-            directory, step = os.path.dirname(path), int(os.path.basename(path))
-        else:
-            directory, step = path, _latest_step(path)
-        if step is None:
-            raise ValueError(f"--resume_from_checkpoint={choice}: not a checkpoint folder (expected "
-                             f"OUTPUT_DIR/{CHECKPOINTS}/STEP or OUTPUT_DIR/{CHECKPOINTS}).")
-        _drop_later_steps(own_dir, step)
-        return directory, step
-    if choice is None:
-        step = _latest_step(own_dir)
-        if step is not None:
-            logger.warning("Resuming from the checkpoint of step %d in %s (pass --resume_from_checkpoint=none "
-                           "--overwrite_output_dir to start over instead)", step, own_dir)
-            return own_dir, step
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not training_args.overwrite_output_dir:
-            raise ValueError(f"Output directory {output_dir} already exists and is not empty (and holds no checkpoint "
-                             "to resume from). Use --overwrite_output_dir to train into it anyway.")
-        if jax.process_index() == 0 and os.path.isdir(own_dir):
-            shutil.rmtree(own_dir)  # --resume_from_checkpoint none: old checkpoints must not be resumed later.
-    return None
+def _reader(directory: str):
+    return ocp.CheckpointManager(storage.absolute(directory),
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 
-def _drop_later_steps(directory: str, step: int):
-    """Going back to `step` abandons the checkpoints after it: orbax would not save over them, and a later plain
-    resume would pick them up."""
-    if jax.process_index() != 0 or not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if name.isdigit() and int(name) > step:
-            logger.warning("Removing the checkpoint of step %s, after the one resumed from", name)
-            shutil.rmtree(os.path.join(directory, name))
+def steps(directory: str) -> list[int]:
+    """The complete checkpoints in `directory`, oldest first (interrupted saves are not listed)."""
+    if not storage.isdir(directory):
+        return []
+    manager = _reader(directory)
+    found = sorted(manager.all_steps())
+    manager.close()
+    return found
 
 
 class Checkpoints:
-    """Saves and restores the training state; every host calls every method (orbax coordinates them)."""
+    """Saves the training state; every host calls every method (orbax coordinates them)."""
 
     def __init__(self, output_dir: str, max_to_keep: Optional[int] = None):
-        self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINTS))
+        self.directory = directory_of(output_dir)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         )
@@ -84,7 +53,8 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict):
         """Starts an asynchronous save; training goes on while it is written."""
         self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(finite_json(meta)))
         )
 
     def wait(self):
@@ -96,18 +66,39 @@ class Checkpoints:
 
 def restore(directory: str, step: int, state_like):
     """Restores (state, meta) saved at `step`, with the shapes, dtypes and shardings of `state_like`."""
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    manager = _reader(directory)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    )
-    manager.close()
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+    finally:
+        manager.close()
     return restored.state, restored.meta
 
 
 def restore_meta(directory: str, step: int) -> dict:
     """Only the metadata saved at `step` (cheap: checked before the state is restored)."""
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    manager.close()
-    return meta
+    manager = _reader(directory)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        manager.close()
+
+
+def problem(error: BaseException) -> str:
+    """One line about why a checkpoint did not restore (tensorstore's errors run to a hundred lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def set_aside(directory: str, step: int, error: BaseException):
+    """Renames the checkpoint of `step`, which does not restore, to STEP.damaged (kept for a look, never resumed
+    from again), saying what is wrong in one line."""
+    logger.error("The checkpoint %s does not restore (%s): moved aside to %s%s.", storage.join(directory, str(step)),
+                 problem(error), step, DAMAGED)
+    if jax.process_index() == 0:
+        target = storage.join(directory, f"{step}{DAMAGED}")
+        storage.remove(target)  # an earlier damaged copy of the same step
+        storage.move(storage.join(directory, str(step)), target)

@@ -6,8 +6,11 @@ resumed run sees the same batches; evaluation covers every example once, the las
 of weight zero so that every evaluation batch has one compiled shape.
 """
 
+import codecs
+import json
 import logging
 import os
+from typing import Optional
 
 import datasets
 import numpy as np
@@ -20,6 +23,7 @@ RNG_STREAMS = {"data order": "[seed, 1, epoch]", "training masks": "[seed, 2, ep
                "evaluation masks": "[seed, 3, batch]"}
 
 BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+SCAN_CHUNK = 1 << 20  # bytes read at a time when looking for what datasets could not read in a file
 
 
 def _check_file(flag: str, path: str) -> str:
@@ -48,10 +52,10 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
     from training). `builder_kwargs` go to the text builder only (e.g. keep_linebreaks).
     """
     common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=streaming)
+    files = {}
     if data_args.dataset_name:
         source = dict(path=data_args.dataset_name, name=data_args.dataset_config_name, **common)
     else:
-        files = {}
         if data_args.train_file:
             files["train"] = data_args.train_file
         if data_args.validation_file:
@@ -65,9 +69,22 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
             raise ValueError(f"--{'/--'.join(f'{split}_file' for split in files)} must be of one type, got "
                              f"{sorted(builders)}.")
         builder = builders.pop()
-        source = dict(path=builder, data_files=files, **common, **(builder_kwargs if builder == "text" else {}))
+        options = builder_kwargs if builder == "text" else {}
+        if builder == "json":
+            # The json builder hands raw bytes to pyarrow, which keeps invalid UTF-8 without a word (it fails
+            # later, inside tokenization); given any encoding name but exactly "utf-8", it decodes strictly first.
+            options = dict(encoding="utf_8")
+        source = dict(path=builder, data_files=files, **common, **options)
 
-    raw = datasets.load_dataset(**source)
+    try:
+        raw = datasets.load_dataset(**source)
+    except Exception:
+        # datasets names neither the file nor the place (it wraps a UnicodeDecodeError or a pyarrow/ujson parse
+        # error at a position within one chunk): look for the cause only now, so good files cost nothing extra.
+        for split, path in files.items():
+            if problem := _file_problem(path):
+                raise ValueError(f"--{split}_file={path}: {problem}") from None
+        raise
     if need_train and "train" not in raw:
         raise ValueError("Training needs a train split: give --train_file or a dataset that has one.")
     if need_test and not any(split.startswith("test") for split in raw):
@@ -90,6 +107,64 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
         if split in raw and len(raw[split]) == 0:
             raise ValueError(f"The {split} data has no rows.")
     return raw
+
+
+def _file_problem(path: str) -> Optional[str]:
+    """What datasets cannot read in a local data file (invalid UTF-8; in json, a malformed line), or None."""
+    problem = _utf8_problem(path)
+    if problem is None and BUILDERS[path.rsplit(".", 1)[-1].lower()] == "json":
+        problem = _json_problem(path)
+    return problem
+
+
+def _utf8_problem(path: str) -> Optional[str]:
+    """Where the first byte that is not UTF-8 is, streaming the file (any size) through an incremental decoder."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # bytes and newlines before this chunk
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(SCAN_CHUNK)
+            held = decoder.getstate()[0]  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                start = offset - len(held) + e.start
+                line = lines + (held + chunk)[:e.start].count(b"\n") + 1  # (`held` has no newline: bytes >= 0x80)
+                return (f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at byte offset {start} (line {line}): "
+                        f"{e.reason}. Convert the file to UTF-8.")
+            if not chunk:
+                return None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+
+
+def _json_problem(path: str) -> Optional[str]:
+    """The first line of a JSON Lines file that is not a JSON object; for a file whose first line is not a
+    JSON object on its own (datasets then reads the file as one document: a list of rows, or columns), the
+    error in that document."""
+    first = True
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                if first:
+                    break
+                return f"line {number} is not valid JSON: {e.msg} (column {e.colno})."
+            if first and isinstance(row, list):
+                break
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object: {line.decode().strip()[:40]!r}."
+            first = False
+        else:
+            return None
+        try:
+            f.seek(0)
+            json.load(f)
+        except ValueError as e:
+            return f"line {e.lineno} is not valid JSON: {e.msg} (column {e.colno})."
+    return None
 
 
 def text_column(dataset) -> str:

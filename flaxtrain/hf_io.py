@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from flaxtrain import storage
 from flaxtrain.models import get_family
 
 logger = logging.getLogger(__name__)
@@ -254,7 +256,12 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
     """Write a checkpoint that `transformers.AutoModelFor...from_pretrained(output_dir)` loads: config.json (with
     `architectures=[architecture]`, e.g. model.hf_architecture), model.safetensors, and the tokenizer files.
     Call on one process only. model.safetensors is written to a temporary file and renamed, so a killed save
-    never leaves a truncated one."""
+    never leaves a truncated one. A bucket URL as output_dir: the files are written locally, then uploaded."""
+    if storage.is_remote(output_dir):
+        with tempfile.TemporaryDirectory(prefix="flaxtrain-export-") as local:
+            save_pretrained(local, params, hf_config, tokenizer, architecture=architecture)
+            storage.put(local, output_dir)
+        return
     family = get_family(hf_config.model_type)
     os.makedirs(output_dir, exist_ok=True)
     config = copy.deepcopy(hf_config)

@@ -22,7 +22,7 @@ it there (output_dir not on a shared file system) downloads it too, so all hosts
 import logging
 import os
 import queue
-import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from flaxtrain import checkpoint, model_card
+from flaxtrain import checkpoint, model_card, storage
 
 logger = logging.getLogger(__name__)
 
@@ -153,33 +153,29 @@ class HubRepo:
     def _checkpoint_files(self, step: int, opened: list) -> Optional[dict]:
         """The files of checkpoints/STEP as last-checkpoint/STEP/..., once orbax has finished writing them
         (it writes into a temporary folder and renames it when complete)."""
-        directory = os.path.join(self.output_dir, checkpoint.CHECKPOINTS, str(step))
+        directory = storage.join(checkpoint.directory_of(self.output_dir), str(step))
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
-        while not os.path.isdir(directory):
+        while not storage.isdir(directory):
             if time.monotonic() > deadline:
                 logger.error("Hub: the checkpoint of step %d never appeared in %s; not pushed", step, directory)
                 return None
             time.sleep(0.2)
         files = {}
         try:
-            for root, _, names in os.walk(directory):
-                for name in names:
-                    path = os.path.join(root, name)
-                    rel = os.path.relpath(path, directory).replace(os.sep, "/")
-                    files[f"{REMOTE_CHECKPOINT}/{step}/{rel}"] = _read_or_open(path, opened)
+            for rel in storage.files_under(directory):
+                files[f"{REMOTE_CHECKPOINT}/{step}/{rel}"] = _read_or_open(storage.join(directory, rel), opened)
         except FileNotFoundError:  # save_total_limit removed it meanwhile: a newer push carries a newer one
             files = {}
-        if not files:  # (os.walk of a folder removed meanwhile yields nothing)
+        if not files:  # (a listing of a folder removed meanwhile is empty)
             logger.warning("Hub: the checkpoint of step %d was removed before it could be pushed", step)
             return None
         return files
 
 
 def _read_or_open(path: str, opened: list):
-    if os.path.getsize(path) < IN_MEMORY_BYTES:
-        with open(path, "rb") as f:
-            return f.read()
-    f = open(path, "rb")  # an open file keeps its content when a later save replaces the path
+    if storage.size(path) < IN_MEMORY_BYTES:
+        return storage.read_bytes(path)
+    f = storage.open_read(path)  # an open file keeps its content when a later save replaces the path
     opened.append(f)
     return f
 
@@ -187,9 +183,9 @@ def _read_or_open(path: str, opened: list):
 def _snapshot(output_dir: str) -> tuple[dict, list]:
     """{name: bytes or open file} of every pushed file in output_dir, and the files it opened."""
     files, opened = {}, []
-    for name in sorted(os.listdir(output_dir)):
-        path = os.path.join(output_dir, name)
-        if name.startswith(".") or name in NOT_PUSHED or not os.path.isfile(path):
+    for name in storage.listdir(output_dir):
+        path = storage.join(output_dir, name)
+        if name.startswith(".") or name in NOT_PUSHED or not storage.isfile(path):
             continue
         try:
             files[name] = _read_or_open(path, opened)
@@ -221,6 +217,7 @@ def connect(training_args) -> Optional[HubRepo]:
     """
     if not training_args.push_to_hub:
         return None
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE:
@@ -240,6 +237,9 @@ def connect(training_args) -> Optional[HubRepo]:
                 download = "yes" if remote and _should_download(training_args) else ""
         except ValueError as e:
             error = str(e)
+        except httpx2.TransportError as e:  # no server there, a name that does not resolve, a timeout
+            error = (f"--push_to_hub: cannot reach the Hub at {api.endpoint} ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())}). Check the network, or HF_ENDPOINT if you set it.")
     # Every host fails with process 0's error, rather than waiting for it in the broadcasts below.
     if error := _same_on_every_host(error):
         raise ValueError(error)
@@ -263,7 +263,7 @@ def _open_repo(api, args) -> str:
     except HfHubHTTPError as e:
         raise ValueError(f"--push_to_hub: the Hub at {api.endpoint} refused the token from {source} "
                          f"({_status(e)}). Pass a valid token with write access with --hub_token.") from None
-    name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    name = args.hub_model_id or storage.basename(args.output_dir)
     repo_id = name if "/" in name else f"{user}/{name}"
     try:
         api.create_repo(repo_id, private=args.hub_private_repo or None, exist_ok=True)
@@ -299,8 +299,7 @@ def _remote_checkpoint_files(api, repo_id: str) -> set:
 
 
 def _local_checkpoint(output_dir: str) -> bool:
-    directory = os.path.join(output_dir, checkpoint.CHECKPOINTS)
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    return any(name.isdigit() for name in storage.listdir(checkpoint.directory_of(output_dir)))
 
 
 def _should_download(args) -> bool:
@@ -323,20 +322,19 @@ def _download_checkpoint(api, repo_id: str, args):
 
 
 def _fetch(api, repo_id: str, output_dir: str):
-    staging = os.path.join(output_dir, ".hub-download")  # hidden: never pushed; removed below
-    shutil.rmtree(staging, ignore_errors=True)
-    api.snapshot_download(repo_id, local_dir=staging,
-                          allow_patterns=[f"{REMOTE_CHECKPOINT}/*", "log_history.jsonl", "events.out.tfevents.*"])
-    steps = os.listdir(os.path.join(staging, REMOTE_CHECKPOINT))
-    step = max(steps, key=int)
-    target = os.path.join(output_dir, checkpoint.CHECKPOINTS)
-    os.makedirs(target, exist_ok=True)
-    shutil.move(os.path.join(staging, REMOTE_CHECKPOINT, step), os.path.join(target, step))
-    for name in os.listdir(staging):  # the logs, unless this output_dir has its own
-        path = os.path.join(staging, name)
-        if os.path.isfile(path) and not os.path.exists(os.path.join(output_dir, name)):
-            shutil.move(path, os.path.join(output_dir, name))
-    shutil.rmtree(staging)
+    remote = storage.is_remote(output_dir)
+    storage.makedirs(output_dir)
+    # Hidden (never pushed), and in output_dir when it is local, so that moving the checkpoint in is a rename.
+    with tempfile.TemporaryDirectory(prefix=".hub-download-", dir=None if remote else output_dir) as staging:
+        api.snapshot_download(repo_id, local_dir=staging,
+                              allow_patterns=[f"{REMOTE_CHECKPOINT}/*", "log_history.jsonl", "events.out.tfevents.*"])
+        step = max(os.listdir(os.path.join(staging, REMOTE_CHECKPOINT)), key=int)
+        target = storage.join(checkpoint.directory_of(output_dir), step)
+        storage.put(os.path.join(staging, REMOTE_CHECKPOINT, step), target, move=True)
+        for name in os.listdir(staging):  # the logs, unless this output_dir has its own
+            path = os.path.join(staging, name)
+            if os.path.isfile(path) and not storage.exists(storage.join(output_dir, name)):
+                storage.put(path, storage.join(output_dir, name), move=True)
     logger.warning("Downloaded the training state of step %s from %s/%s into %s", step, api.endpoint, repo_id,
                    target)
 

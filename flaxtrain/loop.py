@@ -6,6 +6,7 @@ and an `export(params)` that writes the Hugging Face model.
 
 import logging
 import math
+import signal
 import time
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxtrain import checkpoint, data, parallel, training
+from flaxtrain import checkpoint, data, parallel, preemption, storage, training
 from flaxtrain.best import BestModel
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
 
@@ -25,34 +26,25 @@ def as_scalars(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-RESUME_KEYS = {"update_batch": "examples per update (batch size x devices x accumulation)",
-               "train_examples": "training examples", "seed": "--seed", "optimizer": "optimizer flags"}
-
-
-def run_meta(args, update_batch: int, train_examples: int) -> dict:
-    """What a resumed run must share with the run that saved the checkpoint, for its batches and state to fit."""
-    optimizer = "adafactor" if args.adafactor else "adamw"
-    return {"update_batch": update_batch, "train_examples": train_examples, "seed": args.seed,
-            "optimizer": f"{optimizer}, clip={bool(args.max_grad_norm and args.max_grad_norm > 0)}"}
-
-
-def start_state(model, params, tx, mesh, resume, meta: dict):
-    """The replicated TrainState, restored from `resume` (checkpoint.resolve_start's answer) when given, after
-    checking that this run's `meta` (see `run_meta`) matches the checkpoint's; the checkpoint's best-model record
-    (--load_best_model_at_end) is copied into `meta`. Returns (state, its step)."""
+def start_state(model, params, tx, mesh, run, train_examples: int):
+    """The replicated TrainState: fresh, or restored from `run.checkpoint` (resume.start's answer), falling back to
+    older checkpoints past one whose state does not restore. Returns (state, its step, the metadata this run saves
+    with its checkpoints: its record, `train_examples`, and the best-model record and unlogged progress it resumed
+    with)."""
     state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    if not resume:
-        return state, 0
-    saved = checkpoint.restore_meta(*resume)
-    for key, what in RESUME_KEYS.items():
-        if key in saved and saved[key] != meta[key]:
-            raise ValueError(f"The checkpoint in {resume[0]} was trained with {what} = {saved[key]}, this run has "
-                             f"{meta[key]}: resume with the same settings, or start over with "
-                             "--resume_from_checkpoint=none --overwrite_output_dir.")
-    if "best" in saved:
-        meta["best"] = saved["best"]
-    state, _ = checkpoint.restore(*resume, state)
-    return state, int(parallel.fetch(state.step))
+    meta = {**run.record, "train_examples": train_examples}
+    while run.checkpoint is not None:
+        saved = run.checkpoint.meta
+        if saved.get("train_examples", train_examples) != train_examples:
+            run.check(run.checkpoint, extra=[("train_examples", saved["train_examples"], train_examples)])
+        try:
+            restored, _ = checkpoint.restore(run.checkpoint.directory, run.checkpoint.step, state)
+        except Exception as error:  # noqa: BLE001  (a damaged checkpoint: orbax and tensorstore raise many kinds)
+            run.fall_back(error)
+            continue
+        meta.update({key: saved[key] for key in ("best", "progress") if key in saved})
+        return restored, int(parallel.fetch(restored.step)), meta
+    return state, 0, meta
 
 
 def eval_batches(make_batch, num_examples: int, mesh, global_batch: int, seed: int):
@@ -97,6 +89,9 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     the checkpoint resumed from is already the last step, leaving that run's results alone. `hub` (hub.connect's
     answer) is told of every save, and pushes in the background.
 
+    SIGTERM or SIGINT stops the run after the step in flight (on every host after the same step), with a checkpoint
+    and export of that step: `preemption.Preempted` is raised, which exits with 128 + the signal number.
+
     With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
     `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
     model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
@@ -117,7 +112,8 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     clear_results(args.output_dir)
     writer = MetricsWriter(args.output_dir, start_step)
     checkpoints = checkpoint.Checkpoints(args.output_dir, args.save_total_limit)
-    progress = TrainProgress(schedule, tokens_per_step, steps_per_epoch, start_step)
+    progress = TrainProgress(schedule, tokens_per_step, steps_per_epoch, start_step,
+                             meta.pop("progress", None) if start_step else None)
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
     dropout_rng = jax.random.key(args.seed + 1)  # the step folds its step number in
     started, step, record = time.perf_counter(), start_step, {}
@@ -132,44 +128,61 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
 
     def save(exported=None):
         """A checkpoint of `state`, and the model export of `exported` (default: state) as numpy params."""
-        progress.check(step)  # never save or export weights a NaN loss came from
-        checkpoints.save(step, state, meta if best is None else best.checkpoint_meta(meta))
+        # Never save or export weights a NaN loss came from; the progress since the last log line rides along, so
+        # that a run resumed from here logs what the uninterrupted run logs.
+        saved = {**meta, "progress": progress.carry(step)}
+        checkpoints.save(step, state, saved if best is None else best.checkpoint_meta(saved))
         if jax.process_index() == 0:
             export(parallel.fetch(state.params) if exported is None else exported)
         if hub is not None:
             hub.push(step)
 
-    for host_batch in batches:
-        if step >= total_steps:
-            break
-        state, metrics = p_train_step(state, parallel.to_global(host_batch, mesh, rows), dropout_rng)
-        step += 1
-        bar.update(1)
-        progress.add(metrics)
-        if step % args.logging_steps == 0 or step == total_steps:
-            record = progress.record(step)
-            writer.write(step, record)
-            logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in record.items()))
-            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
-        if evaluate and step % args.eval_steps == 0 and step < total_steps:
-            logger.info("step %d: %s", step, run_eval())
-        if step % args.save_steps == 0 and step < total_steps:
+    def stop(signum):
+        if step % args.save_steps:
             save()
-    bar.close()
-    if step < total_steps:
-        raise RuntimeError(f"The training data ran out at step {step} of {total_steps}.")
-    train_metrics = {"train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - started,
-                     "train_steps": total_steps, "epoch": step / steps_per_epoch}
-    # The last evaluation comes before the last save, so that the checkpoint's best record includes it.
-    progress.check(step)
-    eval_metrics = run_eval() if evaluate else None
-    final = state
-    if best is not None:
-        if best.record["step"] != step:
-            final = best.restore(state, mesh)
-        eval_metrics = best.results()
-    save(exported=parallel.fetch(final.params))  # the checkpoint holds the last state, the export the final model
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        bar.close()
+        logger.warning("Stopped by %s after step %d of %d: saved the checkpoint %s and the model in %s. Run the "
+                       "same command to resume.", signal.Signals(signum).name, step, total_steps,
+                       storage.join(checkpoints.directory, str(step)), args.output_dir)
+        raise preemption.Preempted(128 + signum)
+
+    with preemption.StopSignal(mesh) as stop_signal:
+        for host_batch in batches:
+            if step >= total_steps:
+                break
+            state, metrics = p_train_step(state, parallel.to_global(host_batch, mesh, rows), dropout_rng)
+            step += 1
+            bar.update(1)
+            progress.add(metrics)
+            if step % args.logging_steps == 0 or step == total_steps:
+                record = progress.record(step)
+                writer.write(step, record)
+                logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in record.items()))
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
+            if evaluate and step % args.eval_steps == 0 and step < total_steps:
+                logger.info("step %d: %s", step, run_eval())
+            if step % args.save_steps == 0 and step < total_steps:
+                save()
+            if (signum := stop_signal.should_stop()) and step < total_steps:
+                stop(signum)
+        bar.close()
+        if step < total_steps:
+            raise RuntimeError(f"The training data ran out at step {step} of {total_steps}.")
+        train_metrics = {"train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - started,
+                         "train_steps": total_steps, "epoch": step / steps_per_epoch}
+        # The last evaluation comes before the last save, so that the checkpoint's best record includes it.
+        progress.check(step)
+        eval_metrics = run_eval() if evaluate else None
+        final = state
+        if best is not None:
+            if best.record["step"] != step:
+                final = best.restore(state, mesh)
+            eval_metrics = best.results()
+        save(exported=parallel.fetch(final.params))  # the checkpoint holds the last state, the export the final model
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
     return final, train_metrics, eval_metrics

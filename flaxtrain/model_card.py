@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 import yaml
 
+from flaxtrain import storage
 from flaxtrain.args import SECRET_FIELDS, args_to_dict
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hub repo id, not a local path
@@ -22,13 +23,12 @@ CURVE_ROWS = 10
 
 def write(output_dir: str, repo_id: str, task: str, arg_objects, script: Optional[str] = None) -> str:
     """Writes output_dir/README.md from the flags and the run's all_results.json and log_history.jsonl."""
-    results = _read_json(os.path.join(output_dir, "all_results.json")) or {}
-    history = _read_history(os.path.join(output_dir, "log_history.jsonl"))
-    architecture = ((_read_json(os.path.join(output_dir, "config.json")) or {}).get("architectures") or [None])[0]
+    results = _read_json(storage.join(output_dir, "all_results.json")) or {}
+    history = _read_history(storage.join(output_dir, "log_history.jsonl"))
+    architecture = ((_read_json(storage.join(output_dir, "config.json")) or {}).get("architectures") or [None])[0]
     text = render(repo_id, task, arg_objects, results, history, script=script, architecture=architecture)
-    path = os.path.join(output_dir, "README.md")
-    with open(path, "w") as f:
-        f.write(text)
+    path = storage.join(output_dir, "README.md")
+    storage.write_text(path, text)
     return path
 
 
@@ -156,20 +156,16 @@ def _fmt(value) -> str:
 
 
 def _read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path)) if storage.isfile(path) else None
 
 
 def _read_history(path: str) -> list:
-    if not os.path.exists(path):
+    if not storage.isfile(path):
         return []
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill
-                pass
+    for line in storage.read_text(path).splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            pass
     return records

@@ -38,7 +38,20 @@ def load_weights(model_args, template_params, model_type: str, **rules):
                                  cache_dir=model_args.cache_dir, **rules)
 
 
-def check_vocab(tokenizer, vocab_size: int):
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
-                         f"set vocab_size in the config to at least {len(tokenizer)}.")
+def fit_vocab(hf_config, tokenizer, from_scratch: bool, multiple: int = 128):
+    """Makes room for every token of `tokenizer` in the model of `hf_config`. A model trained from scratch grows its
+    vocab_size to the tokenizer's length rounded up to `multiple` (the accelerator's tile), with a warning: the
+    original recipes' tokenizers have one token (GPT-2's <|endoftext|>) or a hundred (T5's sentinels) more than
+    their configs. A model with pretrained weights cannot grow: an error."""
+    import logging
+
+    if len(tokenizer) <= hf_config.vocab_size:
+        return
+    if not from_scratch:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{hf_config.vocab_size}: use the model's own tokenizer, or a model with a larger vocabulary.")
+    size = -(-len(tokenizer) // multiple) * multiple
+    logging.getLogger(__name__).warning("The tokenizer has %d tokens, more than the config's vocab_size %d: the new "
+                                        "model gets vocab_size %d (a multiple of %d).", len(tokenizer),
+                                        hf_config.vocab_size, size, multiple)
+    hf_config.vocab_size = size

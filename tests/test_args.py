@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args, save_args
+from flaxtrain import resume
+from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 TYPES = (ModelArguments, DataArguments, TrainingArguments)
 
@@ -29,6 +30,8 @@ def test_a_json_file_is_the_whole_command_line(tmp_path):
     (["--output_dir=o", "--learning_rat=1"], "learning_rat"),  # no silent prefix matching
     (["--output_dir=o", "--per_device_train_batch_size=0"], "per_device_train_batch_size must be at least 1"),
     (["--output_dir=o", "--warmup_ratio=1.5"], "warmup_ratio"),
+    (["--output_dir=o", "--learning_rate=0"], "--learning_rate must be more than 0, got 0.0"),
+    (["--output_dir=o", "--learning_rate=-1e-3"], "--learning_rate must be more than 0, got -0.001"),
 ])
 def test_bad_flags_are_errors(argv, match):
     with pytest.raises((ValueError, SystemExit), match=match):
@@ -37,6 +40,17 @@ def test_bad_flags_are_errors(argv, match):
 
 def test_tokens_stay_out_of_saved_args_and_reprs(tmp_path):
     model, data, training = parse_args(TYPES, ["--output_dir=o", "--token=hf_secret1", "--hub_token=hf_secret2"])
-    save_args(tmp_path / "args.json", model, data, training)
-    text = (tmp_path / "args.json").read_text() + repr(model) + repr(training)
+    resume.record_start(str(tmp_path), None, model, data, training)
+    text = (tmp_path / "training_args.json").read_text() + repr(model) + repr(training)
     assert "hf_secret" not in text and "learning_rate" in text
+
+
+def test_paths_mean_the_same_after_a_change_of_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model, data, training = parse_args(TYPES, ["--output_dir=runs/./a", "--train_file=~/corpus.txt",
+                                               "--config_name=~/my-model"])
+    assert training.output_dir == str(tmp_path / "runs" / "a")
+    assert (data.train_file, model.config_name) == (f"{tmp_path}/home/corpus.txt", f"{tmp_path}/home/my-model")
+    _, _, training = parse_args(TYPES, ["--output_dir=gs://bucket/runs/"])
+    assert training.output_dir == "gs://bucket/runs"

@@ -160,7 +160,7 @@ def test_a_run_elsewhere_resumes_from_the_pushed_training_state(pushed_run, hub,
     pushed_run("run_mlm_flax")  # pushed its state at step 4
     elsewhere = tmp_path / "elsewhere"
     logs = run("run_mlm_flax", data, elsewhere, capfd, "--hub_model_id=runs/run_mlm_flax",
-               "--hub_strategy=checkpoint", "--max_steps=6")
+               "--hub_strategy=checkpoint", "--max_steps=6", "--allow_changed_flags=max_steps")
     assert "Downloaded the training state of step 4" in logs
     assert "loop: step 6: loss" in logs and "loop: step 2: loss" not in logs  # started at 4, not 0
     assert [r["step"] for r in tiny.read_history(elsewhere) if "train/loss" in r] == [2, 4, 6]  # one curve

@@ -3,7 +3,6 @@ stream and resume a stream exactly; bad input fails before any work."""
 
 import os
 
-import numpy as np
 import pytest
 
 import run_clm_flax
@@ -20,7 +19,7 @@ def setup(tmp_path_factory):
     valid = tiny.write_corpus(work / "valid.txt", lines=20, seed=1)
     models = {kind: tiny.make_decoder(work / kind, train, kind) for kind in ("gpt2", "llama")}
     files = [f"--train_file={train}", f"--validation_file={valid}"]
-    return dict(models=models, files=files, train=train,
+    return dict(work=work, models=models, files=files, train=train,
                 data={k: [*files, f"--config_name={m}", f"--tokenizer_name={m}"] for k, m in models.items()})
 
 
@@ -52,20 +51,43 @@ def test_llama_on_eight_devices_learns(setup, tmp_path):
     assert tiny.read_json(out / "config.json")["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_streaming_trains_and_resumes_where_the_stream_stopped(setup, tmp_path):
-    args = ["--streaming", "--per_device_train_batch_size=8", *setup["data"]["gpt2"], *FLAGS,
-            "--max_steps=40", "--save_steps=20", "--eval_steps=1000"]
-    whole = tmp_path / "whole"
-    run_clm_flax.main([f"--output_dir={whole}", *args])
+def test_ctrl_c_on_a_stream_then_the_same_command_continues_exactly(setup, monkeypatch):
+    """Streaming, from the working directory with relative paths: Ctrl-C (SIGINT) between two saves, then the same
+    command again, which replays the stream to where it stopped."""
+    monkeypatch.chdir(setup["work"])
+    flags = ["--streaming", "--per_device_train_batch_size=8", "--train_file=train.txt", "--validation_file=valid.txt",
+             "--config_name=gpt2", "--tokenizer_name=gpt2", *FLAGS, "--max_steps=40", "--save_steps=20",
+             "--eval_steps=1000"]
+    run_clm_flax.main(["--output_dir=whole", *flags])
 
-    interrupted = tmp_path / "interrupted"
-    tiny.run_interrupted_then_resumed(run_clm_flax.main, [f"--output_dir={interrupted}", *args])
-    assert [s for s, _, _ in tiny.loss_curve(interrupted)] == [10, 20, 30, 40]
-    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(whole), rtol=1e-6)
-    whole_results = tiny.read_json(whole / "all_results.json")
-    assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
-        whole_results["eval_loss"], rel=1e-5)
-    assert whole_results["eval_perplexity"] < 30  # untrained: about 400
+    stopped = tiny.run_script("run_clm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"],
+                              signal={"SIGNAL_AT_STEP": 25, "SIGNAL_NAME": "SIGINT"}, returncode=130)
+    assert "SIGINT received: finishing the step in flight" in stopped.stderr and "Traceback" not in stopped.stderr
+    tiny.stopped_by_signal(stopped, setup["work"] / "run", step=25)
+    tiny.run_script("run_clm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"])
+    assert [s for s, _, _ in tiny.loss_curve("run")] == [10, 20, 30, 40]
+    tiny.assert_same_run("run", "whole")
+    assert tiny.read_json("whole/all_results.json")["eval_perplexity"] < 30  # untrained: about 400
+
+
+def test_a_tokenizer_larger_than_a_new_models_vocab_grows_it(setup, tmp_path):
+    """The original GPT-2 recipe: the config's vocab_size leaves out a token of the tokenizer. From scratch the
+    vocabulary grows to a multiple of 128; from pretrained weights it cannot."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    small = tmp_path / "small"
+    AutoConfig.from_pretrained(setup["models"]["gpt2"], vocab_size=300).save_pretrained(small)
+    out = tmp_path / "run"
+    run_clm_flax.main([f"--output_dir={out}", *setup["files"], f"--config_name={small}",
+                       f"--tokenizer_name={setup['models']['gpt2']}", *FLAGS, "--max_steps=2", "--do_train"])
+    assert tiny.read_json(out / "config.json")["vocab_size"] == 384  # 300 < len(tokenizer) <= 384
+
+    bigger = AutoTokenizer.from_pretrained(setup["models"]["gpt2"])
+    bigger.add_tokens([f"<extra_{i}>" for i in range(40)])  # 400 tokens
+    bigger.save_pretrained(tmp_path / "bigger")
+    with pytest.raises(ValueError, match="The tokenizer has 400 tokens but the model's vocab_size is 384"):
+        run_clm_flax.main([f"--output_dir={tmp_path / 'again'}", *setup["files"], f"--model_name_or_path={out}",
+                           f"--tokenizer_name={tmp_path / 'bigger'}", *FLAGS, "--max_steps=2", "--do_train"])
 
 
 @pytest.mark.parametrize("flags, match", [

@@ -169,13 +169,20 @@ def test_fine_tunes_a_body_our_mlm_script_pretrained(setup, tmp_path):
     assert tuned["classifier.out_proj.weight"].shape == (3, 32)
 
 
-def test_resumes_exactly_with_its_best_model(setup, trained, tmp_path):
-    interrupted = tmp_path / "interrupted"
-    tiny.run_interrupted_then_resumed(run_flax_glue.main, [
-        f"--output_dir={interrupted}", "--do_train", "--do_eval", "--do_predict", "--load_best_model_at_end",
-        *setup["files"], *setup["model_flags"], *FLAGS])
-    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(trained), rtol=1e-5)
-    whole, resumed = (tiny.read_json(d / "eval_results.json") for d in (trained, interrupted))
+def test_sigterm_then_the_same_command_resumes_exactly_with_its_best_model(setup, trained):
+    """From the working directory with relative paths, as the README runs it: SIGTERM between two saves, after a
+    best evaluation; the same command again."""
+    relative = ["--train_file=train.csv", "--validation_file=valid.csv", "--test_file=test.csv", "--config_name=model",
+                "--tokenizer_name=model"]
+    args = ["--output_dir=stopped", "--do_train", "--do_eval", "--do_predict", "--load_best_model_at_end", *relative,
+            *FLAGS]
+    stopped = tiny.run_script("run_flax_glue.py", args, devices=1, cwd=setup["work"], signal={"SIGNAL_AT_STEP": 57},
+                              returncode=143)
+    out = setup["work"] / "stopped"
+    tiny.stopped_by_signal(stopped, out, step=57)
+    tiny.run_script("run_flax_glue.py", args, devices=1, cwd=setup["work"])
+    np.testing.assert_allclose(tiny.loss_curve(out), tiny.loss_curve(trained), rtol=1e-5)
+    whole, resumed = (tiny.read_json(d / "eval_results.json") for d in (trained, out))
     assert resumed["eval_best_step"] == whole["eval_best_step"]
     assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
-    assert read_predictions(interrupted / "predict_results.txt") == read_predictions(trained / "predict_results.txt")
+    assert read_predictions(out / "predict_results.txt") == read_predictions(trained / "predict_results.txt")

@@ -13,6 +13,9 @@ FLAGS = ["--max_seq_length=32", "--learning_rate=3e-3", "--warmup_steps=10", "--
          "--logging_steps=10", "--save_steps=50", "--eval_steps=50", "--weight_decay=0.01", "--adam_beta2=0.98"]
 
 
+RELATIVE_DATA = ["--train_file=train.txt", "--validation_file=valid.txt", "--config_name=model", "--tokenizer_name=model"]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("mlm")
@@ -46,6 +49,12 @@ def test_learns_and_writes_every_file(setup, tmp_path):
     assert len(losses) == 10 and losses[-1] < losses[0] / 2.5
     assert tiny.read_json(out / "config.json")["architectures"] == ["RobertaForMaskedLM"]
 
+    # Evaluation alone on the finished run's output_dir evaluates the model trained there, not a new one.
+    train_results = (out / "train_results.json").read_text()
+    run_mlm_flax.main([f"--output_dir={out}", "--do_eval", *setup["data"], *FLAGS])
+    assert tiny.read_json(out / "eval_results.json")["eval_loss"] == pytest.approx(after["eval_loss"], rel=1e-6)
+    assert (out / "train_results.json").read_text() == train_results
+
 
 def test_exported_model_loads_in_pytorch_with_the_same_logits(setup, tmp_path):
     torch = pytest.importorskip("torch")
@@ -71,35 +80,35 @@ def test_exported_model_loads_in_pytorch_with_the_same_logits(setup, tmp_path):
     np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=1e-4)
 
 
-def test_resumed_run_continues_the_uninterrupted_one_exactly(setup, tmp_path):
-    args = ["--per_device_train_batch_size=16", *setup["data"], *FLAGS, "--max_steps=40", "--save_steps=20",
-            "--eval_steps=1000"]
-    whole = tmp_path / "whole"
-    run_mlm_flax.main([f"--output_dir={whole}", *args])
+def test_sigterm_then_the_same_command_continues_the_uninterrupted_run_exactly(setup, monkeypatch):
+    """As a user runs it: from the working directory with relative paths; SIGTERM between two saves; the same
+    command again."""
+    monkeypatch.chdir(setup["work"])
+    flags = ["--per_device_train_batch_size=16", *RELATIVE_DATA, *FLAGS, "--max_steps=40", "--save_steps=20",
+             "--eval_steps=1000"]
+    run_mlm_flax.main(["--output_dir=whole", *flags])
 
-    interrupted = tmp_path / "interrupted"
-    tiny.run_interrupted_then_resumed(run_mlm_flax.main, [f"--output_dir={interrupted}", *args])
-    assert [s for s, _, _ in tiny.loss_curve(interrupted)] == [10, 20, 30, 40]
-    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(whole), rtol=1e-6)
-    from safetensors.numpy import load_file
+    stopped = tiny.run_script("run_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"],
+                              signal={"SIGNAL_AT_STEP": 27}, returncode=143)
+    tiny.stopped_by_signal(stopped, setup["work"] / "run", step=27)
+    tiny.run_script("run_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"])
+    assert [s for s, _, _ in tiny.loss_curve("run")] == [10, 20, 30, 40]
+    tiny.assert_same_run("run", "whole")
 
-    a, b = load_file(whole / "model.safetensors"), load_file(interrupted / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
-        tiny.read_json(whole / "eval_results.json")["eval_loss"], rel=1e-5)
-
-    finished = tiny.read_json(whole / "all_results.json")
-    run_mlm_flax.main([f"--output_dir={whole}", *args])  # a finished run, again: nothing to do, results kept
-    assert tiny.read_json(whole / "all_results.json") == finished
+    finished = tiny.read_json("whole/all_results.json")
+    run_mlm_flax.main(["--output_dir=whole", *flags])  # a finished run, again: nothing to do, results kept
+    assert tiny.read_json("whole/all_results.json") == finished
 
 
-def test_eight_devices_and_two_hosts_give_the_same_losses(setup, tmp_path):
+def test_eight_devices_and_two_hosts_give_the_same_losses_and_stop_together(setup, tmp_path):
     args = ["--per_device_train_batch_size=2", "--per_device_eval_batch_size=3", *setup["data"], *FLAGS]
     one_host = tmp_path / "one_host"
     tiny.run_script("run_mlm_flax.py", [f"--output_dir={one_host}", *args], devices=8)
     two_hosts = tmp_path / "two_hosts"
+    # SIGTERM reaches one host only, after step 33: both agree to stop after step 34, then resume together.
+    stopped = tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args], devices=4, processes=2,
+                              signal={"SIGNAL_AT_STEP": 33, "SIGNAL_PROCESS": 1}, returncode=143)
+    tiny.stopped_by_signal(stopped, two_hosts, step=34)
     tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args], devices=4, processes=2)
 
     first, second = tiny.read_history(one_host), tiny.read_history(two_hosts)
@@ -110,7 +119,7 @@ def test_eight_devices_and_two_hosts_give_the_same_losses(setup, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
     results = tiny.read_json(one_host / "eval_results.json")
     assert results["eval_accuracy"] > 0.6
-    assert sorted(os.listdir(two_hosts / "checkpoints"), key=int) == ["50", "100"]
+    assert sorted(os.listdir(two_hosts / "checkpoints"), key=int) == ["34", "50", "100"]
 
 
 def test_line_by_line_with_accumulation_remat_and_bfloat16_also_learns(setup, tmp_path):

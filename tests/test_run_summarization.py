@@ -45,6 +45,21 @@ def t5_runs(task):
     return untrained, trained
 
 
+def test_sigterm_then_the_same_command_ends_as_the_uninterrupted_run(task, t5_runs):
+    """From the working directory with relative paths: SIGTERM mid-run (no regular save yet), the same command."""
+    relative = ["--train_file=train.json", "--validation_file=valid.json", "--test_file=test_unscored.json",
+                "--config_name=t5", "--tokenizer_name=t5"]
+    args = ["--output_dir=stopped", *relative, *LENGTHS, *TRAIN, "--do_train", "--do_eval", "--do_predict",
+            "--predict_with_generate", "--per_device_train_batch_size=16", "--label_smoothing_factor=0.1"]
+    stopped = tiny.run_script("run_summarization_flax.py", args, devices=1, cwd=task["work"],
+                              signal={"SIGNAL_AT_STEP": 33}, returncode=143)
+    tiny.stopped_by_signal(stopped, task["work"] / "stopped", step=33)
+    tiny.run_script("run_summarization_flax.py", args, devices=1, cwd=task["work"])
+    tiny.assert_same_run(task["work"] / "stopped", t5_runs[1])
+    assert (task["work"] / "stopped" / "generated_predictions.txt").read_text() == \
+        (t5_runs[1] / "generated_predictions.txt").read_text()
+
+
 def test_t5_learns_far_above_the_untrained_model(t5_runs):
     untrained, trained = t5_runs
     before, after = tiny.read_json(untrained / "eval_results.json"), tiny.read_json(trained / "eval_results.json")

@@ -3,7 +3,6 @@ resumes exactly; bad input fails before any work."""
 
 import os
 
-import numpy as np
 import pytest
 
 import run_t5_mlm_flax
@@ -19,7 +18,7 @@ def setup(tmp_path_factory):
     train = tiny.write_corpus(work / "train.txt")
     valid = tiny.write_corpus(work / "valid.txt", lines=20, seed=1)
     models = {"v1.0": tiny.make_t5(work / "t5", train), "v1.1": tiny.make_t5(work / "t5v11", train, gated=True)}
-    return dict(train=train, models=models, data={
+    return dict(work=work, train=train, models=models, data={
         k: [f"--train_file={train}", f"--validation_file={valid}", f"--config_name={m}", f"--tokenizer_name={m}"]
         for k, m in models.items()})
 
@@ -56,17 +55,29 @@ def test_t5_v1_1_on_eight_devices_learns(setup, tmp_path):
     assert results["eval_accuracy"] > 0.35, results  # untrained: below 0.1
 
 
-def test_resumed_run_continues_the_uninterrupted_one_exactly(setup, tmp_path):
-    args = ["--per_device_train_batch_size=8", *setup["data"]["v1.0"], *FLAGS, "--max_steps=20", "--save_steps=10",
-            "--eval_steps=1000", "--logging_steps=5"]
-    whole = tmp_path / "whole"
-    run_t5_mlm_flax.main([f"--output_dir={whole}", *args])
-    interrupted = tmp_path / "interrupted"
-    tiny.run_interrupted_then_resumed(run_t5_mlm_flax.main, [f"--output_dir={interrupted}", *args])
-    assert [s for s, _, _ in tiny.loss_curve(interrupted)] == [5, 10, 15, 20]
-    np.testing.assert_allclose(tiny.loss_curve(interrupted), tiny.loss_curve(whole), rtol=1e-6)
-    assert tiny.read_json(interrupted / "eval_results.json")["eval_loss"] == pytest.approx(
-        tiny.read_json(whole / "eval_results.json")["eval_loss"], rel=1e-5)
+def test_stopped_twice_and_damaged_then_the_same_command_continues_exactly(setup, monkeypatch):
+    """SIGTERM, and SIGTERM again while it saves; then its two newest checkpoints are damaged (a data file; the
+    arrays' metadata): the same command, from the working directory with relative paths, sets them aside, resumes
+    from the one before and still ends as the uninterrupted run."""
+    monkeypatch.chdir(setup["work"])
+    flags = ["--per_device_train_batch_size=8", "--train_file=train.txt", "--validation_file=valid.txt",
+             "--config_name=t5", "--tokenizer_name=t5", *FLAGS, "--max_steps=20", "--save_steps=5",
+             "--eval_steps=1000", "--logging_steps=5"]
+    run_t5_mlm_flax.main(["--output_dir=whole", *flags])
+
+    stopped = tiny.run_script("run_t5_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"],
+                              signal={"SIGNAL_AT_STEP": 13, "SIGNAL_AGAIN": 1}, returncode=143)
+    assert "SIGTERM received again: still stopping and saving; ignored" in stopped.stderr
+    tiny.stopped_by_signal(stopped, setup["work"] / "run", step=13)
+    steps = setup["work"] / "run" / "checkpoints"
+    next((steps / "13" / "state" / "d").iterdir()).unlink()
+    (steps / "10" / "state" / "_METADATA").unlink()
+
+    resumed = tiny.run_script("run_t5_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"])
+    assert "Resuming from the checkpoint of step 5 instead" in resumed.stderr
+    assert sorted(os.listdir(steps)) == ["10", "10.damaged", "13.damaged", "15", "20", "5"]
+    assert [s for s, _, _ in tiny.loss_curve("run")] == [5, 10, 15, 20]
+    tiny.assert_same_run("run", "whole")
 
 
 def fails(tmp_path, args, match):

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 WORDS = ("amber basil cedar dune ember fern grove heath iris juniper kelp larch moss nettle olive pine quartz "
          "reed sage thyme umber vale willow yarrow zinnia").split()
@@ -142,11 +143,14 @@ def read_history(output_dir):
         return [json.loads(line) for line in f]
 
 
-def run_script(script, args, devices=8, env=None, timeout=600, processes=None):
-    """Runs `script` with `args` in a fresh Python process with `devices` simulated CPU devices.
+def run_script(script, args, devices=8, env=None, timeout=600, processes=None, cwd=None, returncode=0, signal=None):
+    """Runs `script` with `args` in a fresh Python process with `devices` simulated CPU devices, from the working
+    directory `cwd` (default: this one), as a user runs it.
 
     With `processes=N` it starts N processes that form one multi-host job over 127.0.0.1 (each with `devices`
-    local devices) and returns all their results. Returns CompletedProcess objects (asserting rc 0)."""
+    local devices) and returns all their results. `signal`: environment settings of tests/signal_at_step.py
+    (e.g. {"SIGNAL_AT_STEP": 7}), which then sends the process a real signal after that step. Returns
+    CompletedProcess objects, asserting that each exited with `returncode`."""
     import socket
     import subprocess
     import sys
@@ -155,23 +159,61 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None):
     base = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                 HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=root, **(env or {}))
     command = [sys.executable, os.path.join(root, script), *map(str, args)]
+    if signal:
+        command.insert(1, os.path.join(root, "tests", "signal_at_step.py"))
+        base.update({k: str(v) for k, v in signal.items()})
     if not processes:
-        done = subprocess.run(command, env=base, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, done.stderr[-5000:]
+        done = subprocess.run(command, env=base, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == returncode, done.stderr[-5000:]
         return done
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workers = [subprocess.Popen(command, env=dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                                   JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(processes)]
     results = []
     for w in workers:
         out, err = w.communicate(timeout=timeout)
-        assert w.returncode == 0, err[-5000:]
-        results.append(subprocess.CompletedProcess(command, 0, out, err))
+        assert w.returncode == returncode, err[-5000:]
+        results.append(subprocess.CompletedProcess(command, w.returncode, out, err))
     return results
+
+
+def stopped_by_signal(done, output_dir, step, exit_within=30.0):
+    """Asserts that a run that tests/signal_at_step.py signalled saved a complete checkpoint of exactly `step` (its
+    newest), said so (process 0's log), and exited within `exit_within` seconds of the signal. `done`: run_script's
+    answer, one process or a list of them."""
+    import re
+    import time
+
+    from flaxtrain import checkpoint
+
+    hosts = done if isinstance(done, list) else [done]
+    sent = float(re.search(r"signal sent at ([\d.]+)", "".join(h.stderr for h in hosts))[1])
+    assert time.time() - sent < exit_within, "the run took too long to stop"
+    log = hosts[0].stderr
+    assert f"after step {step} of" in log and "Run the same command to resume" in log, log[-3000:]
+    assert checkpoint.steps(checkpoint.directory_of(str(output_dir)))[-1] == step
+    assert not os.path.exists(os.path.join(output_dir, "all_results.json")), "a stopped run must not look finished"
+
+
+def assert_same_run(output_dir, expected_dir, rtol=1e-6):
+    """Two runs that should be one (e.g. stopped and resumed vs uninterrupted): the same logged loss curve, exported
+    weights and evaluation."""
+    from safetensors.numpy import load_file
+
+    np.testing.assert_allclose(loss_curve(output_dir), loss_curve(expected_dir), rtol=rtol)
+    a, b = load_file(os.path.join(output_dir, "model.safetensors")), load_file(os.path.join(expected_dir,
+                                                                                            "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    results, expected = (read_json(os.path.join(d, "all_results.json")) for d in (output_dir, expected_dir))
+    for key, value in expected.items():
+        if key.startswith("eval_") and isinstance(value, float):
+            assert results[key] == pytest.approx(value, rel=1e-5), key
 
 
 def topics(rows, seed):
