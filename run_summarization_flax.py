@@ -223,7 +223,8 @@ def generation_options(model_args, data_args, hf_config, eos_token_id):
 
     source = model_args.model_name_or_path or model_args.config_name
     try:
-        defaults = GenerationConfig.from_pretrained(source, cache_dir=model_args.cache_dir, token=model_args.token,
+        defaults = GenerationConfig.from_pretrained(pretrained.local_copy(source), cache_dir=model_args.cache_dir,
+                                                    token=model_args.token,
                                                     revision=model_args.model_revision)
     except (OSError, TypeError, ValueError):  # no generation_config.json (or no source: a config from --model_type)
         defaults = GenerationConfig.from_model_config(hf_config)

@@ -9,11 +9,12 @@ of weight zero so that every evaluation batch has one compiled shape.
 import codecs
 import json
 import logging
-import os
 from typing import Optional
 
 import datasets
 import numpy as np
+
+from flaxtrain import storage
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +28,14 @@ SCAN_CHUNK = 1 << 20  # bytes read at a time when looking for what datasets coul
 
 
 def _check_file(flag: str, path: str) -> str:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"--{flag}={path}: no such file.")
     try:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             f.read(1)
     except OSError as e:
         raise ValueError(f"--{flag}={path}: cannot be read ({e}).") from e
-    if os.path.getsize(path) == 0:
+    if storage.size(path) == 0:
         raise ValueError(f"--{flag}={path}: the file is empty.")
     extension = path.rsplit(".", 1)[-1].lower()
     if extension not in BUILDERS:
@@ -121,7 +122,7 @@ def _utf8_problem(path: str) -> Optional[str]:
     """Where the first byte that is not UTF-8 is, streaming the file (any size) through an incremental decoder."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = lines = 0  # bytes and newlines before this chunk
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while True:
             chunk = f.read(SCAN_CHUNK)
             held = decoder.getstate()[0]  # the start of a character cut by the previous chunk
@@ -142,7 +143,7 @@ def _json_problem(path: str) -> Optional[str]:
     JSON object on its own (datasets then reads the file as one document: a list of rows, or columns), the
     error in that document."""
     first = True
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

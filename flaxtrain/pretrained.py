@@ -1,7 +1,13 @@
-"""Configs and tokenizers through the ordinary transformers paths (Hub names or local folders)."""
+"""Configs and tokenizers through the ordinary transformers paths (Hub names or local folders), and model folders
+in a bucket (gs://...), which are copied to a local folder first."""
+
+import functools
+import tempfile
 
 import jax.numpy as jnp
 from transformers import AutoConfig, AutoTokenizer
+
+from flaxtrain import storage
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -11,11 +17,19 @@ def _hub_kwargs(model_args):
                 trust_remote_code=model_args.trust_remote_code)
 
 
+@functools.cache
+def local_copy(source: str) -> str:
+    """`source` itself, or for a folder in a bucket, a local copy of its files (made once per process)."""
+    if not (source and storage.is_remote(source)):
+        return source
+    return storage.download(source, tempfile.mkdtemp(prefix="flaxtrain-model-"))
+
+
 def load_config(model_args, **overrides):
     """The model config from --config_name, else --model_name_or_path, else a default one of --model_type."""
     source = model_args.config_name or model_args.model_name_or_path
     if source:
-        return AutoConfig.from_pretrained(source, **_hub_kwargs(model_args), **overrides)
+        return AutoConfig.from_pretrained(local_copy(source), **_hub_kwargs(model_args), **overrides)
     if not model_args.model_type:
         raise ValueError("Give --model_name_or_path, --config_name or --model_type to say which model to train.")
     return AutoConfig.for_model(model_args.model_type, **overrides)
@@ -26,14 +40,15 @@ def load_tokenizer(model_args):
     if not source:
         raise ValueError("Give --tokenizer_name (or --model_name_or_path): this script does not train a tokenizer. "
                          "The README shows how to train one on your corpus first.")
-    return AutoTokenizer.from_pretrained(source, use_fast=model_args.use_fast_tokenizer, **_hub_kwargs(model_args))
+    return AutoTokenizer.from_pretrained(local_copy(source), use_fast=model_args.use_fast_tokenizer,
+                                         **_hub_kwargs(model_args))
 
 
 def load_weights(model_args, template_params, model_type: str, **rules):
     """Params of --model_name_or_path shaped like `template_params` (see hf_io.load_pretrained for `rules`)."""
     from flaxtrain import hf_io
 
-    return hf_io.load_pretrained(model_args.model_name_or_path, template_params, model_type=model_type,
+    return hf_io.load_pretrained(local_copy(model_args.model_name_or_path), template_params, model_type=model_type,
                                  revision=model_args.model_revision, token=model_args.token,
                                  cache_dir=model_args.cache_dir, **rules)
 

@@ -242,10 +242,7 @@ def _evaluate_trained_model(model_args, training_args):
     output_dir = training_args.output_dir
     trained = all(storage.isfile(storage.join(output_dir, name)) for name in EXPORTED)
     if model_args.model_name_or_path is None and trained:
-        local = output_dir
-        if storage.is_remote(output_dir):
-            local = storage.download(output_dir, tempfile.mkdtemp(prefix="flaxtrain-model-"))
-        model_args.model_name_or_path, model_args.config_name, model_args.tokenizer_name = local, None, None
+        model_args.model_name_or_path, model_args.config_name, model_args.tokenizer_name = output_dir, None, None
         logger.warning("Evaluating the model trained in %s (its config and tokenizer too; pass --model_name_or_path "
                        "to evaluate another).", output_dir)
         return

@@ -12,6 +12,18 @@ import tempfile
 LOCAL_SCHEMES = ("file://",)
 
 
+def _never_cache_listings():
+    """Bucket listings are read fresh every time, in every fsspec file system (orbax's path layer, etils, makes
+    its own): other hosts, and orbax's background threads, write to the bucket while this process reads it."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs", "s3"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_never_cache_listings()
+
+
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith(LOCAL_SCHEMES)
 
@@ -39,9 +51,7 @@ def parent(path: str) -> str:
 def _fs(path: str):
     import fsspec
 
-    fs, _ = fsspec.core.url_to_fs(path)
-    fs.invalidate_cache()  # another host (or orbax) may have written since this process last listed
-    return fs
+    return fsspec.core.url_to_fs(path)[0]
 
 
 def exists(path: str) -> bool:

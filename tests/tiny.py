@@ -156,8 +156,8 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None, c
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=root, **(env or {}))
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": root, **(env or {})}
     command = [sys.executable, os.path.join(root, script), *map(str, args)]
     if signal:
         command.insert(1, os.path.join(root, "tests", "signal_at_step.py"))
@@ -188,7 +188,7 @@ def stopped_by_signal(done, output_dir, step, exit_within=30.0):
     import re
     import time
 
-    from flaxtrain import checkpoint
+    from flaxtrain import checkpoint, storage
 
     hosts = done if isinstance(done, list) else [done]
     sent = float(re.search(r"signal sent at ([\d.]+)", "".join(h.stderr for h in hosts))[1])
@@ -196,7 +196,7 @@ def stopped_by_signal(done, output_dir, step, exit_within=30.0):
     log = hosts[0].stderr
     assert f"after step {step} of" in log and "Run the same command to resume" in log, log[-3000:]
     assert checkpoint.steps(checkpoint.directory_of(str(output_dir)))[-1] == step
-    assert not os.path.exists(os.path.join(output_dir, "all_results.json")), "a stopped run must not look finished"
+    assert not storage.exists(storage.join(str(output_dir), "all_results.json")), "a stopped run must look unfinished"
 
 
 def assert_same_run(output_dir, expected_dir, rtol=1e-6):
