@@ -54,3 +54,16 @@ def test_paths_mean_the_same_after_a_change_of_directory(tmp_path, monkeypatch):
     assert (data.train_file, model.config_name) == (f"{tmp_path}/home/corpus.txt", f"{tmp_path}/home/my-model")
     _, _, training = parse_args(TYPES, ["--output_dir=gs://bucket/runs/"])
     assert training.output_dir == "gs://bucket/runs"
+
+
+def test_the_scripts_run_as_programs():
+    """`./run_mlm_flax.py ...`, as the Flax community week's guide ran them."""
+    import glob
+    import os
+
+    scripts = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "run_*.py"))
+    assert len(scripts) == 5
+    for script in scripts:
+        assert os.access(script, os.X_OK), script
+        with open(script) as f:
+            assert f.readline() == "#!/usr/bin/env python3\n", script

@@ -1,4 +1,4 @@
-"""--output_dir=gs://...: a run trains, is stopped, resumes and exports through a bucket (a GCS server on 127.0.0.1,
+"""--output_dir=gs://...: a run trains, is stopped (Ctrl-C), resumes and exports through a bucket (a GCS server on 127.0.0.1,
 tests/gcs_server.py), and ends as the same run on a local disk; transformers loads what it exported."""
 
 import datasets
@@ -30,7 +30,8 @@ def test_train_stop_resume_and_export_through_a_bucket(tmp_path, monkeypatch, gc
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     remote = f"{gcs_bucket}/runs/mlm"
     stopped = tiny.run_script("run_mlm_flax.py", [f"--output_dir={remote}", *flags], devices=1, cwd=tmp_path,
-                              env=online, signal={"SIGNAL_AT_STEP": 13}, returncode=143)
+                              env=online, signal={"SIGNAL_AT_STEP": 13, "SIGNAL_NAME": "SIGINT"}, returncode=130)
+    assert "SIGINT received" in stopped.stderr and "Traceback" not in stopped.stderr  # Ctrl-C
     tiny.stopped_by_signal(stopped, remote, step=13)
     resumed = tiny.run_script("run_mlm_flax.py", [f"--output_dir={remote}", *flags], devices=1, cwd=tmp_path,
                               env=online)

@@ -130,3 +130,21 @@ def test_line_by_line_with_accumulation_remat_and_bfloat16_also_learns(setup, tm
     results = tiny.read_json(out / "all_results.json")
     assert results["eval_samples"] == 20  # one example per line
     assert results["eval_accuracy"] > 0.4, results  # untrained: 0
+
+
+def test_a_diverged_run_writes_strict_json(setup, tmp_path):
+    """--learning_rate=1e3 ends with a finite but absurd loss and an infinite perplexity: results and logs say
+    null, never the Infinity that strict JSON parsers refuse."""
+    import json
+
+    out = tmp_path / "run"
+    run_mlm_flax.main([f"--output_dir={out}", *setup["data"], *FLAGS, "--learning_rate=1e3", "--max_steps=6",
+                       "--warmup_steps=0", "--logging_steps=3", "--max_grad_norm=0"])
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a JSON file"))
+
+    results = strict((out / "all_results.json").read_text())
+    assert results["train_loss"] > 1e3 and results["eval_perplexity"] is None
+    for line in (out / "log_history.jsonl").read_text().splitlines():
+        strict(line)
