@@ -91,7 +91,7 @@ def stream_blocks(raw_split, tokenizer, block_size, skip=0, repeat=False):
 def stream_batches(blocks, global_batch, rows):
     """Global batches of a block stream; this host keeps its rows."""
     while len(batch := list(itertools.islice(blocks, global_batch))) == global_batch:
-        yield to_batch(np.stack(batch[rows]))
+        yield to_batch(np.stack([batch[i] for i in rows]))
 
 
 def to_batch(ids):
@@ -109,9 +109,9 @@ def next_token_sums(logits, batch):
 
 
 def train_step(state, batch, rng, accumulation_steps):
-    """Per-device step: token-weighted loss over every target token of the global batch."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    total_weight = jnp.maximum(jax.lax.psum(batch["weights"][:, 1:].sum(), parallel.AXIS), 1.0)
+    """Token-weighted loss over every target token of the global batch."""
+    rng = jax.random.fold_in(rng, state.step)
+    total_weight = jnp.maximum(batch["weights"][:, 1:].sum(), 1.0)
 
     def loss_fn(params, micro, rng):
         logits = state.apply_fn({"params": params}, micro["input_ids"], deterministic=False, rngs={"dropout": rng})
@@ -119,32 +119,32 @@ def train_step(state, batch, rng, accumulation_steps):
         return loss_sum / total_weight, loss_sum
 
     grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
-    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
-    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "weight": total_weight}
 
 
 def eval_step(state, batch):
     logits = state.apply_fn({"params": state.params}, batch["input_ids"])
     loss, correct, weight = next_token_sums(logits, batch)
-    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+    return {"loss": loss, "accuracy": correct, "weight": weight}
 
 
-def write_generations(path, model, params, tokenizer, prompts, data_args, seed):
-    """Greedy and sampled continuations of each prompt, one JSON line per prompt (process 0, one device)."""
+def write_generations(path, model, params, mesh, tokenizer, prompts, data_args, seed):
+    """Greedy and sampled continuations of each prompt, one JSON line per prompt. Every host runs it (the params
+    may be split over them); process 0 writes."""
     tokenizer.padding_side = "left"  # the cache needs every row's last prompt token in the same slot
     encoded = tokenizer(prompts, padding=True, return_tensors="np")
+    ids, mask = (parallel.on_every_device(encoded[k].astype(np.int32), mesh) for k in ("input_ids", "attention_mask"))
     options = dict(max_new_tokens=data_args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    params = jax.device_put(params, jax.local_devices()[0])
-    greedy = generate.generate(model, params, encoded["input_ids"], encoded["attention_mask"], **options)
-    sampled = generate.generate(model, params, encoded["input_ids"], encoded["attention_mask"], do_sample=True,
-                                temperature=data_args.temperature, top_k=data_args.top_k, top_p=data_args.top_p,
-                                rng=jax.random.key(seed), **options)
-    storage.write_text(path, "".join(
-        json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
-                    "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n"
-        for prompt, g, s in zip(prompts, np.asarray(greedy), np.asarray(sampled))))
+    greedy = generate.generate(model, params, ids, mask, **options)
+    sampled = generate.generate(model, params, ids, mask, do_sample=True, temperature=data_args.temperature,
+                                top_k=data_args.top_k, top_p=data_args.top_p, rng=jax.random.key(seed), **options)
+    greedy, sampled = parallel.fetch((greedy, sampled))
+    if jax.process_index() == 0:
+        storage.write_text(path, "".join(
+            json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
+                        "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n"
+            for prompt, g, s in zip(prompts, greedy, sampled)))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -198,29 +198,30 @@ def main(argv=None):
         raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too short. Use "
                          "more text or a smaller --block_size.")
 
-    # Model, optimizer and mesh.
-    mesh = parallel.make_mesh()
-    params = family.init_params(model, jax.random.key(training_args.seed))
-    if model_args.model_name_or_path:
-        params = pretrained.load_weights(model_args, params, hf_config.model_type)
+    # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
     train_examples = None if data_args.streaming else len(train_set) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
+    layout = loop.layout(model, family, tx, training_args)
+    mesh = layout.mesh
+
+    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
+            if model_args.model_name_or_path else None)
+    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
     def run_eval(state):
-        rows = parallel.local_rows(mesh, eval_batch)
+        rows = parallel.host_rows(mesh, eval_batch)
         return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices[rows]]),
                              len(eval_blocks), mesh, eval_batch, training_args.seed)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = parallel.data_parallel(eval_step, mesh)
+    p_eval_step = layout.eval_step(eval_step)
     resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
                         data_args, training_args)
 
     if training_args.do_train:
-        rows = parallel.local_rows(mesh, update_batch)
+        rows = parallel.host_rows(mesh, update_batch)
         if data_args.streaming:
             batches = stream_batches(stream_blocks(raw["train"], tokenizer, block_size, start_step * update_batch,
                                                    repeat=True),
@@ -229,15 +230,15 @@ def main(argv=None):
             batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])
                        for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
                                                                start_step, total_steps))
-        p_train_step = parallel.data_parallel(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
-            donate_argnums=(0,))
+        p_train_step = layout.train_step(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
             tokens_per_step=update_batch * block_size, evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture),
+                                                        architecture=model.hf_architecture,
+                                                        save_dtype=training_args.save_dtype),
             meta=meta, hub=repo)
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(train_set)
@@ -247,9 +248,9 @@ def main(argv=None):
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
         write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(eval_blocks)})
-    if prompts and jax.process_index() == 0:
+    if prompts:
         path = storage.join(training_args.output_dir, "generations.jsonl")
-        write_generations(path, model, parallel.fetch(state.params), tokenizer, prompts, data_args, training_args.seed)
+        write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed)
         logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
     hub.finish(repo, "text-generation", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)

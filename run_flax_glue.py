@@ -202,7 +202,7 @@ def gather(dataset, lengths, indices, rows, buckets, pad_id, is_regression):
     longest example (the same on every host)."""
     width = next(b for b in buckets if b >= lengths[indices].max())
     examples = dataset[indices[rows].tolist()]
-    n = rows.stop - rows.start
+    n = len(rows)
     batch = {"input_ids": np.full((n, width), pad_id, np.int32), "attention_mask": np.zeros((n, width), np.int32),
              "token_type_ids": np.zeros((n, width), np.int32)}
     for i, ids in enumerate(examples["input_ids"]):
@@ -231,9 +231,9 @@ def forward(state, params, batch, **kwargs):
 
 
 def train_step(state, batch, rng, accumulation_steps, is_regression):
-    """Per-device step; the loss is the mean over every example of the global batch."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+    """The loss is the mean over every example of the global batch."""
+    rng = jax.random.fold_in(rng, state.step)
+    total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
 
     def loss_fn(params, micro, rng):
         logits = forward(state, params, micro, deterministic=False, rngs={"dropout": rng})
@@ -241,17 +241,13 @@ def train_step(state, batch, rng, accumulation_steps, is_regression):
         return total / total_weight, total
 
     grads, total = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
-    grads = jax.lax.psum(grads, parallel.AXIS)
-    metrics = {"loss_sum": jax.lax.psum(total, parallel.AXIS), "weight": total_weight}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads), {"loss_sum": total, "weight": total_weight}
 
 
 def eval_step(state, batch, is_regression):
-    """Loss sums, and the logits of the whole global batch (gathered, so metrics see every example)."""
+    """Loss sums, and the logits of the whole global batch (so that metrics see every example)."""
     logits = forward(state, state.params, batch)
-    sums = jax.lax.psum({"loss": loss_sum(logits, batch, is_regression), "weight": batch["weights"].sum()},
-                        parallel.AXIS)
-    return {**sums, "logits": parallel.gather_rows(logits)}
+    return {"loss": loss_sum(logits, batch, is_regression), "weight": batch["weights"].sum(), "logits": logits}
 
 
 def compute_metrics(task: Task, predictions, labels) -> dict:
@@ -329,25 +325,25 @@ def main(argv=None):
     lengths = {s: np.asarray(ds["length"][:]) for s, ds in splits.items()}
     buckets = bucket_lengths(max_len, data_args.pad_to_max_length)
 
-    # Model, optimizer and mesh.
-    mesh = parallel.make_mesh()
-    params = family.init_params(model, jax.random.key(training_args.seed))
-    if model_args.model_name_or_path:
-        # A pretrained body under a new head: the head starts fresh, pretraining heads are left out.
-        params = pretrained.load_weights(model_args, params, model.config.model_type, fresh=family.HF_CLASSIFIER_HEAD,
-                                         drop=family.HF_PRETRAINING_HEADS)
+    # Optimizer, mesh and the train state split over it.
     global_batch = training_args.per_device_train_batch_size * jax.device_count()
     update_batch = global_batch * training_args.gradient_accumulation_steps
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
+    layout = loop.layout(model, family, tx, training_args)
+    mesh = layout.mesh
+    # A pretrained body under a new head: the head starts fresh, pretraining heads are left out.
+    load = (functools.partial(pretrained.load_weights, model_args, model_type=model.config.model_type,
+                              fresh=family.HF_CLASSIFIER_HEAD, drop=family.HF_PRETRAINING_HEADS)
+            if model_args.model_name_or_path else None)
+    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = parallel.data_parallel(functools.partial(eval_step, is_regression=task.is_regression), mesh)
+    p_eval_step = layout.eval_step(functools.partial(eval_step, is_regression=task.is_regression))
 
     def predict(state, split):
         """(loss or None when unlabelled, predictions, labels) over every example of `split` once."""
-        dataset, rows = splits[split], parallel.local_rows(mesh, eval_batch)
+        dataset, rows = splits[split], parallel.host_rows(mesh, eval_batch)
 
         def make_batch(indices, rng):
             return gather(dataset, lengths[split], indices, rows, buckets, tokenizer.pad_token_id, task.is_regression)
@@ -374,20 +370,21 @@ def main(argv=None):
 
     eval_metrics = None
     if training_args.do_train:
-        batches = (gather(splits["train"], lengths["train"], indices, parallel.local_rows(mesh, update_batch),
+        batches = (gather(splits["train"], lengths["train"], indices, parallel.host_rows(mesh, update_batch),
                           buckets, tokenizer.pad_token_id, task.is_regression)
                    for _, _, indices in data.epoch_batches(train_examples, update_batch, training_args.seed,
                                                            start_step, total_steps))
-        p_train_step = parallel.data_parallel(
+        p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
-                              is_regression=task.is_regression), mesh, donate_argnums=(0,))
+                              is_regression=task.is_regression))
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
             tokens_per_step=int(update_batch * lengths["train"].mean()),  # real tokens, not padding
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture),
+                                                        architecture=model.hf_architecture,
+                                                        save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, best_metric=f"eval_{task.main_metric}")
         if train_metrics:  # None: the run had already finished
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})

@@ -247,9 +247,9 @@ def generation_options(model_args, data_args, hf_config, eos_token_id):
 
 # --------------------------------------------------------------------------------------------------- steps
 def train_step(state, batch, rng, accumulation_steps, label_smoothing):
-    """Per-device step: token-weighted (label-smoothed) loss over every summary token of the global batch."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+    """Token-weighted (label-smoothed) loss over every summary token of the global batch."""
+    rng = jax.random.fold_in(rng, state.step)
+    total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
 
     def loss_fn(params, micro, rng):
         logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
@@ -258,9 +258,7 @@ def train_step(state, batch, rng, accumulation_steps, label_smoothing):
         return loss_sum / total_weight, loss_sum
 
     grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
-    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
-    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "weight": total_weight}
 
 
 def eval_step(state, batch):
@@ -268,12 +266,13 @@ def eval_step(state, batch):
     logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"],
                             batch["decoder_input_ids"])
     loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
-    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+    return {"loss": loss, "accuracy": correct, "weight": weight}
 
 
 def generate_step(params, input_ids, attention_mask, model, options):
-    """Each device summarizes its rows; the tokens [B, max_new_tokens] of the global batch come back to all."""
-    return parallel.gather_rows(generate_seq2seq.generate(model, params, input_ids, attention_mask, **options))
+    """The summaries' tokens [B, max_new_tokens] of the global batch (compiled for the mesh: each device works on
+    its rows)."""
+    return generate_seq2seq.generate(model, params, input_ids, attention_mask, **options)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -313,31 +312,30 @@ def main(argv=None):
     splits, references = load_splits(data_args, model_args, training_args, tokenizer)
     shift_right = shift_right_fn(family, model.config.decoder_start_token_id, tokenizer.pad_token_id)
 
-    # Model, optimizer and mesh.
-    mesh = parallel.make_mesh()
-    params = family.init_params(model, jax.random.key(training_args.seed))
-    if model_args.model_name_or_path:
-        params = pretrained.load_weights(model_args, params, hf_config.model_type)
+    # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
+    layout = loop.layout(model, family, tx, training_args)
+    mesh = layout.mesh
+    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
+            if model_args.model_name_or_path else None)
+    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = parallel.data_parallel(eval_step, mesh)
-    p_generate = parallel.data_parallel(functools.partial(generate_step, model=model, options=gen_options), mesh,
-                                        batch_args=(1, 2))
+    p_eval_step = layout.eval_step(eval_step)
+    p_generate = layout.params_step(functools.partial(generate_step, model=model, options=gen_options), batch_args=2)
     if generating:  # traced now (no compiling, no computing), so that unsupported settings fail before training
         ids = jax.ShapeDtypeStruct((eval_batch, data_args.max_source_length), jnp.int32)
-        jax.eval_shape(p_generate, state.params, ids, ids)
+        p_generate.lower(state.params, ids, ids)
 
     def make_batch(dataset, indices, rng=None):
-        return to_batch(dataset[indices[parallel.local_rows(mesh, len(indices))].tolist()], shift_right)
+        return to_batch(dataset[indices[parallel.host_rows(mesh, len(indices))].tolist()], shift_right)
 
     def summarize(params, dataset):
         """Token ids [N, generation_max_length] of every example's summary, in order."""
-        rows = parallel.local_rows(mesh, eval_batch)
+        rows = parallel.host_rows(mesh, eval_batch)
 
         def make_batch(indices, rng):
             host = dataset[indices[rows].tolist()]
@@ -372,16 +370,17 @@ def main(argv=None):
         batches = (make_batch(splits["train"], indices)
                    for _, _, indices in data.epoch_batches(len(splits["train"]), update_batch, training_args.seed,
                                                            start_step, total_steps))
-        p_train_step = parallel.data_parallel(
+        p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
-                              label_smoothing=training_args.label_smoothing_factor), mesh, donate_argnums=(0,))
+                              label_smoothing=training_args.label_smoothing_factor))
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
             tokens_per_step=update_batch * (data_args.max_source_length + data_args.max_target_length),
             evaluate=(lambda state: evaluate(state)[0]) if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture),
+                                                        architecture=model.hf_architecture,
+                                                        save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")
         if train_metrics:  # None: the run had already finished
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})

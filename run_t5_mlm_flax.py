@@ -206,9 +206,9 @@ def group_texts(examples, raw_length):
 
 # --------------------------------------------------------------------------------------------------- steps
 def train_step(state, batch, rng, accumulation_steps):
-    """Per-device step: token-weighted loss over every target token of the global batch."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    total_weight = jnp.maximum(jax.lax.psum(batch["weights"].sum(), parallel.AXIS), 1.0)
+    """Token-weighted loss over every target token of the global batch."""
+    rng = jax.random.fold_in(rng, state.step)
+    total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
 
     def loss_fn(params, micro, rng):
         logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
@@ -217,16 +217,14 @@ def train_step(state, batch, rng, accumulation_steps):
         return loss_sum / total_weight, loss_sum
 
     grads, loss_sum = training.accumulate_gradients(loss_fn, state.params, batch, rng, accumulation_steps)
-    grads = jax.lax.psum(grads, parallel.AXIS)  # each device's loss is already divided by the global weight
-    metrics = {"loss_sum": jax.lax.psum(loss_sum, parallel.AXIS), "weight": total_weight}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads), {"loss_sum": loss_sum, "weight": total_weight}
 
 
 def eval_step(state, batch):
     logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"],
                             batch["decoder_input_ids"])
     loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
-    return jax.lax.psum({"loss": loss, "accuracy": correct, "weight": weight}, parallel.AXIS)
+    return {"loss": loss, "accuracy": correct, "weight": weight}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -276,19 +274,19 @@ def main(argv=None):
                                  f"{data_args.max_seq_length} needs before corruption): use more text or a smaller "
                                  "--max_seq_length.")
 
-    # Model, optimizer and mesh.
-    mesh = parallel.make_mesh()
-    params = family.init_params(model, jax.random.key(training_args.seed))
-    if model_args.model_name_or_path:
-        params = pretrained.load_weights(model_args, params, hf_config.model_type)
+    # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
     train_examples = len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    state, start_step, meta = loop.start_state(model, params, tx, mesh, run, train_examples)
+    layout = loop.layout(model, family, tx, training_args)
+    mesh = layout.mesh
+    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
+            if model_args.model_name_or_path else None)
+    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
     def make_batch(dataset, indices, rng):
-        return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.local_rows(mesh, len(indices)),
+        return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.host_rows(mesh, len(indices)),
                             sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
                             data_args.max_seq_length, targets_length, model.config.decoder_start_token_id)
 
@@ -297,7 +295,7 @@ def main(argv=None):
                              len(splits["validation"]), mesh, eval_batch, training_args.seed)
 
     eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = parallel.data_parallel(eval_step, mesh)
+    p_eval_step = layout.eval_step(eval_step)
     resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
                         data_args, training_args)
 
@@ -305,16 +303,16 @@ def main(argv=None):
         batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))
                    for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
                                                                training_args.seed, start_step, total_steps))
-        p_train_step = parallel.data_parallel(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps), mesh,
-            donate_argnums=(0,))
+        p_train_step = layout.train_step(
+            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
             tokens_per_step=update_batch * (data_args.max_seq_length + targets_length),
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture),
+                                                        architecture=model.hf_architecture,
+                                                        save_dtype=training_args.save_dtype),
             meta=meta, hub=repo)
         if train_metrics:  # None: the run had already finished
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})

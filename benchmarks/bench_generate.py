@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 from transformers import AutoConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,8 +42,8 @@ def main(argv=None):
     source, new_tokens = args.source or spec["seq"], args.new_tokens or spec["target"]
     hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
     family, model = models.create(hf_config, "Seq2SeqLM")
-    mesh = parallel.make_mesh()
-    params = parallel.replicate(family.init_params(model, jax.random.key(0)), mesh)
+    layout = parallel.StateLayout(model, family.init_params, optax.identity(), parallel.make_mesh(), parallel.RULES)
+    mesh, params = layout.mesh, layout.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     host = {"input_ids": rng.integers(3, hf_config.vocab_size, (args.batch, source)).astype(np.int32),
             "attention_mask": np.ones((args.batch, source), np.int32)}
@@ -50,12 +51,11 @@ def main(argv=None):
 
     for beams in args.beams:
         def step(params, input_ids, attention_mask, beams=beams):
-            tokens = generate_seq2seq.generate(model, params, input_ids, attention_mask, max_new_tokens=new_tokens,
-                                               num_beams=beams, eos_token_id=())
-            return parallel.gather_rows(tokens)
+            return generate_seq2seq.generate(model, params, input_ids, attention_mask, max_new_tokens=new_tokens,
+                                             num_beams=beams, eos_token_id=())
 
-        run = functools.partial(parallel.data_parallel(step, mesh, batch_args=(1, 2)), params,
-                                batch["input_ids"], batch["attention_mask"])
+        run = functools.partial(layout.params_step(step, batch_args=2), params, batch["input_ids"],
+                                batch["attention_mask"])
         started = time.perf_counter()
         jax.block_until_ready(run())
         first = time.perf_counter() - started

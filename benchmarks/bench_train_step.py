@@ -1,11 +1,18 @@
 #!/usr/bin/env python
 """Times the real train step of a script (run_mlm_flax.py, run_clm_flax.py, run_t5_mlm_flax.py,
-run_summarization_flax.py) on the devices at hand.
+run_summarization_flax.py) on the devices at hand, or plans its memory on a mesh without allocating the model.
 
 Prints the first-step (compile) time, steady-state seconds per step, tokens/second, model-FLOPs utilisation
 against this machine's measured peak matmul throughput, and peak memory.
 
     python benchmarks/bench_train_step.py --config bert-small [--dtype bfloat16] [--steps 20]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_train_step.py --config llama-7b \
+        --fsdp 8 --compile_only [--gradient_checkpointing]
+
+--compile_only builds the train state abstractly (jax.eval_shape), lowers and compiles the real train step for the
+mesh of --fsdp and --tensor_parallel, and prints the per-device bytes of parameters and optimizer state
+(`state_GiB_per_device`, from the shardings) and XLA's memory_analysis() of the compiled step (`argument_GiB`,
+`temp_GiB`, `output_GiB`, per device): what the run needs on the accelerator, planned on simulated CPU devices.
 
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
@@ -16,6 +23,7 @@ encoder's parameters count the input tokens and the decoder's the target tokens 
 import argparse
 import functools
 import json
+import math
 import os
 import resource
 import sys
@@ -44,6 +52,16 @@ CONFIGS = {
     "llama-small": dict(type="llama", seq=256, batch=4, model=dict(
         vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
         intermediate_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)),
+    # The shapes of Llama-3.2-1B (its RoPE scaling aside), Llama-2-7B and GPT-2 XL, for --compile_only plans.
+    "llama-1b": dict(type="llama", seq=2048, batch=8, model=dict(
+        vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, intermediate_size=8192, max_position_embeddings=131072, rope_theta=500000.0,
+        tie_word_embeddings=True)),
+    "llama-7b": dict(type="llama", seq=2048, batch=8, model=dict(
+        vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False)),
+    "gpt2-xl": dict(type="gpt2", seq=1024, batch=8, model=dict(
+        vocab_size=50257, n_embd=1600, n_layer=48, n_head=25, n_positions=1024)),
     "t5-small": dict(type="t5", seq=128, target=32, batch=8, model=dict(
         vocab_size=32128, d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64)),
     "bart-small": dict(type="bart", seq=256, target=64, batch=4, model=dict(
@@ -114,34 +132,59 @@ def peak_memory_bytes() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
 
 
+def state_bytes_per_device(abstract_state) -> int:
+    """Bytes of one device's shards of the train state (the largest over devices)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="bert-small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the first")
     parser.add_argument("--batch", type=int, help="global batch (default: the config's)")
+    parser.add_argument("--seq", type=int, help="sequence length (default: the config's)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--fsdp", type=int, default=1, help="devices the state is split over (-1: all)")
+    parser.add_argument("--tensor_parallel", type=int, default=1)
+    parser.add_argument("--compile_only", action="store_true", help="plan memory: compile, allocate nothing")
     args = parser.parse_args(argv)
 
     spec = CONFIGS[args.config]
-    seq, target, batch = spec["seq"], spec.get("target", 0), args.batch or spec["batch"]
+    seq, target, batch = args.seq or spec["seq"], spec.get("target", 0), args.batch or spec["batch"]
     hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
     head, script = TASKS[spec["type"]]
     dtype = jnp.dtype(args.dtype)
     family, model = models.create(hf_config, head, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
-    mesh = parallel.make_mesh()
-    params = family.init_params(model, jax.random.key(0))
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    flops_per_step = model_flops_per_step(params, hf_config, batch, seq, target)
-
-    opt_args = argparse.Namespace(adafactor=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                                  weight_decay=0.01, max_grad_norm=1.0)
-    tx = training.make_optimizer(opt_args, 1e-4)
-    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
-    step = parallel.data_parallel(functools.partial(script.train_step, accumulation_steps=1,
-                                                    **STEP_OPTIONS.get(script, {})), mesh,
-                                  donate_argnums=(0,))
+    tx = training.make_optimizer(1e-4, weight_decay=0.01)
+    mesh = parallel.make_mesh(args.fsdp, args.tensor_parallel)
+    layout = parallel.StateLayout(model, family.init_params, tx, mesh, parallel.RULES)
+    step = layout.train_step(functools.partial(script.train_step, accumulation_steps=1,
+                                               **STEP_OPTIONS.get(script, {})))
     host = synthetic_batch(script, hf_config.vocab_size, batch, seq, target, np.random.default_rng(0))
+    abstract_state = layout.abstract_state()
+    params = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    result = {"config": args.config, "dtype": args.dtype, "devices": f"{jax.device_count()} x "
+              f"{jax.devices()[0].device_kind}", "mesh": dict(mesh.shape), "params_M": round(n_params / 1e6, 2),
+              "global_batch": batch, "seq": seq, **({"target": target} if target else {}),
+              "gradient_checkpointing": args.gradient_checkpointing,
+              "state_GiB_per_device": round(state_bytes_per_device(abstract_state) / 2**30, 3)}
+
+    if args.compile_only:
+        batch_sharding = parallel.batch_sharding(mesh)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in host.items()}
+        start = time.perf_counter()
+        compiled = step.lower(abstract_state, abstract_batch, jax.random.key(1)).compile()
+        memory = compiled.memory_analysis()
+        result.update(compile_s=round(time.perf_counter() - start, 1),
+                      **{f"{name}_GiB": round(getattr(memory, f"{name}_size_in_bytes") / 2**30, 3)
+                         for name in ("argument", "temp", "output")})
+        print(json.dumps(result))
+        return result
+
+    flops_per_step = model_flops_per_step(params, hf_config, batch, seq, target)
+    state = layout.create(layout.init(jax.random.key(0)))
     device_batch = parallel.to_global(host, mesh, batch)
     dropout_rng = jax.random.key(1)
 
@@ -158,15 +201,13 @@ def main(argv=None):
     tokens_per_s = batch * (seq + target) / step_s  # encoder and decoder tokens for T5 and BART
     peak = peak_matmul_flops(dtype) * jax.device_count()
     memory, memory_kind = peak_memory_bytes()
-    result = {
-        "config": args.config, "dtype": args.dtype, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "params_M": round(n_params / 1e6, 2), "global_batch": batch, "seq": seq, **({"target": target} if target else {}),
+    result.update({
         "first_step_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(flops_per_step / step_s / 1e12, 4),
         "peak_matmul_tflops_per_s": round(peak / 1e12, 4),
         "mfu": round(flops_per_step / step_s / peak, 4),
         "peak_memory_GiB": round(memory / 2 ** 30, 3), "memory_kind": memory_kind,
-    }
+    })
     print(json.dumps(result))
     return result
 

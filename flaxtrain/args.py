@@ -102,6 +102,7 @@ class TrainingArguments:
         "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
         "save_total_limit", "resume_from_checkpoint", "allow_changed_flags", "gradient_checkpointing",
+        "fsdp", "tensor_parallel", "logical_axis_rules", "save_dtype",
         "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy")
 
     output_dir: str = field(metadata={"help": "Where checkpoints, the exported model, logs and results go."})
@@ -156,6 +157,19 @@ class TrainingArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute layer activations in the backward pass to save memory."}
     )
+    fsdp: int = field(
+        default=1, metadata={"help": "Devices that each parameter and its optimizer state are split over (fully "
+                                     "sharded data parallelism); -1: all devices left by --tensor_parallel. The "
+                                     "batch is split over every device either way."})
+    tensor_parallel: int = field(
+        default=1, metadata={"help": "Devices that each layer's attention heads and MLP are split over (best "
+                                     "within a host)."})
+    logical_axis_rules: Optional[str] = field(
+        default=None, metadata={"help": "JSON that overrides the mapping of the models' logical axes onto the mesh, "
+                                        "e.g. '{\"vocab\": [\"tensor\"]}' (see flaxtrain/parallel.py's RULES)."})
+    save_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the exported model's weights (model.safetensors).",
+                                     "choices": ["float32", "bfloat16", "float16"]})
     load_best_model_at_end: bool = field(
         default=False,
         metadata={"help": "Keep the model of the best evaluation (by --metric_for_best_model) as the final model, "

@@ -65,7 +65,8 @@ class Checkpoints:
 
 
 def restore(directory: str, step: int, state_like):
-    """Restores (state, meta) saved at `step`, with the shapes, dtypes and shardings of `state_like`."""
+    """Restores (state, meta) saved at `step`, with the shapes, dtypes and shardings of `state_like` (arrays or
+    jax.ShapeDtypeStructs with shardings): onto this run's mesh, whatever mesh saved it."""
     manager = _reader(directory)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
     try:

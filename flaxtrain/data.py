@@ -1,7 +1,7 @@
 """Loading datasets (Hub name or local txt/csv/json files) and planning the batches each host feeds.
 
 Batches are planned as index arrays over the whole global batch, identically on every host; each host then
-gathers only its own rows (`parallel.local_rows`). Training order is a permutation seeded by (seed, epoch), so a
+gathers only its own rows (`parallel.host_rows`). Training order is a permutation seeded by (seed, epoch), so a
 resumed run sees the same batches; evaluation covers every example once, the last partial batch padded with rows
 of weight zero so that every evaluation batch has one compiled shape.
 """

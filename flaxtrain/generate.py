@@ -128,6 +128,12 @@ def _generate_decoder_only(model, params, input_ids, attention_mask, rng, eos_to
                    sampling, max_new_tokens=max_new_tokens)
 
 
+def fetchable(x):
+    """x, or this host's copy of it when it is a global array whole on every device (as parallel.on_every_device
+    makes, on several hosts)."""
+    return x.addressable_data(0) if isinstance(x, jax.Array) and x.is_fully_replicated else x
+
+
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
@@ -143,7 +149,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     try:
-        mask = np.asarray(attention_mask)
+        mask = np.asarray(fetchable(attention_mask))
     except jax.errors.TracerArrayConversionError:  # called under a jit of the caller's: cannot check
         mask = None
     if mask is not None and (np.diff(mask, axis=1) < 0).any():

@@ -95,26 +95,6 @@ def _process_scores(scores, sequences, length, s: _Settings, knobs: dict):
     return jnp.where(forced_end, jnp.where(jnp.isin(vocab, eos), 0.0, -jnp.inf), scores)
 
 
-def _varying_axes(x) -> frozenset:
-    """The shard_map mesh axes along which x's value differs between devices (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases called it `vma`
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def _varying_like(tree, *sources):
-    """Under shard_map, a while_loop's carry must keep its type, and what the loop computes from the (per-device)
-    inputs varies over the mesh axes: so the initial carry, built from constants, is cast to vary as `sources` do.
-    Outside shard_map this returns `tree` unchanged."""
-    axes = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(sources)))
-
-    def cast(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree) if axes else tree
-
-
 def _eos(s: _Settings):
     return jnp.asarray(s.eos_token_id or (-1,), jnp.int32)  # -1 matches no token
 
@@ -125,8 +105,7 @@ def _greedy_search(model, params, input_ids, attention_mask, knobs: dict, s: _Se
     # The decoder reads at most max_new_tokens tokens: the start token and all but the last new one.
     encoder_hidden, cache = _start(model, params, input_ids, attention_mask, s.max_new_tokens)
     sequences = jnp.full((batch_size, s.max_new_tokens + 1), s.pad_token_id, jnp.int32)
-    # (Varying as the inputs under shard_map: the decoder's scan over layers must also keep its carry's type.)
-    sequences = _varying_like(sequences.at[:, 0].set(s.decoder_start_token_id), params, input_ids, attention_mask)
+    sequences = sequences.at[:, 0].set(s.decoder_start_token_id)
 
     def select(sequences, done, logits, i):
         # (transformers processes raw logits in greedy search; the forced and banned tokens pick the same argmax.)
@@ -149,7 +128,7 @@ def _greedy_search(model, params, input_ids, attention_mask, knobs: dict, s: _Se
         i, _, done, _, _ = carry
         return (i < s.max_new_tokens) & ~jnp.all(done)
 
-    carry = _varying_like((sequences, done, token, cache), params, input_ids, attention_mask)
+    carry = (sequences, done, token, cache)
     return lax.while_loop(cond, body, (jnp.int32(1), *carry))[1][:, 1:]
 
 
@@ -234,7 +213,7 @@ def _beam_search(model, params, input_ids, attention_mask, knobs: dict, s: _Sett
                     scores=scores, finished=finished, improvable=improvable, go=go, rows=rows)
 
     running = jnp.full((batch_size, num_beams, max_length), s.pad_token_id, jnp.int32)
-    running = _varying_like(running.at[:, :, 0].set(s.decoder_start_token_id), params, input_ids, attention_mask)
+    running = running.at[:, :, 0].set(s.decoder_start_token_id)
     state = dict(
         running=running,
         # Only the first beam is live at first: the others hold the same tokens and would duplicate its candidates.
@@ -256,7 +235,6 @@ def _beam_search(model, params, input_ids, attention_mask, knobs: dict, s: _Sett
         i, state, _ = carry
         return (i < s.max_new_tokens) & state["go"]
 
-    state, cache = _varying_like((state, cache), params, input_ids, attention_mask)
     state = lax.while_loop(cond, body, (jnp.int32(1), state, cache))[1]
     return state["sequences"][:, 0, 1:]
 
@@ -279,7 +257,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     forced_eos_token_id=...)` (for beams: its best hypothesis, whose score is log-probability / generated length **
     length_penalty; early_stopping True, False or "never" as there). length_penalty and early_stopping do nothing for
     greedy search. The token ids default to model.config's (decoder_start_token_id, eos_token_id, pad_token_id;
-    no forced tokens). Compiled once per (model, shapes, settings); callable inside the caller's jit or shard_map.
+    no forced tokens). Compiled once per (model, shapes, settings); callable inside the caller's jit.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

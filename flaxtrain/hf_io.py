@@ -12,23 +12,33 @@ checkpoints carry and the model does not use) and HF_RENAMED ({params path prefi
 that sit elsewhere in the checkpoint, e.g. T5's shared position bias, kept outside the scanned blocks but saved in
 block 0) and HF_ZEROS (regexes of buffers that some checkpoints lack and that load as zeros then, as transformers
 initialises them, e.g. BART's final_logits_bias in a checkpoint of the bare BartModel).
+
+Models of several billion parameters never sit whole in one host's memory: loading reads a safetensors checkpoint
+tensor by tensor and builds one params leaf at a time (a `place` function can put each on devices as it is done);
+exporting gathers one leaf at a time and writes shards of at most `max_shard_size`, as transformers splits them.
 """
 
+import contextlib
 import copy
+import dataclasses
 import glob
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors checkpoints load)
 import numpy as np
+import safetensors
 import safetensors.numpy
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from flaxtrain import storage
 from flaxtrain.models import get_family
@@ -42,6 +52,12 @@ _IGNORED = (r"(^|\.)position_ids$",)
 _OLD_NAMES = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"))
 _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# max_shard_size units as transformers reads them: KB/MB/GB/TB in powers of 10 (huggingface_hub's parse_size_to_int,
+# which its save_pretrained uses), KiB/MiB/GiB in powers of 2 (its convert_file_size_to_int).
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+Place = Callable[[tuple[str, ...], np.ndarray], Any]
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -76,32 +92,96 @@ def _transposed(path: tuple[str, ...], key: str, untransposed: Sequence[str]) ->
     return path[-1] == "kernel" and not _matches(key, untransposed)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Params -> checkpoint tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One checkpoint tensor of a params tree: which leaf (and layer of a stacked leaf) it is, and how it is written."""
+    key: str
+    path: tuple[str, ...]
+    layer: int | None
+    transposed: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _tensors(flat: Mapping[tuple[str, ...], Any], *, scanned: Sequence[str], untransposed: Sequence[str],
+             renamed: Mapping[str, str] | None, dtype: np.dtype | None = None) -> list[_Tensor]:
+    """The checkpoint tensors of flattened params, from the leaves' shapes alone, leaf by leaf (in sorted path order,
+    the same on every process, since gathering a leaf split across processes is a collective). Floating-point
+    leaves are written in `dtype` (default: their own)."""
+    tensors = []
+    for path in sorted(flat):
+        leaf = flat[path]
+        keys, stacked = _hf_keys(path, _leading(leaf), scanned, renamed)
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        out = dtype if dtype is not None and jax.dtypes.issubdtype(leaf.dtype, np.floating) else np.dtype(leaf.dtype)
+        for layer, key in enumerate(keys):
+            transposed = _transposed(path, key, untransposed)
+            if transposed and len(shape) != 2:
+                raise ValueError(f"{'/'.join(path)}: no checkpoint layout rule for a {len(shape)}-D kernel")
+            tensors.append(_Tensor(key, path, layer if stacked else None, transposed,
+                                   shape[::-1] if transposed else shape, out))
+    return tensors
+
+
+def _gather(leaf) -> np.ndarray:
+    """A params leaf whole, as numpy on this host. A collective (every process calls it) for a leaf split across
+    processes."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def _arrays(flat: Mapping[tuple[str, ...], Any], tensors: Sequence[_Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array in PyTorch layout and the tensor's dtype) for each of `tensors`, gathering each leaf once and
+    keeping only the leaf in hand."""
+    path = leaf = None
+    for tensor in tensors:
+        if tensor.path != path:
+            leaf = None  # let the previous leaf go before the next one arrives
+            path, leaf = tensor.path, _gather(flat[tensor.path])
+        array = leaf if tensor.layer is None else leaf[tensor.layer]
+        # A copy, not a view: a view would keep the whole gathered leaf alive for as long as the shard is.
+        yield tensor.key, np.array(array.T if tensor.transposed else array, dtype=tensor.dtype, order="C")
+
+
 def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = (), untransposed: Sequence[str] = (),
                          renamed: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Params tree -> {PyTorch key: array in PyTorch layout}. Stacked leaves under `scanned` paths are split per layer;
-    kernels whose key matches an `untransposed` regex are written as they are.
-    Params must be fully addressable (replicated or on one host): gather them first when sharded across hosts."""
-    state = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(jax.device_get(value))
-        keys, stacked = _hf_keys(path, _leading(value), scanned, renamed)
-        for key, array in zip(keys, value if stacked else [value]):
-            if _transposed(path, key, untransposed):
-                if array.ndim != 2:
-                    raise ValueError(f"{'/'.join(path)}: no checkpoint layout rule for a {array.ndim}-D kernel")
-                array = array.T
-            state[key] = np.ascontiguousarray(array)
-    return state
+    """Params tree -> {PyTorch key: array in PyTorch layout}, all of it in host memory (for small models and tests;
+    save_pretrained writes large ones shard by shard). Stacked leaves under `scanned` paths are split per layer;
+    kernels whose key matches an `untransposed` regex are written as they are. Leaves split across processes are
+    gathered: then every process must call it."""
+    flat = traverse_util.flatten_dict(params)
+    return dict(_arrays(flat, _tensors(flat, scanned=scanned, untransposed=untransposed, renamed=renamed)))
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping, *, scanned: Sequence[str] = (),
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint tensors -> params
+
+
+def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping, *, scanned: Sequence[str] = (),
                          tied: Mapping[str, str] | None = None, fresh: Sequence[str] = (), drop: Sequence[str] = (),
                          base_model_prefix: str | None = None, untransposed: Sequence[str] = (),
-                         renamed: Mapping[str, str] | None = None, zeros: Sequence[str] = ()) -> dict:
-    """PyTorch state dict -> params tree shaped and typed like `template` (init'd or `jax.eval_shape`d params).
+                         renamed: Mapping[str, str] | None = None, zeros: Sequence[str] = (),
+                         place: Place | None = None) -> dict:
+    """PyTorch state dict -> params tree shaped and typed like `template` (init'd, `jax.eval_shape`d or sharded
+    params).
 
+    state_dict: {key: array}, or {key: anything with a `shape` that np.asarray reads}, as load_pretrained passes
+      tensors still on disk. Keys and shapes are all checked first; then each leaf is built in turn (transposed,
+      stacked over layers, cast to the template's dtype), reading only its own tensors.
     fresh: regexes over checkpoint keys of template params that may be absent from the checkpoint; those keep the
-      template's values (so the template must hold real arrays for them), e.g. a new classifier head.
+      template's values (so the template must hold real arrays for them; a jax.Array stays as it is, on its devices),
+      e.g. a new classifier head.
     drop: regexes over checkpoint keys that may be left unused, e.g. an MLM head when loading a classifier.
     tied: {key: source} checkpoint keys that are copies of another weight; checked equal to the source and dropped,
       unless the template has a param of that key (a model configured with untied weights), which the source
@@ -110,8 +190,11 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
     zeros: regexes over checkpoint keys that load as zeros when absent (works with eval_shape'd templates).
     base_model_prefix: prepended to every checkpoint key when that makes more keys fit the template (a checkpoint
       of the bare body, as transformers' AutoModel saves it).
+    place: called as place(path, array) with each leaf built (numpy, the template leaf's shape and dtype); what it
+      returns goes into the tree, e.g. the array put on devices with a NamedSharding, so that host memory holds one
+      leaf at a time.
     Anything else missing or unexpected, and any shape mismatch, raises ValueError naming the keys.
-    Returns a nested dict of numpy arrays (put them on devices with the sharding you want).
+    Returns a nested dict of numpy arrays, or of what `place` returns.
     """
     state = {}
     for key, value in state_dict.items():
@@ -139,19 +222,19 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
             logger.warning("%s is not in the checkpoint: copied from %s (saved tied)", key, source)
             state[key] = state[source]
 
-    params, used, missing, fresh_keys, mismatched = {}, set(), [], [], []
+    # First every key and shape, so that a checkpoint that does not fit fails before any leaf is read or placed.
+    loaded, zeroed, used, missing, fresh_keys, mismatched = {}, set(), set(), [], [], []
     for path, leaf in flat.items():
         keys, stacked = _hf_keys(path, _leading(leaf), scanned, renamed)
         absent = [k for k in keys if k not in state]
         if absent:
             if len(absent) == len(keys) and all(_matches(k, zeros) for k in keys):
-                params[path] = np.zeros(leaf.shape, leaf.dtype)
+                zeroed.add(path)
                 fresh_keys += keys
             elif len(absent) == len(keys) and all(_matches(k, fresh) for k in keys):
                 if isinstance(leaf, jax.ShapeDtypeStruct):
                     raise ValueError(f"{keys[0]} is allowed fresh but the template has no values for it: "
                                      "pass init'd params, not eval_shape'd ones")
-                params[path] = np.asarray(leaf)
                 fresh_keys += keys
             else:
                 missing += absent
@@ -160,16 +243,11 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
         transposed = _transposed(path, keys[0], untransposed)
         if transposed:
             expected = expected[::-1]
-        arrays = []
         for key in keys:
             used.add(key)
-            array = np.asarray(state[key])
-            if array.shape != expected:
-                mismatched.append(f"{key}: expected {tuple(expected)}, found {tuple(array.shape)}")
-                continue
-            arrays.append(array.T if transposed else array)
-        if len(arrays) == len(keys):
-            params[path] = (np.stack(arrays) if stacked else arrays[0]).astype(leaf.dtype)
+            if tuple(np.shape(state[key])) != tuple(expected):
+                mismatched.append(f"{key}: expected {tuple(expected)}, found {tuple(np.shape(state[key]))}")
+        loaded[path] = [state[k] for k in keys], stacked, transposed
 
     unused = [k for k in state if k not in used]
     unexpected = sorted(k for k in unused if not _matches(k, drop))
@@ -182,12 +260,53 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
         logger.warning("not in the checkpoint, newly initialised: %s", _listing(fresh_keys))
     if unused:
         logger.info("in the checkpoint, not used by the model: %s", _listing(sorted(unused)))
+
+    params = {}
+    for path, leaf in flat.items():
+        if path in loaded:
+            array = _build_leaf(leaf, *loaded[path])
+        elif path in zeroed:
+            array = np.zeros(leaf.shape, leaf.dtype)
+        elif isinstance(leaf, jax.Array):  # fresh, and already where the caller wants it: never pulled to the host
+            params[path] = leaf
+            continue
+        else:  # fresh
+            array = np.asarray(leaf)
+        params[path] = array if place is None else place(path, array)
     return traverse_util.unflatten_dict(params)
 
 
-def _read_file(path: str) -> dict[str, np.ndarray]:
+def _build_leaf(leaf, tensors: Sequence[Any], stacked: bool, transposed: bool) -> np.ndarray:
+    """One params leaf, shaped and typed like the template's `leaf`, from its checkpoint tensor (one per layer when
+    stacked): each tensor is read, transposed and cast straight into the leaf, so host memory holds the leaf and one
+    tensor."""
+    array = np.empty(leaf.shape, leaf.dtype)
+    for layer, tensor in enumerate(tensors):
+        tensor = np.asarray(tensor)
+        target = array[layer] if stacked else array
+        target[...] = tensor.T if transposed else tensor
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredTensor:
+    """A tensor of a safetensors file, read from disk only when np.asarray asks for it."""
+    file: str
+    key: str
+    shape: tuple[int, ...]
+
+    def __array__(self, dtype=None, copy=None):
+        with safetensors.safe_open(self.file, framework="numpy") as f:
+            array = f.get_tensor(self.key)
+        return array if dtype is None else array.astype(dtype)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """{key: tensor} of one checkpoint file: a safetensors file's tensors stay on disk (only its header is read), a
+    PyTorch pickle is read whole."""
     if path.endswith(".safetensors"):
-        return safetensors.numpy.load_file(path)
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return {k: _StoredTensor(path, k, tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     try:
         import torch
     except ImportError:
@@ -210,10 +329,8 @@ def _download(name: str, revision: str | None, **hub) -> str:
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their sharded forms) in {name}")
 
 
-def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, np.ndarray]:
-    """{key: array} of a checkpoint: a file, a local directory, or a Hub repo name (downloaded; `hub` may give
-    token and cache_dir). A directory is read from model.safetensors, a sharded model.safetensors.index.json, or
-    pytorch_model.bin(.index.json), in that order."""
+def _checkpoint(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, Any]:
+    """{key: tensor} of a checkpoint (see load_state_dict), safetensors tensors still on disk."""
     if os.path.exists(model_name_or_path):
         path = model_name_or_path
     else:
@@ -233,52 +350,147 @@ def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub)
     return state
 
 
+def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, np.ndarray]:
+    """{key: array} of a checkpoint: a file, a local directory, or a Hub repo name (downloaded; `hub` may give
+    token and cache_dir). A directory is read from model.safetensors, a sharded model.safetensors.index.json, or
+    pytorch_model.bin(.index.json), in that order. Reads every tensor into memory: load_pretrained does not."""
+    return {k: np.asarray(v) for k, v in _checkpoint(model_name_or_path, revision, **hub).items()}
+
+
 def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_type: str,
                     fresh: Sequence[str] = (), drop: Sequence[str] = (), revision: str | None = None,
-                    **hub) -> dict:
+                    place: Place | None = None, **hub) -> dict:
     """Params for a model of `model_type` from a local or Hub checkpoint; see `state_dict_to_params` for fresh/drop.
 
-    E.g. a GLUE classifier from an MLM checkpoint:
+    A safetensors checkpoint (model.safetensors, or the shards of model.safetensors.index.json) is read tensor by
+    tensor as each leaf is built; `place(path, array)`, when given, takes each finished leaf (e.g. onto devices with
+    a NamedSharding) and what it returns goes into the tree, so that host memory holds one leaf at a time. The
+    template may be eval_shape'd or sharded. E.g. a GLUE classifier from an MLM checkpoint:
       load_pretrained(path, init_params(model, rng), model_type="roberta",
                       fresh=bert.HF_CLASSIFIER_HEAD, drop=bert.HF_PRETRAINING_HEADS)
     """
     family = get_family(model_type)
     return state_dict_to_params(
-        load_state_dict(model_name_or_path, revision, **hub), template_params, scanned=family.HF_SCANNED,
+        _checkpoint(model_name_or_path, revision, **hub), template_params, scanned=family.HF_SCANNED,
         tied=family.HF_TIED, fresh=fresh, drop=(*drop, *getattr(family, "HF_IGNORED", ())),
         base_model_prefix=family.HF_BASE_PREFIX.get(model_type),
         untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None),
-        zeros=getattr(family, "HF_ZEROS", ()))
+        zeros=getattr(family, "HF_ZEROS", ()), place=place)
 
 
-def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer: Any = None, *,
-                    architecture: str) -> None:
-    """Write a checkpoint that `transformers.AutoModelFor...from_pretrained(output_dir)` loads: config.json (with
-    `architectures=[architecture]`, e.g. model.hf_architecture), model.safetensors, and the tokenizer files.
-    Call on one process only. model.safetensors is written to a temporary file and renamed, so a killed save
-    never leaves a truncated one. A bucket URL as output_dir: the files are written locally, then uploaded."""
-    if storage.is_remote(output_dir):
-        with tempfile.TemporaryDirectory(prefix="flaxtrain-export-") as local:
-            save_pretrained(local, params, hf_config, tokenizer, architecture=architecture)
-            storage.put(local, output_dir)
-        return
-    family = get_family(hf_config.model_type)
-    os.makedirs(output_dir, exist_ok=True)
-    config = copy.deepcopy(hf_config)
-    config.architectures = [architecture]
-    config.dtype = "float32"  # what we write; transformers loads in the config's dtype by default
-    config.save_pretrained(output_dir)
-    state = params_to_state_dict(params, scanned=family.HF_SCANNED,
-                                 untransposed=getattr(family, "HF_UNTRANSPOSED", ()),
-                                 renamed=getattr(family, "HF_RENAMED", None))
-    for stale in glob.glob(os.path.join(output_dir, ".model.safetensors.*.tmp")):  # left by a killed save
-        os.remove(stale)
-    tmp = os.path.join(output_dir, f".model.safetensors.{os.getpid()}.tmp")
+# ---------------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _size_in_bytes(size: int | str) -> int:
+    """max_shard_size in bytes: an int, or a string like "5GB" (10**9 bytes a GB) or "2GiB" (2**30)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in _SIZE_UNITS.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[:-len(unit)]) * factor)
+            except ValueError:
+                break
+    raise ValueError(f"max_shard_size={size!r}: give a number of bytes or a size like '5GB', '200KB' or '2GiB'")
+
+
+def _plan_shards(tensors: Sequence[_Tensor], max_shard_size: int) -> dict[str, list[_Tensor]]:
+    """{file name: its tensors}: tensors in order, a new shard when the next would pass `max_shard_size` (a tensor
+    larger than that gets a shard of its own). One shard is model.safetensors, several model-0000i-of-0000N."""
+    shards, size = [[]], 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    return {f"model-{i:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards, 1)}
+
+
+@contextlib.contextmanager
+def _written_atomically(path: str) -> Iterator[str]:
+    """A temporary name next to `path` to write to, renamed to `path` at the end: a killed save never leaves a
+    truncated file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        safetensors.numpy.save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(output_dir, "model.safetensors"))
+        yield tmp
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_stale_weights(output_dir: str, keep: Iterable[str]) -> None:
+    """Removes the weight files of an earlier export that this one did not write (model.safetensors after a sharded
+    export, shards and index of another count), so that a loader never sees a mix of two exports."""
+    keep = set(keep)
+    for name in storage.listdir(output_dir):
+        if name not in keep and (name in ("model.safetensors", "model.safetensors.index.json")
+                                 or _SHARD_FILE.fullmatch(name)):
+            storage.remove(storage.join(output_dir, name))
+
+
+def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer: Any = None, *,
+                    architecture: str, max_shard_size: int | str = 5 * 2**30, save_dtype: Any = None) -> None:
+    """Write a checkpoint that `transformers.AutoModelFor...from_pretrained(output_dir)` loads: config.json (with
+    `architectures=[architecture]`, e.g. model.hf_architecture), the weights, and the tokenizer files.
+
+    params: numpy arrays or jax.Arrays, replicated, sharded over local devices, or split across processes. Every
+      process calls this when leaves are split across processes (each is gathered by a collective); only process 0
+      writes. Leaves are gathered one at a time, shard by shard: host memory holds about one shard and one leaf.
+    max_shard_size: bytes, or a string as transformers takes it ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
+      Weights that fit go to model.safetensors; more are split, tensors in order, into model-00001-of-0000N.safetensors
+      ... (a tensor larger than the limit alone in its shard) listed in model.safetensors.index.json.
+    save_dtype: dtype of the floating-point weights written, e.g. "bfloat16" (default float32); config.json says it,
+      so transformers loads the model in it.
+    Every file is written under a temporary name and renamed, so a killed save never leaves a truncated one; the
+    weight files of an earlier export that this one does not replace are removed once the new ones are in place.
+    A bucket URL as output_dir: the files are written locally, then uploaded.
+    """
+    if storage.is_remote(output_dir):
+        with tempfile.TemporaryDirectory(prefix="flaxtrain-export-") as local:
+            save_pretrained(local, params, hf_config, tokenizer, architecture=architecture,
+                            max_shard_size=max_shard_size, save_dtype=save_dtype)
+            if jax.process_index() == 0:
+                storage.put(local, output_dir)
+                _remove_stale_weights(output_dir, keep=os.listdir(local))
+        return
+    family = get_family(hf_config.model_type)
+    dtype = np.dtype(save_dtype or "float32")
+    flat = traverse_util.flatten_dict(params)
+    tensors = _tensors(flat, scanned=family.HF_SCANNED, untransposed=getattr(family, "HF_UNTRANSPOSED", ()),
+                       renamed=getattr(family, "HF_RENAMED", None), dtype=dtype)
+    shards = _plan_shards(tensors, _size_in_bytes(max_shard_size))
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(output_dir, exist_ok=True)
+        config = copy.deepcopy(hf_config)
+        config.architectures = [architecture]
+        config.dtype = dtype.name  # what we write; transformers loads in the config's dtype by default
+        config.save_pretrained(output_dir)
+        for stale in glob.glob(os.path.join(output_dir, ".model*.tmp")):  # left by a killed save
+            os.remove(stale)
+
+    arrays = _arrays(flat, [t for shard in shards.values() for t in shard])
+    for name, shard in shards.items():
+        state = dict(itertools.islice(arrays, len(shard)))  # every process gathers: it may be a collective
+        if writer:
+            with _written_atomically(os.path.join(output_dir, name)) as tmp:
+                safetensors.numpy.save_file(state, tmp, metadata={"format": "pt"})
+        del state  # before the next shard is gathered, not after
+    if not writer:
+        return
+    written = list(shards)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.key: name for name, shard in shards.items() for t in shard}}
+        storage.write_text(os.path.join(output_dir, "model.safetensors.index.json"),
+                           json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append("model.safetensors.index.json")
+    _remove_stale_weights(output_dir, keep=written)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)

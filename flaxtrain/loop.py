@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxtrain import checkpoint, data, parallel, preemption, storage, training
+from flaxtrain import checkpoint, data, parallel, preemption, storage
 from flaxtrain.best import BestModel
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
 
@@ -26,25 +26,39 @@ def as_scalars(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def start_state(model, params, tx, mesh, run, train_examples: int):
-    """The replicated TrainState: fresh, or restored from `run.checkpoint` (resume.start's answer), falling back to
-    older checkpoints past one whose state does not restore. Returns (state, its step, the metadata this run saves
-    with its checkpoints: its record, `train_examples`, and the best-model record and unlogged progress it resumed
-    with)."""
-    state = parallel.replicate(training.TrainState.create(apply_fn=model.apply, params=params, tx=tx), mesh)
+def layout(model, family, tx, training_args) -> parallel.StateLayout:
+    """The mesh of --fsdp and --tensor_parallel, and where the model's train state lies on it (the axis rules with
+    --logical_axis_rules applied, logged once)."""
+    mesh = parallel.make_mesh(training_args.fsdp, training_args.tensor_parallel)
+    rules = parallel.load_rules(training_args.logical_axis_rules)
+    logger.info("Mesh %s; logical axes -> mesh axes: %s", dict(mesh.shape),
+                ", ".join(f"{name} {'/'.join(axes) or '-'}" for name, axes in rules.items()))
+    return parallel.StateLayout(model, family.init_params, tx, mesh, rules)
+
+
+def start_state(layout, run, train_examples: int, *, seed: int, load=None):
+    """The TrainState, split over the mesh as `layout` (parallel.StateLayout) says: restored from `run.checkpoint`
+    (resume.start's answer) straight into its shards, falling back to older checkpoints past one whose state does
+    not restore; else created from params initialised from `seed`, then given to `load(params, place=...)` when
+    set (pretrained weights: pretrained.load_weights with the script's rules). Returns (state, its step, the
+    metadata this run saves with its checkpoints: its record, `train_examples`, and the best-model record and
+    unlogged progress it resumed with)."""
     meta = {**run.record, "train_examples": train_examples}
     while run.checkpoint is not None:
         saved = run.checkpoint.meta
         if saved.get("train_examples", train_examples) != train_examples:
             run.check(run.checkpoint, extra=[("train_examples", saved["train_examples"], train_examples)])
         try:
-            restored, _ = checkpoint.restore(run.checkpoint.directory, run.checkpoint.step, state)
+            restored, _ = checkpoint.restore(run.checkpoint.directory, run.checkpoint.step, layout.abstract_state())
         except Exception as error:  # noqa: BLE001  (a damaged checkpoint: orbax and tensorstore raise many kinds)
             run.fall_back(error)
             continue
         meta.update({key: saved[key] for key in ("best", "progress") if key in saved})
         return restored, int(parallel.fetch(restored.step)), meta
-    return state, 0, meta
+    params = layout.init(jax.random.key(seed))
+    if load is not None:
+        params = load(params, place=layout.place)
+    return layout.create(params), 0, meta
 
 
 def eval_batches(make_batch, num_examples: int, mesh, global_batch: int, seed: int):
@@ -54,19 +68,19 @@ def eval_batches(make_batch, num_examples: int, mesh, global_batch: int, seed: i
     batch's position, so random masks are the same at every evaluation. The last batch is padded (data.eval_batches);
     where the batch has "weights", the padding rows get weight zero.
     """
-    rows = parallel.local_rows(mesh, global_batch)
+    rows = parallel.host_rows(mesh, global_batch)
     for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
         host = make_batch(indices, np.random.default_rng([seed, 3, i]))  # 3: see data.RNG_STREAMS
         if "weights" in host:
-            host["weights"][np.arange(rows.start, rows.stop) >= n_real] = 0
+            host["weights"][rows >= n_real] = 0
         yield parallel.to_global(host, mesh, global_batch), n_real
 
 
 def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_batch: int, seed: int) -> dict:
     """Loss, accuracy and perplexity over every example once.
 
-    p_eval_step(state, batch) returns psum'd {"loss", "accuracy", "weight"} sums; make_batch builds this host's rows
-    with "weights" (see `eval_batches`).
+    p_eval_step(state, batch) returns the global batch's {"loss", "accuracy", "weight"} sums; make_batch builds this
+    host's rows with "weights" (see `eval_batches`).
     """
     totals = None
     for batch, _ in eval_batches(make_batch, num_examples, mesh, global_batch, seed):
@@ -105,9 +119,10 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
         logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.", start_step)
         best = best_model()
         if best is not None and best.record is not None:  # what follows (e.g. --do_predict) uses the best model
-            state = best.restore(state, mesh)
-            if jax.process_index() == 0:
-                export(parallel.fetch(state.params))
+            state = best.restore(state)
+            export(state.params)
+        if best is not None:
+            best.close()
         return state, None, None
     clear_results(args.output_dir)
     writer = MetricsWriter(args.output_dir, start_step)
@@ -127,13 +142,13 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
         return metrics
 
     def save(exported=None):
-        """A checkpoint of `state`, and the model export of `exported` (default: state) as numpy params."""
+        """A checkpoint of `state`, and the model export of `exported` (default: state's params; every host calls
+        the export, which gathers the params one tensor at a time)."""
         # Never save or export weights a NaN loss came from; the progress since the last log line rides along, so
         # that a run resumed from here logs what the uninterrupted run logs.
         saved = {**meta, "progress": progress.carry(step)}
         checkpoints.save(step, state, saved if best is None else best.checkpoint_meta(saved))
-        if jax.process_index() == 0:
-            export(parallel.fetch(state.params) if exported is None else exported)
+        export(state.params if exported is None else exported)
         if hub is not None:
             hub.push(step)
 
@@ -142,6 +157,8 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
             save()
         checkpoints.wait()
         checkpoints.close()
+        if best is not None:
+            best.close()
         writer.close()
         bar.close()
         logger.warning("Stopped by %s after step %d of %d: saved the checkpoint %s and the model in %s. Run the "
@@ -179,10 +196,12 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
         final = state
         if best is not None:
             if best.record["step"] != step:
-                final = best.restore(state, mesh)
+                final = best.restore(state)
             eval_metrics = best.results()
-        save(exported=parallel.fetch(final.params))  # the checkpoint holds the last state, the export the final model
+        save(exported=final.params)  # the checkpoint holds the last state, the export the final model
         checkpoints.wait()
         checkpoints.close()
+        if best is not None:
+            best.close()
         writer.close()
     return final, train_metrics, eval_metrics

@@ -11,10 +11,11 @@ from flax.training import train_state
 TrainState = train_state.TrainState
 
 
-def plan_steps(num_examples: int, global_batch: int, args) -> tuple[int, int]:
+def plan_steps(num_examples: int, global_batch: int, max_steps: int = -1,
+               num_train_epochs: float = 3.0) -> tuple[int, int]:
     """Returns (steps_per_epoch, total_steps) for `global_batch` examples per optimizer update.
 
-    `--max_steps` overrides `--num_train_epochs`; a fractional number of epochs is honoured.
+    `max_steps` > 0 overrides `num_train_epochs`; a fractional number of epochs is honoured.
     """
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
@@ -23,71 +24,81 @@ def plan_steps(num_examples: int, global_batch: int, args) -> tuple[int, int]:
             f"(per_device_train_batch_size x {jax.device_count()} devices x gradient_accumulation_steps). "
             "Use a smaller batch or more data."
         )
-    total = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    total = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_train_epochs)
     if total < 1:
         raise ValueError("Nothing to train: --num_train_epochs and --max_steps give zero steps.")
     return steps_per_epoch, total
 
 
 def plan(args, train_examples, update_batch: int):
-    """(steps_per_epoch, total_steps, schedule, optimizer) of a run. Without --do_train: an identity optimizer
-    (evaluation or prediction only); train_examples None: a stream, whose length --max_steps gives."""
+    """(steps_per_epoch, total_steps, schedule, optimizer) of a run, from the script's TrainingArguments (the one
+    place that reads them; what it calls takes values). Without --do_train: an identity optimizer (evaluation or
+    prediction only); train_examples None: a stream, whose length --max_steps gives."""
     if not args.do_train:
         return 0, 0, None, optax.identity()
     if train_examples is None:
         steps_per_epoch = total_steps = args.max_steps
     else:
-        steps_per_epoch, total_steps = plan_steps(train_examples, update_batch, args)
-    schedule = make_schedule(args, total_steps)
-    return steps_per_epoch, total_steps, schedule, make_optimizer(args, schedule)
-
-
-def make_schedule(args, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak rate, then linear or cosine decay to 0 (or constant)."""
+        steps_per_epoch, total_steps = plan_steps(train_examples, update_batch, args.max_steps, args.num_train_epochs)
     warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
-    warmup = min(warmup, total_steps)
+    schedule = make_schedule(args.learning_rate, total_steps, warmup, args.lr_scheduler_type)
+    tx = make_optimizer(schedule, adafactor=args.adafactor, b1=args.adam_beta1, b2=args.adam_beta2,
+                        eps=args.adam_epsilon, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
+    return steps_per_epoch, total_steps, schedule, tx
+
+
+def make_schedule(peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "linear") -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then `kind`: linear or cosine decay to 0, or constant."""
+    warmup = min(warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
-    if args.lr_scheduler_type == "linear":
-        decay = optax.linear_schedule(args.learning_rate, 0.0, decay_steps)
-    elif args.lr_scheduler_type == "cosine":
-        decay = optax.cosine_decay_schedule(args.learning_rate, decay_steps)
+    if kind == "linear":
+        decay = optax.linear_schedule(peak, 0.0, decay_steps)
+    elif kind == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps)
     else:
-        decay = optax.constant_schedule(args.learning_rate)
-    return optax.join_schedules([optax.linear_schedule(0.0, args.learning_rate, warmup), decay], [warmup])
+        decay = optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
 def decay_mask(params):
     """Weight decay applies to matrices (Dense kernels and embeddings), never to biases and norm scales.
 
     Decided by the kind of parameter rather than by module names, so it holds for every model family (a
-    scanned LayerNorm scale is 2-D, so the rank alone would not tell).
+    scanned LayerNorm scale is 2-D, so the rank alone would not tell). The name is the path's last dict key (flax's
+    boxes of logical axis names add a `.value` after it).
     """
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+    def decayed(path, _):
+        return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1] in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(args, schedule: optax.Schedule) -> optax.GradientTransformation:
-    if args.adafactor:
-        if args.weight_decay:
+def make_optimizer(schedule, *, adafactor: bool = False, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+    """AdamW (no decay on biases and norms, see decay_mask) or Adafactor, after global-norm clipping (0: none)."""
+    if adafactor:
+        if weight_decay:
             logging.getLogger(__name__).warning("--weight_decay is not applied with --adafactor (as in the original).")
         opt = optax.adafactor(learning_rate=schedule)
     else:
-        opt = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                          weight_decay=args.weight_decay, mask=decay_mask)
-    if args.max_grad_norm and args.max_grad_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), opt)
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if max_grad_norm and max_grad_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
     return opt
 
 
 def accumulate_gradients(loss_fn, params, batch: dict, rng, steps: int):
     """Sums gradients of `loss_fn(params, micro_batch, rng) -> (loss, aux)` over `steps` micro-batches.
 
-    The per-device batch [steps * b, ...] is split into `steps` micro-batches of b rows run one after another
-    (a `lax.scan`), so memory is that of one micro-batch. Returns (grads, summed aux).
+    The global batch [steps * b, ...] is split into `steps` micro-batches of b rows run one after another (a
+    `lax.scan`), so memory is that of one micro-batch. Micro-batch i takes every steps-th row from row i, so that
+    each device holds b / devices rows of every micro-batch (the batch is split over the devices in blocks of
+    rows). Returns (grads, summed aux).
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if steps == 1:
         return grad_fn(params, batch, rng)
-    micro = jax.tree.map(lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 1, 0), batch)
 
     def body(carry, inputs):
         i, mb = inputs

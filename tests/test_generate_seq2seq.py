@@ -154,7 +154,6 @@ def test_settings_are_exercised(family, tmp_root):
 SHARDED = """
 import functools, json, sys
 import jax, numpy as np, transformers
-from jax.sharding import PartitionSpec as P
 from flaxtrain import generate_seq2seq, hf_io, models, parallel
 
 path, ids, mask, settings = json.loads(sys.argv[1])
@@ -162,17 +161,21 @@ hf_config = transformers.AutoConfig.from_pretrained(path)
 family, model = models.create(hf_config, "Seq2SeqLM")
 shapes = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
 params = hf_io.load_pretrained(path, shapes, model_type=hf_config.model_type)
-mesh = parallel.make_mesh()
-assert mesh.size == 8
-run = jax.jit(jax.shard_map(lambda p, i, m: generate_seq2seq.generate(model, p, i, m, **settings), mesh=mesh,
-                            in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)), out_specs=P(parallel.AXIS)))
-print(json.dumps(np.asarray(run(parallel.replicate(params, mesh), np.array(ids), np.array(mask))).tolist()))
+mesh = parallel.make_mesh(fsdp=4, tensor_parallel=2)
+boxed = jax.eval_shape(functools.partial(family.init_params, model, unbox=False), jax.random.key(0))
+shardings = parallel.shardings(boxed, mesh, parallel.RULES)
+rows = parallel.batch_sharding(mesh)
+run = jax.jit(lambda p, i, m: generate_seq2seq.generate(model, p, i, m, **settings),
+              in_shardings=(shardings, rows, rows), out_shardings=parallel.replicated(mesh))
+with jax.set_mesh(mesh):
+    tokens = run(jax.device_put(params, shardings), np.array(ids, np.int32), np.array(mask, np.int32))
+print(json.dumps(np.asarray(tokens).tolist()))
 """
 
 
-def test_beam_search_inside_shard_map_on_8_devices(tmp_root):
-    """jit(shard_map) over 8 simulated CPU devices, one input row each, gives the single-device tokens (which the
-    tests above hold to transformers')."""
+def test_beam_search_with_split_params_on_8_devices(tmp_root):
+    """Compiled for 8 simulated CPU devices with the params split (--fsdp 4 --tensor_parallel 2) and the rows over
+    the batch axes, beam search gives the single-device tokens (which the tests above hold to transformers')."""
     settings = cases("t5")["beams_4_no_repeat_2_forced"]
     ids, mask = inputs("t5")
     path = checkpoint("t5", tmp_root)[3]

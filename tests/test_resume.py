@@ -46,9 +46,12 @@ def run_dir(tmp_path, monkeypatch):
 
 
 def restored(run, train_examples=50):
-    model = types.SimpleNamespace(apply=None)
-    state, step, meta = loop.start_state(model, {"w": jnp.zeros(3)}, optax.sgd(0.1), parallel.make_mesh(), run,
-                                         train_examples)
+    def init_params(model, rng, unbox=True):
+        return {"w": jnp.zeros(3)}
+
+    layout = parallel.StateLayout(types.SimpleNamespace(apply=None), init_params, optax.sgd(0.1), parallel.make_mesh(),
+                                  parallel.RULES)
+    state, step, meta = loop.start_state(layout, run, train_examples, seed=0)
     return float(state.params["w"][0]), step, meta
 
 

@@ -42,13 +42,21 @@ def test_gpt2_learns_writes_every_file_and_continues_prompts(setup, tmp_path):
     assert generation["sampled"].strip()
 
 
-def test_llama_on_eight_devices_learns(setup, tmp_path):
-    out = tmp_path / "run"
-    tiny.run_script("run_clm_flax.py", [f"--output_dir={out}", "--per_device_train_batch_size=2",
-                                        *setup["data"]["llama"], *FLAGS], devices=8)
-    results = tiny.read_json(out / "all_results.json")
+def test_llama_learns_the_same_with_fsdp_and_tensor_parallel(setup, tmp_path):
+    """On 8 devices: data parallelism, --fsdp 8 and --fsdp 4 --tensor_parallel 2 train the same model (grouped-query
+    attention: 4 heads, 2 key/value heads), every leaf of the state split; the prompts continue the same."""
+    args = ["--per_device_train_batch_size=2", *setup["data"]["llama"], *FLAGS, "--do_train", "--do_eval",
+            "--do_predict", "--prompt=amber amber amber", "--max_new_tokens=4"]
+    layouts = tiny.sharded_runs("run_clm_flax.py", args, tmp_path)
+    whole = tmp_path / "fsdp1"
+    results = tiny.read_json(whole / "all_results.json")
     assert results["eval_perplexity"] < 15 and results["eval_accuracy"] > 0.8, results  # untrained: about 400
-    assert tiny.read_json(out / "config.json")["architectures"] == ["LlamaForCausalLM"]
+    assert tiny.read_json(whole / "config.json")["architectures"] == ["LlamaForCausalLM"]
+    for mesh, ways in (("fsdp8", 8), ("fsdp4_tp2", 4)):
+        tiny.assert_same_training(tmp_path / mesh, whole)
+        tiny.assert_split(layouts[mesh], ways)
+        assert tiny.read_json(tmp_path / mesh / "generations.jsonl")["greedy"] == \
+            tiny.read_json(whole / "generations.jsonl")["greedy"]
 
 
 def test_sigterm_on_a_stream_then_the_same_command_continues_exactly(setup, monkeypatch):

@@ -86,13 +86,14 @@ def test_keeps_the_best_evaluation(trained):
     assert best["step"] < 100, "the best is not the last evaluation, so the final model is restored"
     results = tiny.read_json(trained / "eval_results.json")
     assert results["eval_best_step"] == best["step"] and results["eval_accuracy"] == best["value"]
+    import orbax.checkpoint as ocp
     import safetensors.numpy
 
     final = safetensors.numpy.load_file(trained / "model.safetensors")
-    kept = safetensors.numpy.load_file(trained / "best_model" / f"{best['step']}.safetensors")
-    np.testing.assert_array_equal(final["classifier.out_proj.weight"], kept["classifier/out_proj/kernel"].T)
+    kept = ocp.StandardCheckpointer().restore(trained / "best_model" / str(best["step"]) / "default")
+    np.testing.assert_array_equal(final["classifier.out_proj.weight"], kept["classifier"]["out_proj"]["kernel"].T)
     np.testing.assert_array_equal(final["roberta.encoder.layer.1.output.dense.weight"],
-                                  kept["roberta/encoder/layer/output/dense/kernel"][1].T)
+                                  kept["roberta"]["encoder"]["layer"]["output"]["dense"]["kernel"][1].T)
 
 
 def test_exported_classifier_predicts_the_same_labels_in_pytorch(setup, trained):
@@ -110,12 +111,18 @@ def test_exported_classifier_predicts_the_same_labels_in_pytorch(setup, trained)
     assert [model.config.id2label[i] for i in ids] == read_predictions(trained / "predict_results.txt")
 
 
-def test_distilbert_on_eight_devices_learns_and_counts_every_example_once(setup, tmp_path):
-    out = tmp_path / "eight"
-    tiny.run_script("run_flax_glue.py", [f"--output_dir={out}", *setup["files"], *FLAGS,
-                                         *other_family(setup, tmp_path / "distilbert", "distilbert"),
-                                         "--per_device_train_batch_size=2", "--per_device_eval_batch_size=4",
-                                         "--do_train", "--do_eval", "--do_predict"])
+def test_distilbert_on_eight_devices_learns_the_same_on_every_mesh_and_counts_every_example_once(setup, tmp_path):
+    layouts = tiny.sharded_runs("run_flax_glue.py", [
+        *setup["files"], *FLAGS, *other_family(setup, tmp_path / "distilbert", "distilbert"),
+        "--per_device_train_batch_size=2", "--per_device_eval_batch_size=4", "--do_train", "--do_eval",
+        "--do_predict"], tmp_path)
+    out = tmp_path / "fsdp8"
+    tiny.assert_split(layouts["fsdp8"], 8)
+    tiny.assert_split(layouts["fsdp4_tp2"], 4)
+    for mesh in ("fsdp8", "fsdp4_tp2"):
+        tiny.assert_same_training(tmp_path / mesh, tmp_path / "fsdp1")
+        assert read_predictions(tmp_path / mesh / "predict_results.txt") == \
+            read_predictions(tmp_path / "fsdp1" / "predict_results.txt")
     assert tiny.read_json(out / "config.json")["architectures"] == ["DistilBertForSequenceClassification"]
     eight = tiny.read_json(out / "eval_results.json")
     assert eight["eval_accuracy"] > 0.95 and eight["eval_samples"] == 90

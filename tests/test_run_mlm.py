@@ -2,6 +2,7 @@
 gives the same losses on one host with 8 devices as on two hosts with 4 each."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -100,26 +101,37 @@ def test_sigterm_then_the_same_command_continues_the_uninterrupted_run_exactly(s
     assert tiny.read_json("whole/all_results.json") == finished
 
 
-def test_eight_devices_and_two_hosts_give_the_same_losses_and_stop_together(setup, tmp_path):
+def test_fsdp_tensor_parallel_and_two_hosts_train_the_same_model_and_resume_on_other_meshes(setup, tmp_path):
+    """On 8 devices, --fsdp 8 and --fsdp 4 --tensor_parallel 2 train what data parallelism trains, with every
+    parameter and optimizer leaf split. Two hosts x 4 devices with --fsdp 8 (shards across hosts): SIGTERM to one
+    host stops both after the same step; that checkpoint resumes on the two hosts, and on one host with --fsdp 2
+    and with --fsdp 1, each ending as the uninterrupted run."""
     args = ["--per_device_train_batch_size=2", "--per_device_eval_batch_size=3", *setup["data"], *FLAGS]
-    one_host = tmp_path / "one_host"
-    tiny.run_script("run_mlm_flax.py", [f"--output_dir={one_host}", *args], devices=8)
-    two_hosts = tmp_path / "two_hosts"
-    # SIGTERM reaches one host only, after step 33: both agree to stop after step 34, then resume together.
-    stopped = tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args], devices=4, processes=2,
-                              signal={"SIGNAL_AT_STEP": 33, "SIGNAL_PROCESS": 1}, returncode=143)
-    tiny.stopped_by_signal(stopped, two_hosts, step=34)
-    tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args], devices=4, processes=2)
+    layouts = tiny.sharded_runs("run_mlm_flax.py", args, tmp_path)
+    whole = tmp_path / "fsdp1"
+    for mesh in ("fsdp8", "fsdp4_tp2"):
+        tiny.assert_same_training(tmp_path / mesh, whole)
+    tiny.assert_split(layouts["fsdp8"], 8)
+    tiny.assert_split(layouts["fsdp4_tp2"], 4)
+    query = next(v for k, v in layouts["fsdp4_tp2"].items() if k.endswith("['query']['kernel']") and ".params" in k)
+    assert query[1] == "P(None, 'fsdp', 'tensor')", query
+    assert tiny.read_json(whole / "eval_results.json")["eval_accuracy"] > 0.6
 
-    first, second = tiny.read_history(one_host), tiny.read_history(two_hosts)
-    assert [r["step"] for r in first] == [r["step"] for r in second]
-    for a, b in zip(first, second):
-        for key in a:
-            if "loss" in key or "accuracy" in key:
-                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
-    results = tiny.read_json(one_host / "eval_results.json")
-    assert results["eval_accuracy"] > 0.6
+    two_hosts = tmp_path / "two_hosts"
+    stopped = tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args, "--fsdp=8"], devices=4,
+                              processes=2, signal={"SIGNAL_AT_STEP": 33, "SIGNAL_PROCESS": 1}, returncode=143)
+    tiny.stopped_by_signal(stopped, two_hosts, step=34)
+    for fsdp in (2, 1):
+        shutil.copytree(two_hosts, tmp_path / f"resumed_fsdp{fsdp}")
+    tiny.run_script("run_mlm_flax.py", [f"--output_dir={two_hosts}", *args, "--fsdp=8"], devices=4, processes=2)
     assert sorted(os.listdir(two_hosts / "checkpoints"), key=int) == ["34", "50", "100"]
+    for fsdp in (2, 1):
+        out = tmp_path / f"resumed_fsdp{fsdp}"
+        tiny.run_script("run_mlm_flax.py", [f"--output_dir={out}", *args, f"--fsdp={fsdp}"], devices=8)
+    for out in (two_hosts, tmp_path / "resumed_fsdp2", tmp_path / "resumed_fsdp1"):
+        tiny.assert_same_training(out, whole)
+        assert tiny.read_json(out / "eval_results.json")["eval_loss"] == pytest.approx(
+            tiny.read_json(whole / "eval_results.json")["eval_loss"], rel=1e-4)
 
 
 def test_line_by_line_with_accumulation_remat_and_bfloat16_also_learns(setup, tmp_path):

@@ -97,15 +97,28 @@ def test_one_summary_per_test_example_in_order(task, t5_runs):
 
 @pytest.fixture(scope="module")
 def bart_on_eight_devices(task):
-    out = task["work"] / "bart8"
-    tiny.run_script("run_summarization_flax.py", [
-        f"--output_dir={out}", f"--config_name={task['bart']}", f"--tokenizer_name={task['bart']}",
+    """BART trained on 8 devices with --fsdp 8; and data-parallel and --fsdp 4 --tensor_parallel 2 runs beside it."""
+    work = task["work"] / "bart8"
+    work.mkdir()
+    layouts = tiny.sharded_runs("run_summarization_flax.py", [
+        f"--config_name={task['bart']}", f"--tokenizer_name={task['bart']}",
         *data_flags(task), *LENGTHS, *TRAIN, "--do_train", "--do_eval", "--do_predict", "--predict_with_generate",
-        "--per_device_train_batch_size=2", "--per_device_eval_batch_size=2"], devices=8)
-    return out
+        "--per_device_train_batch_size=2", "--per_device_eval_batch_size=2"], work)
+    return work / "fsdp8", layouts
+
+
+def test_bart_trains_and_summarizes_the_same_on_every_mesh(bart_on_eight_devices):
+    out, layouts = bart_on_eight_devices
+    tiny.assert_split(layouts["fsdp8"], 8)
+    tiny.assert_split(layouts["fsdp4_tp2"], 4)
+    for mesh in ("fsdp8", "fsdp4_tp2"):
+        tiny.assert_same_training(out.parent / mesh, out.parent / "fsdp1")
+        assert (out.parent / mesh / "generated_predictions.txt").read_text() == \
+            (out.parent / "fsdp1" / "generated_predictions.txt").read_text()
 
 
 def test_bart_learns_on_eight_devices(bart_on_eight_devices):
+    bart_on_eight_devices, _ = bart_on_eight_devices
     results = tiny.read_json(bart_on_eight_devices / "all_results.json")
     assert results["eval_rouge1"] > 50 and results["test_rouge1"] > 50, results  # untrained: about 0
     assert results["eval_samples"] == 27 and results["test_samples"] == 21
@@ -116,6 +129,7 @@ def test_bart_learns_on_eight_devices(bart_on_eight_devices):
 def test_eight_devices_count_every_test_example_once(task, bart_on_eight_devices, tmp_path):
     """Predicting alone with the saved model on one device (batches of 8, not 16; no training data read) gives the
     8-device run's test metrics and summaries."""
+    bart_on_eight_devices, _ = bart_on_eight_devices
     out = tmp_path / "predict"
     run_summarization_flax.main([f"--output_dir={out}", f"--model_name_or_path={bart_on_eight_devices}",
                                  f"--train_file={tmp_path}/absent.json", f"--test_file={task['files']['test']}",

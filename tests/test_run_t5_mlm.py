@@ -47,12 +47,16 @@ def test_learns_writes_every_file_and_loads_in_pytorch(setup, tmp_path):
                             decoder_input_ids=torch.zeros((1, 2), dtype=torch.long)).logits, torch.Tensor)
 
 
-def test_t5_v1_1_on_eight_devices_learns(setup, tmp_path):
-    out = tmp_path / "run"
-    tiny.run_script("run_t5_mlm_flax.py", [f"--output_dir={out}", "--per_device_train_batch_size=2",
-                                           "--noise_density=0.15", *setup["data"]["v1.1"], *FLAGS], devices=8)
-    results = tiny.read_json(out / "all_results.json")
+def test_t5_v1_1_learns_the_same_with_fsdp_and_tensor_parallel(setup, tmp_path):
+    """On 8 devices: data parallelism, --fsdp 8 and --fsdp 4 --tensor_parallel 2 train the same T5 v1.1, every leaf
+    of the state split."""
+    args = ["--per_device_train_batch_size=2", "--noise_density=0.15", *setup["data"]["v1.1"], *FLAGS]
+    layouts = tiny.sharded_runs("run_t5_mlm_flax.py", args, tmp_path)
+    results = tiny.read_json(tmp_path / "fsdp1" / "all_results.json")
     assert results["eval_accuracy"] > 0.35, results  # untrained: below 0.1
+    for mesh, ways in (("fsdp8", 8), ("fsdp4_tp2", 4)):
+        tiny.assert_same_training(tmp_path / mesh, tmp_path / "fsdp1")
+        tiny.assert_split(layouts[mesh], ways)
 
 
 def test_stopped_twice_and_damaged_then_the_same_command_continues_exactly(setup, monkeypatch):

@@ -1,21 +1,11 @@
 """Optimizer, schedule, gradient accumulation, loss sums and batch planning."""
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxtrain import data, training
-
-
-def opt_args(**kw):
-    base = dict(adafactor=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.1,
-                max_grad_norm=1.0, learning_rate=1e-3, warmup_steps=10, warmup_ratio=0.0, lr_scheduler_type="linear",
-                num_train_epochs=3.0, max_steps=-1)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def test_weight_decay_only_on_matrices_even_when_stacked_by_scan():
@@ -29,25 +19,25 @@ def test_weight_decay_only_on_matrices_even_when_stacked_by_scan():
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    schedule = training.make_schedule(opt_args(), 110)
+    schedule = training.make_schedule(1e-3, 110, warmup_steps=10)
     assert schedule(0) == 0 and schedule(10) == pytest.approx(1e-3) and schedule(110) == pytest.approx(0)
     assert schedule(5) == pytest.approx(5e-4) and schedule(60) == pytest.approx(5e-4)
-    cosine = training.make_schedule(opt_args(lr_scheduler_type="cosine", warmup_steps=0, warmup_ratio=0.1), 100)
+    cosine = training.make_schedule(1e-3, 100, warmup_steps=10, kind="cosine")
     assert cosine(10) == pytest.approx(1e-3) and cosine(55) == pytest.approx(5e-4, rel=1e-3)
 
 
 def test_plan_steps_epochs_fractions_and_max_steps():
-    assert training.plan_steps(100, 8, opt_args()) == (12, 36)
-    assert training.plan_steps(100, 8, opt_args(num_train_epochs=0.5)) == (12, 6)
-    assert training.plan_steps(100, 8, opt_args(max_steps=5)) == (12, 5)
+    assert training.plan_steps(100, 8) == (12, 36)
+    assert training.plan_steps(100, 8, num_train_epochs=0.5) == (12, 6)
+    assert training.plan_steps(100, 8, max_steps=5) == (12, 5)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        training.plan_steps(7, 8, opt_args())
+        training.plan_steps(7, 8)
 
 
 @pytest.mark.parametrize("adafactor", [False, True])
 def test_optimizers_step_and_clip(adafactor):
     params = {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.zeros(3)}}
-    tx = training.make_optimizer(opt_args(adafactor=adafactor), 1e-2)
+    tx = training.make_optimizer(1e-2, adafactor=adafactor, weight_decay=0.1)
     grads = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), params)  # clipped to norm 1 first
     updates, _ = tx.update(grads, tx.init(params), params)
     assert all(np.isfinite(x).all() and (x != 0).any() for x in jax.tree.leaves(updates))

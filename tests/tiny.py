@@ -181,6 +181,50 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None, c
     return results
 
 
+MESHES = {"fsdp1": ["--fsdp=1"], "fsdp8": ["--fsdp=8"], "fsdp4_tp2": ["--fsdp=4", "--tensor_parallel=2"]}
+
+
+def sharded_runs(script, flags, work, meshes=tuple(MESHES)):
+    """Runs `script` with `flags` once for each of `meshes` (names of MESHES) in one process with 8 simulated
+    devices, into work/<mesh name>. Returns {mesh name: the layout of the state it trained} (see
+    tests/sharded_runs.py)."""
+    spec = {"script": script, "runs": [[f"--output_dir={work}/{name}", *flags, *MESHES[name]] for name in meshes],
+            "record": str(work / "layouts.json")}
+    with open(work / "spec.json", "w") as f:
+        json.dump(spec, f)
+    run_script("tests/sharded_runs.py", [work / "spec.json"], devices=8)
+    return dict(zip(meshes, read_json(work / "layouts.json")))
+
+
+def assert_split(layout, ways):
+    """Every leaf of a state's layout that has a dimension `ways` divides is split over the devices, not whole on
+    each (a leaf no dimension of which divides, e.g. a classifier's 3 labels, stays whole, as the rules say)."""
+    whole = [path for path, (shape, _, replicated) in layout.items()
+             if replicated and any(size % ways == 0 for size in shape)]
+    assert not whole, f"not split: {whole}"
+    assert any(not replicated for _, _, replicated in layout.values())
+
+
+# Attention key biases have no gradient (a constant added to every key's score leaves the softmax unchanged), so
+# what they get is rounding noise, which Adam scales up to steps of learning-rate size: they differ between any two
+# summation orders, data parallelism on 1 and 8 devices too. Only they are left out of weight comparisons.
+NO_GRADIENT = r"(\.key|\.k_lin|\.k_proj)\.bias$"
+
+
+def assert_same_training(output_dir, expected_dir):
+    """Two runs of the same training on other meshes: the loss curve (rtol 1e-4) and the exported weights (1e-5)."""
+    import re
+
+    from safetensors.numpy import load_file
+
+    np.testing.assert_allclose(loss_curve(output_dir), loss_curve(expected_dir), rtol=1e-4)
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (output_dir, expected_dir))
+    assert a.keys() == b.keys()
+    for key in a:
+        if not re.search(NO_GRADIENT, key):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def stopped_by_signal(done, output_dir, step, exit_within=30.0):
     """Asserts that a run that tests/signal_at_step.py signalled saved a complete checkpoint of exactly `step` (its
     newest), said so (process 0's log), and exited within `exit_within` seconds of the signal. `done`: run_script's

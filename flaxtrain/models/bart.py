@@ -31,6 +31,8 @@ import jax.numpy as jnp
 
 from flaxtrain.models import t5
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
+                                          norm_inits)
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
@@ -158,15 +160,15 @@ def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
     return t5.shift_right(labels, decoder_start_token_id, pad_token_id)
 
 
-def _dense(config: BartConfig, dtype, features: int, name: str, **kwargs) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(config.init_std), name=name, **kwargs)
+def _dense(config: BartConfig, dtype, features: int, name: str, axes: tuple) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **dense_inits(config.init_std, axes))
 
 
 def _layer_norm(config: BartConfig, dtype, name: str) -> nn.LayerNorm:
     # Statistics in float32 (flax upcasts); the two-pass variance matches torch on large residual streams.
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+                        use_fast_variance=False, name=name, **norm_inits())
 
 
 def _token_embedding_init(std: float, pad_token_id: int):
@@ -186,8 +188,9 @@ class BartAttention(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            _dense(cfg, self.dtype, cfg.d_model, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        self.q_proj, self.k_proj, self.v_proj = (
+            _dense(cfg, self.dtype, cfg.d_model, name, (EMBED, HEADS)) for name in ("q_proj", "k_proj", "v_proj"))
+        self.out_proj = _dense(cfg, self.dtype, cfg.d_model, "out_proj", (HEADS, EMBED))
         self.dropout = nn.Dropout(cfg.attention_dropout)
 
     def _split(self, y):
@@ -255,9 +258,9 @@ class BartLayer(nn.Module):
 
         def feed_forward(h):
             ffn_dim = cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim
-            h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, ffn_dim, "fc1")(h))
+            h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, ffn_dim, "fc1", (EMBED, MLP))(h))
             h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-            return _dense(cfg, self.dtype, cfg.d_model, "fc2")(h), None
+            return _dense(cfg, self.dtype, cfg.d_model, "fc2", (MLP, EMBED))(h), None
 
         x, self_cache = self._residual(x, "self_attn_layer_norm", self_attention)
         if self.is_decoder:
@@ -288,7 +291,7 @@ class BartStack(nn.Module):
             index = cache["index"]
             query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["k"].shape[2])
         positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=self.dtype,
-                             param_dtype=jnp.float32, embedding_init=nn.initializers.normal(cfg.init_std),
+                             param_dtype=jnp.float32, embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)),
                              name="embed_positions")
         x = x + positions(query_pos + POSITION_OFFSET)[None]
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
@@ -319,8 +322,9 @@ class BartModel(nn.Module):
 
     def setup(self):
         cfg = self.config
+        init = named(_token_embedding_init(cfg.init_std, cfg.pad_token_id), VOCAB, EMBED)
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                               embedding_init=_token_embedding_init(cfg.init_std, cfg.pad_token_id))
+                               embedding_init=init)
         self.encoder = BartStack(cfg, self.dtype, False, self.gradient_checkpointing)
         self.decoder = BartStack(cfg, self.dtype, True, self.gradient_checkpointing)
 
@@ -363,7 +367,7 @@ class BartForConditionalGeneration(nn.Module):
 
     def setup(self):
         self.model = BartModel(self.config, self.dtype, self.gradient_checkpointing)
-        self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros,
+        self.final_logits_bias = self.param("final_logits_bias", named(nn.initializers.zeros, None, VOCAB),
                                             (1, self.config.vocab_size), jnp.float32)
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
@@ -411,11 +415,13 @@ class BartForConditionalGeneration(nn.Module):
         return {"index": jnp.zeros((), jnp.int32), "self": {"k": zeros, "v": zeros}, "cross": {}}
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict:
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     """Fresh float32 params (transformers' BART init: normal(init_std), zero biases, pad embedding row zero).
-    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
+    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids), ids)["params"]
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids), ids)["params"]
+    return nn.unbox(params) if unbox else params
 
 
 # The names scripts use through `flaxtrain.models.create`.

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
+                                          named, norm_inits)
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io. HF_SCANNED: module paths whose params are stacked over layers. HF_TIED: checkpoint keys
@@ -110,15 +112,16 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-def _dense(config: BertConfig, dtype, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+def _dense(config: BertConfig, dtype, features: int, name: str, axes: tuple = (EMBED, EMBED)) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(config.initializer_range, axes))
 
 
 def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
     # Statistics are computed in float32 by flax; the two-pass variance matches torch on large residual streams.
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+                        use_fast_variance=False, name=name, **norm_inits())
 
 
 def max_positions(config: BertConfig) -> int:
@@ -143,11 +146,12 @@ class BertEmbeddings(nn.Module):
     def setup(self):
         cfg = self.config
         embed = functools.partial(nn.Embed, features=self.features or cfg.hidden_size, dtype=self.dtype,
-                                  param_dtype=jnp.float32,
-                                  embedding_init=nn.initializers.normal(cfg.initializer_range))
-        self.word_embeddings = embed(cfg.vocab_size)
-        self.position_embeddings = embed(cfg.max_position_embeddings)
-        self.token_type_embeddings = embed(cfg.type_vocab_size)
+                                  param_dtype=jnp.float32)
+        self.word_embeddings = embed(cfg.vocab_size, embedding_init=embedding_init(cfg.initializer_range))
+        self.position_embeddings = embed(cfg.max_position_embeddings,
+                                         embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
+        self.token_type_embeddings = embed(cfg.type_vocab_size,
+                                           embedding_init=embedding_init(cfg.initializer_range, (None, EMBED)))
         self.LayerNorm = _layer_norm(cfg, self.dtype, None)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -179,7 +183,8 @@ class BertSelfAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name)(x)) for name in ("query", "key", "value"))
+        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
+                   for name in ("query", "key", "value"))
         out = attention(q, k, v, mask, cfg.attention_probs_dropout_prob, deterministic)
         return out.reshape(*x.shape[:2], cfg.hidden_size)
 
@@ -189,10 +194,11 @@ class BertOutput(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    inner: str = HEADS  # the logical name of the input width: HEADS after attention, MLP after the MLP
 
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
-        x = _dense(self.config, self.dtype, self.config.hidden_size, "dense")(x)
+        x = _dense(self.config, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
         x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(self.config, self.dtype, "LayerNorm")(x + residual)
 
@@ -213,7 +219,7 @@ class BertIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.config, self.dtype, self.config.intermediate_size, "dense")(x)
+        x = _dense(self.config, self.dtype, self.config.intermediate_size, "dense", (EMBED, MLP))(x)
         return ACT_FNS[self.config.hidden_act](x)
 
 
@@ -229,7 +235,7 @@ class BertLayer(nn.Module):
     def __call__(self, x, mask):
         x = BertAttention(self.config, self.dtype, name="attention")(x, mask, self.deterministic)
         h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
-        return BertOutput(self.config, self.dtype, name="output")(h, x, self.deterministic), None
+        return BertOutput(self.config, self.dtype, MLP, name="output")(h, x, self.deterministic), None
 
 
 class BertEncoder(nn.Module):
@@ -268,7 +274,7 @@ class BertModel(nn.Module):
     def setup(self):
         self.embeddings = BertEmbeddings(self.config, self.dtype, features=self.embedding_size)
         if self.embedding_size not in (None, self.config.hidden_size):
-            self.embeddings_project = _dense(self.config, self.dtype, self.config.hidden_size, None)
+            self.embeddings_project = _dense(self.config, self.dtype, self.config.hidden_size, None, (None, EMBED))
         self.encoder = BertEncoder(self.config, self.dtype, self.gradient_checkpointing)
         if self.add_pooling_layer:
             self.pooler = BertPooler(self.config, self.dtype)
@@ -293,7 +299,7 @@ class BertModel(nn.Module):
 def _tied_decoder(module: nn.Module, x, embedding):
     """x [B, T, D] -> logits [B, T, V] float32 = x @ embedding.T + bias. Only the bias is the decoder's own param;
     the matmul runs in x's dtype with float32 accumulation and output (bf16 logits would cost the loss precision)."""
-    bias = module.param("bias", nn.initializers.zeros, (embedding.shape[0],), jnp.float32)
+    bias = module.param("bias", named(nn.initializers.zeros_init(), VOCAB), (embedding.shape[0],), jnp.float32)
     logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
     return logits + bias
 
@@ -354,7 +360,7 @@ class RobertaClassificationHead(nn.Module):
         cfg = self.config
         dropout = nn.Dropout(_classifier_dropout(cfg), deterministic=deterministic)
         x = self.activation(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
-        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj")(dropout(x))
+        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x))
 
 
 def _classifier_dropout(config: BertConfig) -> float:
@@ -406,15 +412,17 @@ class BertForSequenceClassification(nn.Module):
             logits = RobertaClassificationHead(cfg, self.dtype, name="classifier")(hidden, deterministic)
         else:
             pooled = nn.Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
-            logits = _dense(cfg, self.dtype, cfg.num_labels, "classifier")(pooled)
+            logits = _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled)
         return logits.astype(jnp.float32)
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict:
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     """Fresh float32 params of a model above (normal(initializer_range) weights, as transformers). Jitted, so a
-    full-size init is fast; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    full-size init is fast; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing.
+    unbox=False keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)  # 2 tokens keep RoBERTa's positions (pad_token_id + 1, + 2) in range
-    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(params) if unbox else params
 
 
 # The names scripts use through `flaxtrain.models.create`.

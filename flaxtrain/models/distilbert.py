@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from flaxtrain.models import bert
 from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py).
@@ -96,11 +97,11 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids, deterministic: bool):
         """[B, T] ids -> [B, T, D]: word + position embeddings, LayerNorm, dropout."""
         cfg = self.config
-        init = nn.initializers.normal(cfg.initializer_range)
-        word = nn.Embed(cfg.vocab_size, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=init,
-                        name="word_embeddings")
+        word = nn.Embed(cfg.vocab_size, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32,
+                        embedding_init=embedding_init(cfg.initializer_range), name="word_embeddings")
         position = nn.Embed(cfg.max_position_embeddings, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                            embedding_init=init, name="position_embeddings")
+                            embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)),
+                            name="position_embeddings")
         x = word(input_ids) + position(jnp.arange(input_ids.shape[1]))[None]
         x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -115,9 +116,10 @@ class MultiHeadSelfAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]; no dropout after out_lin."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.dim, name)(x)) for name in ("q_lin", "k_lin", "v_lin"))
+        q, k, v = (split(_dense(cfg, self.dtype, cfg.dim, name, (EMBED, HEADS))(x))
+                   for name in ("q_lin", "k_lin", "v_lin"))
         out = bert.attention(q, k, v, mask, cfg.attention_dropout, deterministic)  # [B, T, N, H]
-        return _dense(cfg, self.dtype, cfg.dim, "out_lin")(out.reshape(*x.shape[:2], cfg.dim))
+        return _dense(cfg, self.dtype, cfg.dim, "out_lin", (HEADS, EMBED))(out.reshape(*x.shape[:2], cfg.dim))
 
 
 class FFN(nn.Module):
@@ -128,8 +130,8 @@ class FFN(nn.Module):
     def __call__(self, x, deterministic: bool):
         """[B, T, D] -> [B, T, D]: lin1 [D, F], activation, lin2 [F, D], dropout."""
         cfg = self.config
-        x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.hidden_dim, "lin1")(x))
-        x = _dense(cfg, self.dtype, cfg.dim, "lin2")(x)
+        x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.hidden_dim, "lin1", (EMBED, MLP))(x))
+        x = _dense(cfg, self.dtype, cfg.dim, "lin2", (MLP, EMBED))(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
@@ -196,7 +198,7 @@ class DistilBertForSequenceClassification(nn.Module):
             input_ids, attention_mask, deterministic)
         x = jax.nn.relu(_dense(cfg, self.dtype, cfg.dim, "pre_classifier")(hidden[:, 0]))
         x = nn.Dropout(cfg.seq_classif_dropout)(x, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.num_labels, "classifier")(x).astype(jnp.float32)
+        return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x).astype(jnp.float32)
 
 
 init_params = bert.init_params

@@ -24,6 +24,8 @@ from jax import lax
 
 from flaxtrain import generate
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
+                                          norm_inits)
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
@@ -112,9 +114,10 @@ def write_cache(layer_cache, k, v, index):
             lax.dynamic_update_slice(value, v.astype(value.dtype), (0, index, 0, 0)))
 
 
-def _dense(config: GPT2Config, dtype, features: int, name: str, std: float | None = None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(std or config.initializer_range), name=name)
+def _dense(config: GPT2Config, dtype, features: int, name: str, axes: tuple, std: float | None = None) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(std or config.initializer_range, axes))
 
 
 def _residual_std(config: GPT2Config) -> float:
@@ -124,7 +127,7 @@ def _residual_std(config: GPT2Config) -> float:
 
 def _layer_norm(config: GPT2Config, dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+                        use_fast_variance=False, name=name, **norm_inits())
 
 
 class GPT2Attention(nn.Module):
@@ -136,12 +139,14 @@ class GPT2Attention(nn.Module):
         """x [B, T, D], mask [B, 1, T, S] -> ([B, T, D], this layer's updated cache or None)."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_head, cfg.head_dim)  # noqa: E731
-        q, k, v = map(split, jnp.split(_dense(cfg, self.dtype, 3 * cfg.n_embd, "c_attn")(x), 3, axis=-1))
+        qkv = _dense(cfg, self.dtype, 3 * cfg.n_embd, "c_attn", (EMBED, HEADS))(x)  # [B, T, 3D]
+        q, k, v = map(split, jnp.split(qkv, 3, axis=-1))
         if layer_cache is not None:
             layer_cache = k, v = write_cache(layer_cache, k, v, index)
         out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
                         deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", _residual_std(cfg))(out.reshape(x.shape))
+        out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED), _residual_std(cfg))(
+            out.reshape(x.shape))
         return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
 
 
@@ -152,8 +157,9 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc")(x))
-        h = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", _residual_std(cfg))(h)
+        h = _dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc", (EMBED, MLP))(x)
+        h = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (MLP, EMBED), _residual_std(cfg))(
+            ACT_FNS[cfg.activation_function](h))
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
@@ -186,10 +192,9 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        embed = functools.partial(nn.Embed, features=cfg.n_embd, dtype=self.dtype, param_dtype=jnp.float32,
-                                  embedding_init=nn.initializers.normal(cfg.initializer_range))
-        self.wte = embed(cfg.vocab_size)
-        self.wpe = embed(cfg.n_positions)
+        embed = functools.partial(nn.Embed, features=cfg.n_embd, dtype=self.dtype, param_dtype=jnp.float32)
+        self.wte = embed(cfg.vocab_size, embedding_init=embedding_init(cfg.initializer_range))
+        self.wpe = embed(cfg.n_positions, embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.h = scan_layers(GPT2Block, cfg.n_layer, self.gradient_checkpointing,
                              in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
@@ -222,8 +227,8 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(self.initializer_range), (x.shape[-1], self.vocab_size),
-                            jnp.float32)
+        kernel = self.param("kernel", named(nn.initializers.normal(self.initializer_range), EMBED, VOCAB),
+                            (x.shape[-1], self.vocab_size), jnp.float32)
         return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
@@ -270,11 +275,13 @@ class GPT2ForCausalLM(nn.Module):
         return generate.init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict:
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     """Fresh float32 params (normal(initializer_range) weights, as transformers). Jitted; under
-    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False keeps flax's
+    LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(params) if unbox else params
 
 
 # The names scripts use through `flaxtrain.models.create`.

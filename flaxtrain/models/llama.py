@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flaxtrain import generate
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.gpt2 import attention, lm_logits, write_cache
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, NORM, dense_inits, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
@@ -165,15 +166,16 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", named(nn.initializers.ones_init(), NORM), (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(config: LlamaConfig, dtype, features: int, use_bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+def _dense(config: LlamaConfig, dtype, features: int, use_bias: bool, name: str, axes: tuple) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(config.initializer_range, axes))
 
 
 class LlamaAttention(nn.Module):
@@ -187,7 +189,8 @@ class LlamaAttention(nn.Module):
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
 
         def project(heads, name):  # -> [B, T, heads, H]
-            return _dense(cfg, self.dtype, heads * h, cfg.qkv_bias, name)(x).reshape(*x.shape[:2], heads, h)
+            dense = _dense(cfg, self.dtype, heads * h, cfg.qkv_bias, name, (EMBED, HEADS))
+            return dense(x).reshape(*x.shape[:2], heads, h)
 
         q = apply_rope(project(n, "q_proj"), cos, sin)
         key = apply_rope(project(k, "k_proj"), cos, sin)
@@ -195,7 +198,8 @@ class LlamaAttention(nn.Module):
         if layer_cache is not None:
             layer_cache = key, value = write_cache(layer_cache, key, value, index)
         out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(*x.shape[:2], n * h))
+        out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.o_bias, "o_proj", (HEADS, EMBED))(
+            out.reshape(*x.shape[:2], n * h))
         return out, layer_cache
 
 
@@ -208,8 +212,9 @@ class LlamaMLP(nn.Module):
         """SwiGLU: down(act(gate(x)) * up(x)), [B, T, D] -> [B, T, D] through F."""
         cfg = self.config
         dense = functools.partial(_dense, cfg, self.dtype, use_bias=cfg.mlp_bias)
-        gate = ACT_FNS[cfg.hidden_act](dense(cfg.intermediate_size, name="gate_proj")(x))
-        return dense(cfg.hidden_size, name="down_proj")(gate * dense(cfg.intermediate_size, name="up_proj")(x))
+        gate = ACT_FNS[cfg.hidden_act](dense(cfg.intermediate_size, name="gate_proj", axes=(EMBED, MLP))(x))
+        up = dense(cfg.intermediate_size, name="up_proj", axes=(EMBED, MLP))(x)
+        return dense(cfg.hidden_size, name="down_proj", axes=(MLP, EMBED))(gate * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -242,7 +247,7 @@ class LlamaModel(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-                                     embedding_init=nn.initializers.normal(cfg.initializer_range))
+                                     embedding_init=embedding_init(cfg.initializer_range))
         self.layers = scan_layers(LlamaDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
                                   in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
@@ -296,11 +301,13 @@ class LlamaForCausalLM(nn.Module):
                                    self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict:
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     """Fresh float32 params (normal(initializer_range) weights, RMSNorm scales 1, as transformers). Jitted; under
-    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing."""
+    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False keeps flax's
+    LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(params) if unbox else params
 
 
 # The names scripts use through `flaxtrain.models.create`.

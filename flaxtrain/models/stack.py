@@ -2,15 +2,31 @@
 
 import flax.linen as nn
 
+from flaxtrain.models.partitioning import LAYERS
+from flaxtrain.parallel import split_batch
+
+
+def _batch_split_input(layer: type[nn.Module]) -> type[nn.Module]:
+    """`layer` whose input x [B, ...] (the scan's carry) stays split over the batch axes of the mesh (see
+    parallel.split_batch): one constraint per layer keeps XLA from splitting activations like the weights."""
+    class BatchSplit(layer):
+        def __call__(self, x, *args):
+            return super().__call__(split_batch(x), *args)
+
+    BatchSplit.__name__ = layer.__name__  # (flax names nothing after the class, but logs and errors do)
+    return BatchSplit
+
 
 def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool,
                 in_axes=(nn.broadcast,)) -> type[nn.Module]:
     """`layer` applied num_layers times by nn.scan ((carry, *inputs) -> (carry, output)): its params stacked
-    [L, ...], each layer with its own dropout rng, `in_axes` saying which inputs are the same for every layer
-    (nn.broadcast) and which are sliced per layer (0, e.g. a per-layer cache). Rematerialised in the backward pass
-    if gradient_checkpointing: inside scan XLA cannot CSE the recomputation away, so prevent_cse's barriers would
-    only cost speed (jax.checkpoint's docs: unnecessary under scan)."""
+    [L, ...] (the new axis named LAYERS for the sharding rules), each layer with its own dropout rng, `in_axes`
+    saying which inputs are the same for every layer (nn.broadcast) and which are sliced per layer (0, e.g. a
+    per-layer cache). Rematerialised in the backward pass if gradient_checkpointing: inside scan XLA cannot CSE the
+    recomputation away, so prevent_cse's barriers would only cost speed (jax.checkpoint's docs: unnecessary under
+    scan)."""
+    layer = _batch_split_input(layer)
     if gradient_checkpointing:
         layer = nn.remat(layer, prevent_cse=False)
     return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=num_layers)
+                   in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})

@@ -25,6 +25,7 @@ import numpy as np
 
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.llama import RMSNorm
+from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
 # Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
@@ -147,12 +148,15 @@ def _normal(std: float):
     return nn.initializers.normal(std)
 
 
-def _dense(dtype, features: int, std: float, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=_normal(std), name=name)
+def _dense(dtype, features: int, std: float, name: str, axes: tuple) -> nn.Dense:
+    """A bias-free Dense layer whose kernel [in, out] has the logical axis names `axes` (models/partitioning.py)."""
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=named(_normal(std), *axes), name=name)
 
 
 def _layer_norm(config: T5Config, dtype, name: str) -> RMSNorm:
-    """T5's layer norm is an RMS norm: no mean subtraction, no bias, statistics in float32 (Llama's, shared)."""
+    """T5's layer norm is an RMS norm: no mean subtraction, no bias, statistics in float32 (Llama's, shared; its
+    scale is named NORM there)."""
     return RMSNorm(config.layer_norm_epsilon, dtype, name=name)
 
 
@@ -166,10 +170,10 @@ class T5Attention(nn.Module):
     def setup(self):
         cfg, inner = self.config, self.config.num_heads * self.config.d_kv
         factor = cfg.initializer_factor  # transformers' init; q's std folds in the missing H**-0.5
-        self.q = _dense(self.dtype, inner, factor * (cfg.d_model * cfg.d_kv) ** -0.5, "q")
-        self.k = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "k")
-        self.v = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "v")
-        self.o = _dense(self.dtype, cfg.d_model, factor * inner**-0.5, "o")
+        self.q = _dense(self.dtype, inner, factor * (cfg.d_model * cfg.d_kv) ** -0.5, "q", (EMBED, HEADS))
+        self.k = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "k", (EMBED, HEADS))
+        self.v = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "v", (EMBED, HEADS))
+        self.o = _dense(self.dtype, cfg.d_model, factor * inner**-0.5, "o", (HEADS, EMBED))
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def _split(self, y):
@@ -251,14 +255,15 @@ class T5DenseReluDense(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act, std_in = ACT_FNS[cfg.dense_act_fn], cfg.initializer_factor * cfg.d_model**-0.5
+        wi = functools.partial(_dense, self.dtype, cfg.d_ff, std_in, axes=(EMBED, MLP))
         if cfg.is_gated_act:
-            h = act(_dense(self.dtype, cfg.d_ff, std_in, "wi_0")(x)) * _dense(self.dtype, cfg.d_ff, std_in, "wi_1")(x)
+            h = act(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
         else:
-            h = act(_dense(self.dtype, cfg.d_ff, std_in, "wi")(x))
+            h = act(wi(name="wi")(x))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         # transformers keeps `wo` in float32 because v1.1's FFN output overflows float16; bfloat16 has float32's
         # range, so `wo` runs in the computation dtype like the rest.
-        return _dense(self.dtype, cfg.d_model, cfg.initializer_factor * cfg.d_ff**-0.5, "wo")(h)
+        return _dense(self.dtype, cfg.d_model, cfg.initializer_factor * cfg.d_ff**-0.5, "wo", (MLP, EMBED))(h)
 
 
 class T5LayerFF(nn.Module):
@@ -335,7 +340,7 @@ class T5Stack(nn.Module):
         buckets = relative_position_bucket(key_pos[None, :] - query_pos[:, None], not self.is_decoder,
                                            cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
         embed = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=jnp.float32,
-                         embedding_init=_normal(cfg.initializer_factor * cfg.d_model**-0.5),
+                         embedding_init=embedding_init(cfg.initializer_factor * cfg.d_model**-0.5, (BUCKETS, HEADS)),
                          name="relative_attention_bias")
         bias = embed(buckets).transpose(2, 0, 1)[None]  # [1, N, T, T or T_max], float32 like the attention logits
         if encoder_mask is not None:
@@ -366,12 +371,12 @@ class T5ForConditionalGeneration(nn.Module):
     def setup(self):
         cfg = self.config
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                               embedding_init=_normal(cfg.initializer_factor))
+                               embedding_init=embedding_init(cfg.initializer_factor))
         self.encoder = T5Stack(cfg, self.dtype, False, self.gradient_checkpointing)
         self.decoder = T5Stack(cfg, self.dtype, True, self.gradient_checkpointing)
         if not cfg.tie_word_embeddings:  # float32 output, as the tied head below
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                    kernel_init=_normal(cfg.initializer_factor), name="lm_head",
+                                    kernel_init=named(_normal(cfg.initializer_factor), EMBED, VOCAB), name="lm_head",
                                     dot_general=functools.partial(jax.lax.dot_general,
                                                                   preferred_element_type=jnp.float32))
 
@@ -419,11 +424,13 @@ class T5ForConditionalGeneration(nn.Module):
         return {"index": jnp.zeros((), jnp.int32), "self": {"k": zeros, "v": zeros}, "cross": {}}
 
 
-def init_params(module: nn.Module, rng: jax.Array) -> dict:
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     """Fresh float32 params (transformers' T5 init). Jitted; under `jax.eval_shape(functools.partial(init_params,
-    module), rng)` it allocates nothing."""
+    module), rng)` it allocates nothing. unbox=False keeps flax's LogicallyPartitioned boxes (the logical axis
+    names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids), ids)["params"]
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids), ids)["params"]
+    return nn.unbox(params) if unbox else params
 
 
 # The names scripts use through `flaxtrain.models.create`.
