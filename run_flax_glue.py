@@ -334,7 +334,7 @@ def main(argv=None):
     mesh = layout.mesh
     # A pretrained body under a new head: the head starts fresh, pretraining heads are left out.
     load = (functools.partial(pretrained.load_weights, model_args, model_type=model.config.model_type,
-                              fresh=family.HF_CLASSIFIER_HEAD, drop=family.HF_PRETRAINING_HEADS)
+                              fresh=family.hf.classifier_head, drop=family.hf.pretraining_heads)
             if model_args.model_name_or_path else None)
     state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
@@ -377,10 +377,10 @@ def main(argv=None):
         p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
                               is_regression=task.is_regression))
+        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
+                         int(update_batch * lengths["train"].mean()))  # real tokens, not padding
         state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
-            tokens_per_step=int(update_batch * lengths["train"].mean()),  # real tokens, not padding
+            state, p_train_step, batches, plan, training_args, mesh=mesh,
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,

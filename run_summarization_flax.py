@@ -172,14 +172,6 @@ def tokenize_fn(tokenizer, text_column, summary_column, prefix, source_length, t
     return tokenize
 
 
-def shift_right_fn(family, decoder_start_token_id, pad_token_id):
-    """labels [B, T] -> decoder_input_ids [B, T] (the start token, then labels[:, :-1]): the family's helper, whose
-    argument order differs between T5 and BART."""
-    if hasattr(family, "shift_tokens_right"):
-        return lambda labels: family.shift_tokens_right(labels, pad_token_id, decoder_start_token_id)
-    return lambda labels: family.shift_right(labels, decoder_start_token_id, pad_token_id)
-
-
 def to_batch(examples, shift_right):
     """Rows of the tokenized data -> a teacher-forcing batch; weights [b, T] mark real summary tokens (EOS too)."""
     labels = np.asarray(examples["labels"], np.int32)
@@ -297,7 +289,7 @@ def main(argv=None):
                                   gradient_checkpointing=training_args.gradient_checkpointing)
     if getattr(model.config, "decoder_start_token_id", None) is None:
         raise ValueError("The model config has no decoder_start_token_id: set it in config.json.")
-    if hasattr(family, "max_positions"):  # learned positions (BART); T5's relative positions have no limit
+    if family.max_positions is not None:  # learned positions (BART); T5's relative positions have no limit
         positions = family.max_positions(model.config)
         for name in ("max_source_length", "max_target_length", "val_max_target_length", "generation_max_length"):
             if getattr(data_args, name) > positions:
@@ -310,7 +302,9 @@ def main(argv=None):
     gen_options = generation_options(model_args, data_args, hf_config, tokenizer.eos_token_id) if generating else {}
 
     splits, references = load_splits(data_args, model_args, training_args, tokenizer)
-    shift_right = shift_right_fn(family, model.config.decoder_start_token_id, tokenizer.pad_token_id)
+    # labels [B, T] -> decoder_input_ids [B, T]: the start token, then labels[:, :-1].
+    shift_right = functools.partial(family.shift_right, decoder_start_token_id=model.config.decoder_start_token_id,
+                                    pad_token_id=tokenizer.pad_token_id)
 
     # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
@@ -373,10 +367,10 @@ def main(argv=None):
         p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
                               label_smoothing=training_args.label_smoothing_factor))
+        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
+                         update_batch * (data_args.max_source_length + data_args.max_target_length))
         state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
-            tokens_per_step=update_batch * (data_args.max_source_length + data_args.max_target_length),
+            state, p_train_step, batches, plan, training_args, mesh=mesh,
             evaluate=(lambda state: evaluate(state)[0]) if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,

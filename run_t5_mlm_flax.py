@@ -305,10 +305,10 @@ def main(argv=None):
                                                                training_args.seed, start_step, total_steps))
         p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
+        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
+                         update_batch * (data_args.max_seq_length + targets_length))
         state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, args=training_args, mesh=mesh, rows=update_batch, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, start_step=start_step, schedule=schedule,
-            tokens_per_step=update_batch * (data_args.max_seq_length + targets_length),
+            state, p_train_step, batches, plan, training_args, mesh=mesh,
             evaluate=run_eval if training_args.do_eval else None,
             export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,

@@ -4,10 +4,11 @@ Decoder-only models for now (GPT-2, Llama-style). A model takes part through two
   model.init_cache(batch_size, max_length) -> cache
   model.apply({"params": params}, input_ids [B, T], attention_mask [B, T], position_ids [B, T], cache=cache)
       -> (logits [B, T, V] float32, cache with the T new tokens written at cache["index"])
-The cache layout the decoders share (`init_cache` below): "key"/"value" [L, B, S, K, H] in the computation dtype,
-stacked on the layer axis so that the scanned layers read and write their slice; "mask" [B, S] bool, True where a
-slot holds a real token; "index" int32 [], the next slot to write. All rows write the same slot, which is why
-prompts are left-padded: the last prompt token of every row then sits at slot P - 1 and the new tokens follow it.
+The cache has the layout every family shares (`flaxtrain.models.attention.init_cache`); a decoder's holds "self":
+{"key", "value"} [L, B, S, K, H] in the computation dtype, stacked on the layer axis so that the scanned layers read
+and write their slice; "mask" [B, S] bool, True where a slot holds a real token (`causal_mask` below marks the new
+tokens'); "index" int32 [], the next slot to write. All rows write the same slot, which is why prompts are
+left-padded: the last prompt token of every row then sits at slot P - 1 and the new tokens follow it.
 
 Positions count the real tokens (cumsum of the mask - 1, as transformers' `generate` does), so a left-padded row
 computes exactly what it would unpadded. The loop is a `lax.while_loop` of one cached forward step per new token
@@ -23,14 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-
-def init_cache(num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-               dtype: Any) -> dict:
-    """An empty cache of `max_length` slots: key/value [L, B, S, K, H] zeros, mask [B, S] False, index 0."""
-    shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch_size, max_length), bool), "index": jnp.zeros((), jnp.int32)}
 
 
 def causal_mask(attention_mask: jax.Array, cache: dict | None = None,

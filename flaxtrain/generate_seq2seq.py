@@ -3,11 +3,13 @@
 A model takes part through three methods (see `flaxtrain.models.t5.T5ForConditionalGeneration`):
   model.apply({"params": params}, input_ids [B, S], attention_mask [B, S], method=model.encode)
       -> encoder_hidden [B, S, D]
-  model.init_cache(batch_size, max_length) -> cache    (plain method, no params: zeroed self-attention buffers)
+  model.init_cache(batch_size, max_length) -> cache    (plain method, no params)
   model.apply({"params": params}, decoder_input_ids [B, T], encoder_hidden, attention_mask, cache=cache,
               method=model.decode) -> (logits [B, T, V] float32, cache advanced by T tokens)
-The first decode call projects the cross-attention keys/values of every layer from encoder_hidden into the cache;
-later calls pass encoder_hidden=None and read them from there.
+The cache has the layout every family shares (`flaxtrain.models.attention.init_cache`): "index", the decoder's
+self-attention keys/values cache["self"] {"key", "value"} [L, B, T_max, N, H], zeros at first, and cache["cross"],
+empty until the first decode call projects the cross-attention keys/values of every layer from encoder_hidden into
+it ({"key", "value"} [L, B, S, N, H]); later calls pass encoder_hidden=None and read them from there.
 
 `generate` is the entry point: greedy search (num_beams=1) or beam search, both with transformers' logits processors
 (no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id) and, for beams, exactly transformers 5's beam
@@ -19,8 +21,8 @@ does.
 
 Beam search runs the decoder on B*K rows (K = num_beams; the encoder output and mask repeated K times) and reorders
 the self-attention cache after each step along its batch axis, which `_cache_batch_axes` finds by comparing the
-shapes of two `init_cache` sizes. Cache entries that the first decode call adds (the cross-attention keys/values)
-are not reordered: they come from the encoder, the same for all beams of one input, and beams never change inputs.
+shapes of two `init_cache` sizes. Cache entries that the first decode call adds (cache["cross"]) are not reordered:
+they come from the encoder, the same for all beams of one input, and beams never change inputs.
 """
 
 import dataclasses

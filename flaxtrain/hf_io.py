@@ -5,13 +5,15 @@ A params path maps to a checkpoint key by these rules (the model code names its 
   [out, in]); `embedding` and `scale` -> `weight`; any other leaf (`bias`) keeps its name;
 - params under a scanned module path (e.g. `bert.encoder.layer`) carry a leading layer axis and become one key per
   layer: `bert.encoder.layer.{i}.attention.self.query.weight`.
-A family module adds HF_SCANNED (its scanned paths), HF_TIED (keys that copy other weights, never saved) and
-HF_BASE_PREFIX (model_type -> body prefix), and where it needs them HF_UNTRANSPOSED (regexes of checkpoint keys whose
-`kernel` is stored [in, out] as flax has it, e.g. GPT-2's Conv1D), HF_IGNORED (regexes of buffers that old
-checkpoints carry and the model does not use) and HF_RENAMED ({params path prefix: checkpoint key prefix} for params
-that sit elsewhere in the checkpoint, e.g. T5's shared position bias, kept outside the scanned blocks but saved in
-block 0) and HF_ZEROS (regexes of buffers that some checkpoints lack and that load as zeros then, as transformers
-initialises them, e.g. BART's final_logits_bias in a checkpoint of the bare BartModel).
+Each family's exceptions are the `hf` field of its record (`flaxtrain.models.family.HfRules`, e.g.
+`bert.FAMILY.hf`), found by model_type: `scanned` (its scanned paths), `tied` (keys that copy other weights, never
+saved), `base_prefix` (model_type -> body prefix), and where the family needs them `untransposed` (regexes of
+checkpoint keys whose `kernel` is stored [in, out] as flax has it, e.g. GPT-2's Conv1D), `ignored` (regexes of buffers
+that old checkpoints carry and the model does not use), `renamed` ({params path prefix: checkpoint key prefix} for
+params that sit elsewhere in the checkpoint, e.g. T5's shared position bias, kept outside the scanned blocks but saved
+in block 0) and `zeros` (regexes of buffers that some checkpoints lack and that load as zeros then, as transformers
+initialises them, e.g. BART's final_logits_bias in a checkpoint of the bare BartModel). `pretraining_heads` and
+`classifier_head` are what a classifier passes as `drop=` and `fresh=` to load_pretrained.
 
 Models of several billion parameters never sit whole in one host's memory: loading reads a safetensors checkpoint
 tensor by tensor and builds one params leaf at a time (a `place` function can put each on devices as it is done);
@@ -366,16 +368,15 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
     tensor as each leaf is built; `place(path, array)`, when given, takes each finished leaf (e.g. onto devices with
     a NamedSharding) and what it returns goes into the tree, so that host memory holds one leaf at a time. The
     template may be eval_shape'd or sharded. E.g. a GLUE classifier from an MLM checkpoint:
+      rules = bert.FAMILY.hf
       load_pretrained(path, init_params(model, rng), model_type="roberta",
-                      fresh=bert.HF_CLASSIFIER_HEAD, drop=bert.HF_PRETRAINING_HEADS)
+                      fresh=rules.classifier_head, drop=rules.pretraining_heads)
     """
-    family = get_family(model_type)
+    rules = get_family(model_type).hf
     return state_dict_to_params(
-        _checkpoint(model_name_or_path, revision, **hub), template_params, scanned=family.HF_SCANNED,
-        tied=family.HF_TIED, fresh=fresh, drop=(*drop, *getattr(family, "HF_IGNORED", ())),
-        base_model_prefix=family.HF_BASE_PREFIX.get(model_type),
-        untransposed=getattr(family, "HF_UNTRANSPOSED", ()), renamed=getattr(family, "HF_RENAMED", None),
-        zeros=getattr(family, "HF_ZEROS", ()), place=place)
+        _checkpoint(model_name_or_path, revision, **hub), template_params, scanned=rules.scanned, tied=rules.tied,
+        fresh=fresh, drop=(*drop, *rules.ignored), base_model_prefix=rules.base_prefix.get(model_type),
+        untransposed=rules.untransposed, renamed=rules.renamed, zeros=rules.zeros, place=place)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,11 +460,11 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
                 storage.put(local, output_dir)
                 _remove_stale_weights(output_dir, keep=os.listdir(local))
         return
-    family = get_family(hf_config.model_type)
+    rules = get_family(hf_config.model_type).hf
     dtype = np.dtype(save_dtype or "float32")
     flat = traverse_util.flatten_dict(params)
-    tensors = _tensors(flat, scanned=family.HF_SCANNED, untransposed=getattr(family, "HF_UNTRANSPOSED", ()),
-                       renamed=getattr(family, "HF_RENAMED", None), dtype=dtype)
+    tensors = _tensors(flat, scanned=rules.scanned, untransposed=rules.untransposed, renamed=rules.renamed,
+                       dtype=dtype)
     shards = _plan_shards(tensors, _size_in_bytes(max_shard_size))
     writer = jax.process_index() == 0
     if writer:

@@ -4,10 +4,13 @@ The task-specific parts come in as arguments: the compiled per-device step, the 
 and an `export(params)` that writes the Hugging Face model.
 """
 
+import dataclasses
 import logging
 import math
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,15 +96,168 @@ def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_bat
             "eval_perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
-def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: int, steps_per_epoch: int,
-          start_step: int, schedule, tokens_per_step: int, evaluate, export, meta: dict, hub=None,
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A training run in numbers."""
+
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    schedule: Any  # step -> learning rate, for the logs
+    rows: int  # examples per optimizer update: the rows of every global batch
+    tokens_per_step: int  # for tokens per second
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Work the loop does after every `every`-th step: `run(step, state, metrics)`."""
+
+    every: int
+    run: Callable
+
+
+def run_steps(state, step_fn, batches, plan: Plan, *, mesh, seed: int, hooks: list[Hook], on_signal: Callable):
+    """The loop: `step_fn(state, batch, dropout_rng)` on each of `batches` (host dicts of this host's rows) for the
+    steps after plan.start_step up to plan.total_steps; after each step, the hooks that are due, in order. SIGTERM
+    or SIGINT (every host after the same step): `on_signal(step, state, signum)`, which must not return. Returns
+    the state after the last step."""
+    dropout_rng = jax.random.key(seed + 1)  # the step folds its step number in
+    step = plan.start_step
+    with preemption.StopSignal(mesh) as stop:
+        for host_batch in batches:
+            if step >= plan.total_steps:
+                break
+            state, metrics = step_fn(state, parallel.to_global(host_batch, mesh, plan.rows), dropout_rng)
+            step += 1
+            for hook in hooks:
+                if step % hook.every == 0:
+                    hook.run(step, state, metrics)
+            if (signum := stop.should_stop()) and step < plan.total_steps:
+                on_signal(step, state, signum)
+    if step < plan.total_steps:
+        raise RuntimeError(f"The training data ran out at step {step} of {plan.total_steps}.")
+    return state
+
+
+class Run:
+    """What a training run writes besides its steps: log records (TensorBoard, log_history.jsonl, the bar),
+    evaluations and the best model, checkpoints with the export and the Hub push. Every host makes one."""
+
+    def __init__(self, args, plan: Plan, *, evaluate, export, meta: dict, hub, best_metric: str):
+        self.args, self.plan, self.evaluate, self.export, self.meta, self.hub = args, plan, evaluate, export, meta, hub
+        resumed = plan.start_step > 0
+        self.best = None
+        if args.load_best_model_at_end and evaluate:
+            self.best = BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better,
+                                  meta.get("best") if resumed else None)
+        self.checkpoints = self.writer = None
+
+    def open(self):
+        """Starts the run's outputs (after the results of an earlier run are cleared)."""
+        args, plan = self.args, self.plan
+        clear_results(args.output_dir)
+        self.writer = MetricsWriter(args.output_dir, plan.start_step)
+        self.checkpoints = checkpoint.Checkpoints(args.output_dir, args.save_total_limit)
+        self.progress = TrainProgress(plan.schedule, plan.tokens_per_step, plan.steps_per_epoch, plan.start_step,
+                                      self.meta.pop("progress", None) if plan.start_step else None)
+        self.bar = tqdm(total=plan.total_steps, initial=plan.start_step, desc="training",
+                        disable=jax.process_index() != 0)
+        self.record, self.started = {}, time.perf_counter()
+
+    def hooks(self) -> list[Hook]:
+        args = self.args
+        hooks = [Hook(1, self.count), Hook(args.logging_steps, self.log)]
+        if self.evaluate:
+            hooks.append(Hook(args.eval_steps, self.evaluate_between))
+        return hooks + [Hook(args.save_steps, self.save_between)]
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def count(self, step, state, metrics):
+        self.bar.update(1)
+        self.progress.add(metrics)
+        if step == self.plan.total_steps and step % self.args.logging_steps:
+            self.log(step, state, metrics)  # the last step is always logged
+
+    def log(self, step, state, metrics):
+        self.record = self.progress.record(step)
+        self.writer.write(step, self.record)
+        logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in self.record.items()))
+        self.bar.set_postfix(loss=f"{self.record['train/loss']:.4f}", lr=f"{self.record['train/learning_rate']:.2e}")
+
+    def evaluate_between(self, step, state, metrics):
+        if step < self.plan.total_steps:  # the last evaluation is `finish`'s, before the last save
+            logger.info("step %d: %s", step, self.evaluation(step, state))
+
+    def save_between(self, step, state, metrics):
+        if step < self.plan.total_steps:  # the last save is `finish`'s
+            self.save(step, state)
+
+    def evaluation(self, step, state) -> dict:
+        metrics = self.evaluate(state)
+        self.writer.write(step, as_scalars("eval", metrics))
+        if self.best is not None:
+            self.best.update(step, metrics, state.params)
+        return metrics
+
+    def save(self, step, state, exported=None):
+        """A checkpoint of `state`, and the model export of `exported` (default: state's params; every host calls
+        the export, which gathers the params one tensor at a time)."""
+        # Never save or export weights a NaN loss came from; the progress since the last log line rides along, so
+        # that a run resumed from here logs what the uninterrupted run logs.
+        saved = {**self.meta, "progress": self.progress.carry(step)}
+        self.checkpoints.save(step, state, saved if self.best is None else self.best.checkpoint_meta(saved))
+        self.export(state.params if exported is None else exported)
+        if self.hub is not None:
+            self.hub.push(step)
+
+    # -------------------------------------------------------------------------------------------- the ends
+    def stop(self, step, state, signum):
+        """SIGTERM or SIGINT: saves this step (unless just saved), closes everything, exits with 128 + signum."""
+        if step % self.args.save_steps:
+            self.save(step, state)
+        self.close()
+        logger.warning("Stopped by %s after step %d of %d: saved the checkpoint %s and the model in %s. Run the "
+                       "same command to resume.", signal.Signals(signum).name, step, self.plan.total_steps,
+                       storage.join(self.checkpoints.directory, str(step)), self.args.output_dir)
+        raise preemption.Preempted(128 + signum)
+
+    def finish(self, state):
+        """After the last step: the last evaluation (before the last save, so that the checkpoint's best record
+        includes it), the best model in place of the last if asked, the last save. Returns (final state, train
+        metrics, eval metrics or None)."""
+        step = self.plan.total_steps
+        train_metrics = {"train_loss": self.record.get("train/loss"),
+                         "train_runtime": time.perf_counter() - self.started, "train_steps": step,
+                         "epoch": step / self.plan.steps_per_epoch}
+        self.progress.check(step)
+        eval_metrics = self.evaluation(step, state) if self.evaluate else None
+        final = state
+        if self.best is not None:
+            if self.best.record["step"] != step:
+                final = self.best.restore(state)
+            eval_metrics = self.best.results()
+        self.save(step, state, exported=final.params)  # the checkpoint holds the last state, the export the final model
+        self.close()
+        return final, train_metrics, eval_metrics
+
+    def close(self):
+        self.bar.close()
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        if self.best is not None:
+            self.best.close()
+        self.writer.close()
+
+
+def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, meta: dict, hub=None,
           best_metric: str = "eval_loss"):
-    """Runs `p_train_step(state, batch, dropout_rng)` on `batches` (host dicts of this host's rows, from
-    `start_step` on) until `total_steps`; logs every --logging_steps, evaluates every --eval_steps (when
-    `evaluate` is given), saves a checkpoint and the exported model every --save_steps, and at the end evaluates
-    once more and saves. Returns (state, train metrics, final eval metrics or None); (state, None, None) when
-    the checkpoint resumed from is already the last step, leaving that run's results alone. `hub` (hub.connect's
-    answer) is told of every save, and pushes in the background.
+    """Trains `state` with the compiled `step_fn(state, batch, dropout_rng)` on `batches` (host dicts of this
+    host's rows, from plan.start_step on) until plan.total_steps: logs every --logging_steps (and after the last
+    step), evaluates every --eval_steps with `evaluate(state)` (if given), saves a checkpoint and `export(params)`s
+    the model every --save_steps, and at the end evaluates once more and saves. Returns (state, train metrics,
+    final eval metrics or None); (state, None, None) when the checkpoint resumed from is already the last step,
+    leaving that run's results alone. `hub` (hub.connect's answer) is told of every save and pushes in the
+    background.
 
     SIGTERM or SIGINT stops the run after the step in flight (on every host after the same step), with a checkpoint
     and export of that step: `preemption.Preempted` is raised, which exits with 128 + the signal number.
@@ -109,99 +265,17 @@ def train(state, p_train_step, batches, *, args, mesh, rows: int, total_steps: i
     With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
     `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
     model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
-    def best_model():
-        if not (args.load_best_model_at_end and evaluate):
-            return None
-        return BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better,
-                         meta.get("best") if start_step else None)
-
-    if start_step >= total_steps:
-        logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.", start_step)
-        best = best_model()
-        if best is not None and best.record is not None:  # what follows (e.g. --do_predict) uses the best model
-            state = best.restore(state)
-            export(state.params)
-        if best is not None:
-            best.close()
+    run = Run(args, plan, evaluate=evaluate, export=export, meta=meta, hub=hub, best_metric=best_metric)
+    if plan.start_step >= plan.total_steps:
+        logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.",
+                       plan.start_step)
+        if run.best is not None:
+            if run.best.record is not None:  # what follows (e.g. --do_predict) uses the best model
+                state = run.best.restore(state)
+                export(state.params)
+            run.best.close()
         return state, None, None
-    clear_results(args.output_dir)
-    writer = MetricsWriter(args.output_dir, start_step)
-    checkpoints = checkpoint.Checkpoints(args.output_dir, args.save_total_limit)
-    progress = TrainProgress(schedule, tokens_per_step, steps_per_epoch, start_step,
-                             meta.pop("progress", None) if start_step else None)
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=jax.process_index() != 0)
-    dropout_rng = jax.random.key(args.seed + 1)  # the step folds its step number in
-    started, step, record = time.perf_counter(), start_step, {}
-    best = best_model()
-
-    def run_eval():
-        metrics = evaluate(state)
-        writer.write(step, as_scalars("eval", metrics))
-        if best is not None:
-            best.update(step, metrics, state.params)
-        return metrics
-
-    def save(exported=None):
-        """A checkpoint of `state`, and the model export of `exported` (default: state's params; every host calls
-        the export, which gathers the params one tensor at a time)."""
-        # Never save or export weights a NaN loss came from; the progress since the last log line rides along, so
-        # that a run resumed from here logs what the uninterrupted run logs.
-        saved = {**meta, "progress": progress.carry(step)}
-        checkpoints.save(step, state, saved if best is None else best.checkpoint_meta(saved))
-        export(state.params if exported is None else exported)
-        if hub is not None:
-            hub.push(step)
-
-    def stop(signum):
-        if step % args.save_steps:
-            save()
-        checkpoints.wait()
-        checkpoints.close()
-        if best is not None:
-            best.close()
-        writer.close()
-        bar.close()
-        logger.warning("Stopped by %s after step %d of %d: saved the checkpoint %s and the model in %s. Run the "
-                       "same command to resume.", signal.Signals(signum).name, step, total_steps,
-                       storage.join(checkpoints.directory, str(step)), args.output_dir)
-        raise preemption.Preempted(128 + signum)
-
-    with preemption.StopSignal(mesh) as stop_signal:
-        for host_batch in batches:
-            if step >= total_steps:
-                break
-            state, metrics = p_train_step(state, parallel.to_global(host_batch, mesh, rows), dropout_rng)
-            step += 1
-            bar.update(1)
-            progress.add(metrics)
-            if step % args.logging_steps == 0 or step == total_steps:
-                record = progress.record(step)
-                writer.write(step, record)
-                logger.info("step %d: %s", step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in record.items()))
-                bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}")
-            if evaluate and step % args.eval_steps == 0 and step < total_steps:
-                logger.info("step %d: %s", step, run_eval())
-            if step % args.save_steps == 0 and step < total_steps:
-                save()
-            if (signum := stop_signal.should_stop()) and step < total_steps:
-                stop(signum)
-        bar.close()
-        if step < total_steps:
-            raise RuntimeError(f"The training data ran out at step {step} of {total_steps}.")
-        train_metrics = {"train_loss": record.get("train/loss"), "train_runtime": time.perf_counter() - started,
-                         "train_steps": total_steps, "epoch": step / steps_per_epoch}
-        # The last evaluation comes before the last save, so that the checkpoint's best record includes it.
-        progress.check(step)
-        eval_metrics = run_eval() if evaluate else None
-        final = state
-        if best is not None:
-            if best.record["step"] != step:
-                final = best.restore(state)
-            eval_metrics = best.results()
-        save(exported=final.params)  # the checkpoint holds the last state, the export the final model
-        checkpoints.wait()
-        checkpoints.close()
-        if best is not None:
-            best.close()
-        writer.close()
-    return final, train_metrics, eval_metrics
+    run.open()
+    state = run_steps(state, step_fn, batches, plan, mesh=mesh, seed=args.seed, hooks=run.hooks(),
+                      on_signal=run.stop)
+    return run.finish(state)

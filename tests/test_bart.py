@@ -70,8 +70,8 @@ def test_cached_decoding_equals_uncached():
         logits, cache = decode({"params": params}, decoder_ids[:, start:stop], hidden, mask, cache=cache)
         pieces.append(logits)
         hidden = None  # the cross-attention keys/values now come from the cache
-    assert int(cache["index"]) == 7 and cache["cross"]["k"].shape == (2, 3, 9, 2, 16)
-    assert cache["self"]["k"].shape == (2, 3, 7, 2, 16)
+    assert int(cache["index"]) == 7 and cache["cross"]["key"].shape == (2, 3, 9, 2, 16)
+    assert cache["self"]["key"].shape == (2, 3, 7, 2, 16)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), expected, atol=1e-5 * np.abs(expected).max())
 
 
@@ -144,7 +144,7 @@ def test_checkpoint_rules_without_torch():
     """Keys and layouts: the layers split per stack, final_logits_bias [1, V]; an old checkpoint's tied copies and
     version buffers are dropped; a bare BartModel state (no prefix, no final_logits_bias) loads with zero bias."""
     model, params, _ = tiny()
-    state = hf_io.params_to_state_dict(params, scanned=bart.HF_SCANNED)
+    state = hf_io.params_to_state_dict(params, scanned=bart.FAMILY.hf.scanned)
     assert state["final_logits_bias"].shape == (1, 99)
     assert state["model.encoder.embed_positions.weight"].shape == (22, 32)  # offset 2
     np.testing.assert_array_equal(state["model.decoder.layers.1.encoder_attn.k_proj.weight"],
@@ -153,7 +153,8 @@ def test_checkpoint_rules_without_torch():
     # Per encoder layer: q/k/v/out (weight, bias) 8, fc1/fc2 4, two norms 4; per decoder layer 10 more (cross
     # attention and its norm); shared, 2 x (positions, layernorm_embedding 2, final layer_norm 2), final_logits_bias.
     assert len(state) == 3 * 16 + 2 * 26 + 1 + 2 * 5 + 1
-    rules = dict(scanned=bart.HF_SCANNED, tied=bart.HF_TIED, drop=bart.HF_IGNORED, zeros=bart.HF_ZEROS)
+    hf = bart.FAMILY.hf
+    rules = dict(scanned=hf.scanned, tied=hf.tied, drop=hf.ignored, zeros=hf.zeros)
     old = dict(state, **{"lm_head.weight": state["model.shared.weight"],
                          "model.encoder.embed_tokens.weight": state["model.shared.weight"],
                          "model.encoder.version": np.array([2.0])})
@@ -166,7 +167,7 @@ def test_checkpoint_rules_without_torch():
     assert not np.any(loaded["final_logits_bias"])
     np.testing.assert_array_equal(loaded["model"]["shared"]["embedding"], params["model"]["shared"]["embedding"])
     with pytest.raises(ValueError, match="missing key.*final_logits_bias"):
-        hf_io.state_dict_to_params(body, params, base_model_prefix="model", scanned=bart.HF_SCANNED)
+        hf_io.state_dict_to_params(body, params, base_model_prefix="model", scanned=hf.scanned)
 
 
 def test_config_from_hf_switches_and_refusals():
@@ -190,7 +191,7 @@ def test_config_from_hf_switches_and_refusals():
         dataclasses.replace(base, activation_function="bogus")
 
     family, model = models.create(transformers.AutoConfig.for_model("mbart"), "Seq2SeqLM", dtype=jnp.bfloat16)
-    assert family is bart and get_family("bart") is bart and model.dtype == jnp.bfloat16
+    assert family is bart.FAMILY and get_family("bart") is bart.FAMILY and model.dtype == jnp.bfloat16
     assert model.hf_architecture == "MBartForConditionalGeneration"
     assert bart.BartForConditionalGeneration(base).hf_architecture == "BartForConditionalGeneration"
 
@@ -202,7 +203,7 @@ def test_shift_tokens_right_cache_layout_length_limit_and_pad_row():
     assert isinstance(shifted, jax.Array) and shifted.tolist() == [[2, 5, 6], [2, 7, 1]]
     model = bart.BartForConditionalGeneration(bart.BartConfig(**TINY), dtype=jnp.bfloat16)
     cache = model.init_cache(3, 5)
-    assert cache["self"]["k"].shape == (2, 3, 5, 2, 16) and cache["self"]["v"].dtype == jnp.bfloat16
+    assert cache["self"]["key"].shape == (2, 3, 5, 2, 16) and cache["self"]["value"].dtype == jnp.bfloat16
     assert int(cache["index"]) == 0 and cache["cross"] == {}
     with pytest.raises(ValueError, match="21 tokens is longer than the 20 learned positions"):
         model.init_cache(1, 21)
@@ -222,7 +223,7 @@ def test_full_size_param_counts_equal_pytorch():
         with torch.device("meta"):  # allocates nothing
             reference = getattr(transformers, bart._HF_ARCHITECTURES[model_type])(hf_config)
         expected = sum(p.numel() for p in reference.parameters())  # tied weights are counted once
-        shapes = jax.eval_shape(functools.partial(bart.init_params,
-                                                  bart.Seq2SeqLM(bart.Config.from_hf(hf_config))), key(0))
+        model = bart.BartForConditionalGeneration(bart.BartConfig.from_hf(hf_config))
+        shapes = jax.eval_shape(functools.partial(bart.init_params, model), key(0))
         ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) - hf_config.vocab_size
         assert ours == expected == count

@@ -155,7 +155,7 @@ def test_config_from_hf_and_registry():
         "roberta", 64, 1, 0.3)
     with pytest.raises(ValueError, match="is_decoder"):
         bert.BertConfig.from_hf(transformers.AutoConfig.for_model("bert", is_decoder=True))
-    assert get_family("roberta") is bert
+    assert get_family("roberta") is bert.FAMILY and get_family("bert") is bert.FAMILY
     with pytest.raises(ValueError, match="'xlnet'.*supported model types: bart, bert, .*roberta"):
         get_family("xlnet")
 
@@ -170,7 +170,7 @@ def assert_same_tree(a, b):
 def test_state_dict_layouts_and_old_checkpoint_spellings(tmp_path):
     """Torch-free hf_io: layouts, per-layer keys, tolerated legacy keys, bare-body checkpoints, loud failures."""
     model, params, _ = tiny_mlm("bert")
-    state = hf_io.params_to_state_dict(params, scanned=bert.HF_SCANNED)
+    state = hf_io.params_to_state_dict(params, scanned=bert.FAMILY.hf.scanned)
     np.testing.assert_array_equal(state["bert.encoder.layer.1.intermediate.dense.weight"],
                                   params["bert"]["encoder"]["layer"]["intermediate"]["dense"]["kernel"][1].T)
     assert "cls.predictions.bias" in state and not any("decoder" in k for k in state)
@@ -185,7 +185,7 @@ def test_state_dict_layouts_and_old_checkpoint_spellings(tmp_path):
 
     # transformers' AutoModel saves the body without the `bert.` prefix and without a head.
     bare = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")}
-    rules = dict(scanned=bert.HF_SCANNED, tied=bert.HF_TIED, base_model_prefix="bert")
+    rules = dict(scanned=bert.FAMILY.hf.scanned, tied=bert.FAMILY.hf.tied, base_model_prefix="bert")
     assert_same_tree(hf_io.state_dict_to_params(bare, params, fresh=[r"^cls\."], **rules), params)
     with pytest.raises(ValueError, match="cls.predictions.bias is allowed fresh but the template has no values"):
         hf_io.state_dict_to_params(bare, template, fresh=[r"^cls\."], **rules)

@@ -121,10 +121,10 @@ def test_mlm_checkpoint_into_classifier_needs_a_fresh_head(model_type, tmp_root)
     template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)  # stands in for init'd params
     with pytest.raises(ValueError, match=r"missing key\(s\):.*classifier\..*unexpected key\(s\):.*(cls|lm_head)\."):
         hf_io.load_pretrained(path, template, model_type=model_type)
-    params = hf_io.load_pretrained(path, template, model_type=model_type, fresh=bert.HF_CLASSIFIER_HEAD,
-                                   drop=bert.HF_PRETRAINING_HEADS)
+    params = hf_io.load_pretrained(path, template, model_type=model_type, fresh=bert.FAMILY.hf.classifier_head,
+                                   drop=bert.FAMILY.hf.pretraining_heads)
     assert all((x == 0.5).all() for x in jax.tree.leaves(params["classifier"]))
-    body = hf_io.params_to_state_dict({model_type: params[model_type]}, scanned=bert.HF_SCANNED)
+    body = hf_io.params_to_state_dict({model_type: params[model_type]}, scanned=bert.FAMILY.hf.scanned)
     for key, value in body.items():
         if ".pooler." not in key:
             np.testing.assert_array_equal(value, mlm.state_dict()[key].numpy(), err_msg=key)

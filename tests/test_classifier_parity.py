@@ -111,12 +111,12 @@ def test_pretraining_checkpoint_loads_under_a_fresh_head(model_type, architectur
     with pytest.raises(ValueError, match=rf"missing key\(s\):.*classifier\.{unexpected}"):
         hf_io.load_pretrained(str(tmp_path), template, model_type=model_type)
 
-    params = hf_io.load_pretrained(str(tmp_path), template, model_type=model_type, fresh=family.HF_CLASSIFIER_HEAD,
-                                   drop=family.HF_PRETRAINING_HEADS)
-    prefix = family.HF_BASE_PREFIX[model_type]
+    params = hf_io.load_pretrained(str(tmp_path), template, model_type=model_type, fresh=family.hf.classifier_head,
+                                   drop=family.hf.pretraining_heads)
+    prefix = family.hf.base_prefix[model_type]
     assert set(params) == set(template) and all((x == 0.5).all() for name, subtree in params.items()
                                                 if name != prefix for x in jax.tree.leaves(subtree))
-    body = hf_io.params_to_state_dict({prefix: params[prefix]}, scanned=family.HF_SCANNED)
+    body = hf_io.params_to_state_dict({prefix: params[prefix]}, scanned=family.hf.scanned)
     theirs = {k if k.startswith(prefix + ".") else f"{prefix}.{k}": v.numpy()
               for k, v in pretrained.state_dict().items() if head is None or not k.startswith(head)}
     assert body.keys() == theirs.keys()
@@ -139,7 +139,7 @@ def test_other_family_or_size_is_refused(source, target, overrides, error, tmp_p
     family, classifier = create(hf_config(target, **overrides), "SequenceClassification")
     with pytest.raises(ValueError, match=error):
         hf_io.load_pretrained(str(tmp_path), fresh_template(classifier), model_type=target,
-                              fresh=family.HF_CLASSIFIER_HEAD, drop=family.HF_PRETRAINING_HEADS)
+                              fresh=family.hf.classifier_head, drop=family.hf.pretraining_heads)
 
 
 @pytest.mark.parametrize("model_type", ["electra", "distilbert"])
@@ -166,22 +166,23 @@ def test_gradient_checkpointing_bfloat16_and_dropout(model_type):
 
 
 def test_configs_from_hf():
-    config = electra.Config.from_hf(hf_config("electra", classifier_dropout=0.3))
+    config = electra.ElectraConfig.from_hf(hf_config("electra", classifier_dropout=0.3))
     assert (config.embedding_size, config.hidden_size, config.classifier_dropout) == (16, 32, 0.3)
-    assert electra.max_positions(config) == 32 and get_family("electra") is electra
-    same_width = electra.SequenceClassification(electra.Config.from_hf(hf_config("electra", embedding_size=32)))
-    shapes = jax.eval_shape(functools.partial(electra.init_params, same_width), key(0))
+    assert electra.FAMILY.max_positions(config) == 32 and get_family("electra") is electra.FAMILY
+    same_width = electra.ElectraForSequenceClassification(
+        electra.ElectraConfig.from_hf(hf_config("electra", embedding_size=32)))
+    shapes = jax.eval_shape(functools.partial(electra.FAMILY.init_params, same_width), key(0))
     assert "embeddings_project" not in shapes["electra"]  # as transformers: only when the widths differ
     with pytest.raises(ValueError, match="is_decoder=True"):
-        electra.Config.from_hf(hf_config("electra", is_decoder=True))
+        electra.ElectraConfig.from_hf(hf_config("electra", is_decoder=True))
     with pytest.raises(ValueError, match="'bert' is not one of ElectraConfig's"):
         electra.ElectraConfig(model_type="bert")
 
-    config = distilbert.Config.from_hf(hf_config("distilbert", seq_classif_dropout=0.3, activation="relu"))
+    config = distilbert.DistilBertConfig.from_hf(hf_config("distilbert", seq_classif_dropout=0.3, activation="relu"))
     assert (config.dim, config.hidden_size, config.n_layers, config.seq_classif_dropout, config.activation) == (
         32, 32, 2, 0.3, "relu")
-    assert distilbert.max_positions(config) == 32 and get_family("distilbert") is distilbert
+    assert distilbert.max_positions(config) == 32 and get_family("distilbert") is distilbert.FAMILY
     with pytest.raises(ValueError, match="sinusoidal_pos_embds=True"):
-        distilbert.Config.from_hf(hf_config("distilbert", sinusoidal_pos_embds=True))
+        distilbert.DistilBertConfig.from_hf(hf_config("distilbert", sinusoidal_pos_embds=True))
     with pytest.raises(ValueError, match="model_type 'electra' is not supported for this task"):
         create(hf_config("electra"), "MaskedLM")

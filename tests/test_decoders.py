@@ -32,8 +32,7 @@ CONFIGS = {
 
 
 def causal_lm(config, **kwargs):
-    family = get_family(config.model_type)
-    return (gpt2.GPT2ForCausalLM if family is gpt2 else llama.LlamaForCausalLM)(config, **kwargs)
+    return get_family(config.model_type).heads["CausalLM"](config, **kwargs)
 
 
 def random_params(model, seed=0):
@@ -102,23 +101,6 @@ def test_sliding_window_reach():
     assert (delta[:5] > 1e-4).all() and (delta[5:] < 1e-6).all()
 
 
-def test_attention_dropout_path_matches_dot_product_attention():
-    """The einsum path (taken while attention dropout is active) computes what jax.nn.dot_product_attention does,
-    grouped-query heads and mask included."""
-    rng = np.random.default_rng(0)
-    q, (k, v) = (rng.normal(size=shape).astype(np.float32) for shape in [(2, 5, 4, 8), (2, 2, 7, 2, 8)])
-    mask = jnp.tril(jnp.ones((5, 7), bool), 2)[None, None] & (jnp.arange(7) > 0)[None, None, None]
-    expected = jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-    class Attend(gpt2.nn.Module):
-        @gpt2.nn.compact
-        def __call__(self, q, k, v, mask):
-            return gpt2.attention(q, k, v, mask, dropout_rate=1e-9, deterministic=False)
-
-    got = Attend().apply({}, q, k, v, mask, rngs={"dropout": key(2)})
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
 def test_dropout_rngs_and_gradient_checkpointing():
     """Dropout (attention dropout included) follows the "dropout" rng; remat (under scan) changes neither logits
     nor gradients. One family: GPT-2's scan and remat are the same two lines."""
@@ -170,7 +152,7 @@ def test_full_size_param_counts_equal_pytorch(model_type):
 
     hf_config = transformers.AutoConfig.for_model(model_type, **FULL_SIZE[model_type])
     family = get_family(model_type)
-    config = (family.GPT2Config if family is gpt2 else family.LlamaConfig).from_hf(hf_config)
+    config = family.config.from_hf(hf_config)
     with torch.device("meta"):  # allocates nothing
         reference = transformers.AutoModelForCausalLM.from_config(hf_config)
     expected = sum(p.numel() for p in reference.parameters())  # tied weights are counted once
@@ -197,20 +179,22 @@ def test_configs_from_hf_and_registry():
         None, 4, 4)
     assert llama.LlamaConfig.from_hf(for_model("mistral", num_hidden_layers=2)).layer_windows == (4096, 4096)
     assert gpt2.GPT2Config.from_hf(for_model("gpt2")) == gpt2.GPT2Config()
-    assert {get_family(t) for t in ("llama", "mistral", "qwen2")} == {llama} and get_family("gpt2") is gpt2
+    assert {get_family(t) for t in ("llama", "mistral", "qwen2")} == {llama.FAMILY}
+    assert get_family("gpt2") is gpt2.FAMILY
 
 
 def test_checkpoint_layouts(tmp_path):
     """GPT-2's Conv1D kernels are saved as they are, its untied lm_head and Llama's kernels transposed; buffers old
     checkpoints carry (rotary inv_freq) are ignored on load."""
     model, params, _ = tiny("gpt2")
-    state = hf_io.params_to_state_dict(params, scanned=gpt2.HF_SCANNED, untransposed=gpt2.HF_UNTRANSPOSED)
+    state = hf_io.params_to_state_dict(params, scanned=gpt2.FAMILY.hf.scanned,
+                                       untransposed=gpt2.FAMILY.hf.untransposed)
     np.testing.assert_array_equal(state["transformer.h.1.attn.c_attn.weight"],
                                   params["transformer"]["h"]["attn"]["c_attn"]["kernel"][1])
     assert "lm_head.weight" not in state
 
     model, params, _ = tiny("mistral")
-    state = hf_io.params_to_state_dict(params, scanned=llama.HF_SCANNED)
+    state = hf_io.params_to_state_dict(params, scanned=llama.FAMILY.hf.scanned)
     np.testing.assert_array_equal(state["model.layers.1.self_attn.k_proj.weight"],
                                   params["model"]["layers"]["self_attn"]["k_proj"]["kernel"][1].T)
     np.testing.assert_array_equal(state["lm_head.weight"], params["lm_head"]["kernel"].T)

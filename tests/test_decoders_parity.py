@@ -43,9 +43,7 @@ def hf_config(name):
 def ours(config):
     """(model, family) for a transformers config."""
     family = get_family(config.model_type)
-    if config.model_type == "gpt2":
-        return family.GPT2ForCausalLM(family.GPT2Config.from_hf(config)), family
-    return family.LlamaForCausalLM(family.LlamaConfig.from_hf(config)), family
+    return family.heads["CausalLM"](family.config.from_hf(config)), family
 
 
 @functools.cache

@@ -59,7 +59,7 @@ def ours(config):
         model, init_params = bert.BertForMaskedLM(bert.BertConfig.from_hf(config)), bert.init_params
     else:
         family = get_family(config.model_type)
-        model, init_params = family.LlamaForCausalLM(family.LlamaConfig.from_hf(config)), family.init_params
+        model, init_params = family.heads["CausalLM"](family.config.from_hf(config)), family.init_params
     return model, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
 
@@ -221,7 +221,7 @@ def split(path, array):
 
 config = transformers.AutoConfig.from_pretrained(checkpoint)
 family = get_family("llama")
-model = family.LlamaForCausalLM(family.LlamaConfig.from_hf(config))
+model = family.heads["CausalLM"](family.config.from_hf(config))
 template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
 params = hf_io.load_pretrained(checkpoint, template, model_type="llama", place=split)
 leaves = jax.tree.leaves(params)

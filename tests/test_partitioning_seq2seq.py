@@ -20,9 +20,9 @@ from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, LAYERS, MLP, NO
 T5_TINY = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=12)
 MODELS = {
-    "t5-v1.0": (t5, t5.T5Config(**T5_TINY, feed_forward_proj="relu", tie_word_embeddings=True)),
-    "t5-v1.1": (t5, t5.T5Config(**T5_TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "mbart": (bart, bart.BartConfig(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2,
+    "t5-v1.0": (t5.FAMILY, t5.T5Config(**T5_TINY, feed_forward_proj="relu", tie_word_embeddings=True)),
+    "t5-v1.1": (t5.FAMILY, t5.T5Config(**T5_TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "mbart": (bart.FAMILY, bart.BartConfig(vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2,
                                     encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=48,
                                     decoder_ffn_dim=64, max_position_embeddings=20, model_type="mbart")),
 }
@@ -40,7 +40,7 @@ EMBEDDINGS = {"shared": (VOCAB, EMBED), "embed_positions": (POSITIONS, EMBED),
 def boxed(name):
     """{path: LogicallyPartitioned of a ShapeDtypeStruct} of MODELS[name], allocating nothing."""
     family, config = MODELS[name]
-    params = jax.eval_shape(functools.partial(family.init_params, family.Seq2SeqLM(config), unbox=False),
+    params = jax.eval_shape(functools.partial(family.init_params, family.heads["Seq2SeqLM"](config), unbox=False),
                             jax.random.key(0))
     return traverse_util.flatten_dict(params, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
 
@@ -48,7 +48,7 @@ def boxed(name):
 def expected_names(family, path):
     """The logical names of the param at `path`, the scanned layers' leading LAYERS included."""
     module, param = path[-2] if len(path) > 1 else "", path[-1]
-    scanned = any(f".{stack}." in f".{'.'.join(path)}." for stack in family.HF_SCANNED)
+    scanned = any(f".{stack}." in f".{'.'.join(path)}." for stack in family.hf.scanned)
     if param == "final_logits_bias":
         names = (None, VOCAB)
     elif param == "scale" or "norm" in module:  # T5's RMS norms, BART's LayerNorms (scale and bias)
@@ -71,7 +71,8 @@ def test_every_param_has_one_logical_name_per_dimension(name):
         assert leaf.names == expected_names(family, path), path
     assert any(leaf.names[0] == LAYERS for leaf in leaves.values())
     # unbox=True (the default) hands out plain arrays, in the same tree
-    plain = jax.eval_shape(functools.partial(family.init_params, family.Seq2SeqLM(config)), jax.random.key(0))
+    plain = jax.eval_shape(functools.partial(family.init_params, family.heads["Seq2SeqLM"](config)),
+                           jax.random.key(0))
     assert traverse_util.flatten_dict(plain).keys() == leaves.keys()
     assert not any(isinstance(x, nn.LogicallyPartitioned)
                    for x in jax.tree.leaves(plain, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))

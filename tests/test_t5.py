@@ -86,8 +86,8 @@ def test_checkpoint_keys_and_tied_head_rules():
     `shared` when saved tied (as transformers 5 saves a fresh v1.1); old unused keys are dropped; a v1.1 head
     cannot load into a tied v1.0 model."""
     rng = np.random.default_rng(0)
-    rules = dict(scanned=t5.HF_SCANNED, renamed=t5.HF_RENAMED)
-    load_rules = dict(rules, tied=t5.HF_TIED, drop=t5.HF_IGNORED)
+    rules = dict(scanned=t5.FAMILY.hf.scanned, renamed=t5.FAMILY.hf.renamed)
+    load_rules = dict(rules, tied=t5.FAMILY.hf.tied, drop=t5.FAMILY.hf.ignored)
     template = shapes(tiny("v1.1")[0])
     params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), template)
     state = hf_io.params_to_state_dict(params, **rules)
@@ -196,7 +196,7 @@ def test_config_from_hf_and_registry():
         t5.T5Config.from_hf(transformers.AutoConfig.for_model("umt5"))
     with pytest.raises(ValueError, match="feed_forward_proj 'gated-bogus'"):
         dataclasses.replace(v10, feed_forward_proj="gated-bogus")
-    assert get_family("t5") is t5 and get_family("mt5") is t5
+    assert get_family("t5") is t5.FAMILY and get_family("mt5") is t5.FAMILY
 
 
 def test_shift_right_and_cache_layout():
@@ -205,5 +205,5 @@ def test_shift_right_and_cache_layout():
     shifted = t5.shift_right(jnp.asarray(labels), 3, 2)
     assert isinstance(shifted, jax.Array) and shifted.tolist() == [[3, 5, 6], [3, 7, 2]]
     cache = t5.T5ForConditionalGeneration(t5.T5Config(**TINY), dtype=jnp.bfloat16).init_cache(3, 5)
-    assert cache["self"]["k"].shape == (2, 3, 5, 4, 8) and cache["self"]["v"].dtype == jnp.bfloat16
+    assert cache["self"]["key"].shape == (2, 3, 5, 4, 8) and cache["self"]["value"].dtype == jnp.bfloat16
     assert int(cache["index"]) == 0 and cache["cross"] == {}

@@ -150,7 +150,7 @@ def test_cached_decoding_equals_uncached(tmp_root):
         logits, cache = decode({"params": params}, decoder_ids[:, start:stop], hidden, mask, cache=cache)
         pieces.append(logits)
         hidden = None  # the cross-attention keys/values now come from the cache
-    assert int(cache["index"]) == 7 and cache["cross"]["k"].shape == (2, 3, 9, 4, 8)
+    assert int(cache["index"]) == 7 and cache["cross"]["key"].shape == (2, 3, 9, 4, 8)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), expected, atol=1e-5 * np.abs(expected).max())
 
 

@@ -1,17 +1,19 @@
 """Model families, looked up by the Hugging Face `model_type` of a config."""
 
-from types import ModuleType
+import flax.linen as nn
 
 from flaxtrain.models import bart, bert, distilbert, electra, gpt2, llama, t5
+from flaxtrain.models.family import Family
 
-# model_type -> the module that implements it (its config, heads and checkpoint-key rules).
-FAMILIES: dict[str, ModuleType] = {"bert": bert, "roberta": bert, "electra": electra, "distilbert": distilbert,
-                                   "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "t5": t5, "mt5": t5,
-                                   "bart": bart, "mbart": bart}
+# model_type -> the family record that implements it (its config, heads, init and checkpoint-key rules).
+FAMILIES: dict[str, Family] = {model_type: family
+                               for family in (bert.FAMILY, electra.FAMILY, distilbert.FAMILY, gpt2.FAMILY,
+                                              llama.FAMILY, t5.FAMILY, bart.FAMILY)
+                               for model_type in family.model_types}
 
 
-def get_family(model_type: str) -> ModuleType:
-    """The family module for a Hugging Face `model_type` (e.g. "roberta" -> `flaxtrain.models.bert`)."""
+def get_family(model_type: str) -> Family:
+    """The family record of a Hugging Face `model_type` (e.g. "roberta" -> `flaxtrain.models.bert.FAMILY`)."""
     try:
         return FAMILIES[model_type]
     except KeyError:
@@ -20,15 +22,15 @@ def get_family(model_type: str) -> ModuleType:
         ) from None
 
 
-def create(hf_config, head: str, **options):
-    """(family module, Flax module) of `head` ("MaskedLM", "CausalLM", ...) for a Hugging Face config.
+def create(hf_config, head: str, **options) -> tuple[Family, nn.Module]:
+    """(family record, Flax module) of `head` ("MaskedLM", "CausalLM", ...) for a Hugging Face config.
 
     `options` go to the module (dtype, gradient_checkpointing). A model type without that head is an error that
     lists the model types that have it.
     """
     family = FAMILIES.get(hf_config.model_type)
-    if family is None or not hasattr(family, head):
-        supported = ", ".join(sorted(t for t, f in FAMILIES.items() if hasattr(f, head)))
+    if family is None or head not in family.heads:
+        supported = ", ".join(sorted(t for t, f in FAMILIES.items() if head in f.heads))
         raise ValueError(f"model_type {hf_config.model_type!r} is not supported for this task; supported model "
                          f"types: {supported}")
-    return family, getattr(family, head)(family.Config.from_hf(hf_config), **options)
+    return family, family.heads[head](family.config.from_hf(hf_config), **options)

@@ -3,20 +3,20 @@
 Param names copy the transformers PyTorch keys: `model/encoder/layers/self_attn/q_proj/kernel` [L, D, D] is
 `model.encoder.layers.{i}.self_attn.q_proj.weight` transposed, the layers being stacked by `nn.scan`. The token
 embedding is `model/shared` (the encoder's and decoder's `embed_tokens` and the `lm_head` are copies of it in
-PyTorch: HF_TIED); `final_logits_bias` [1, V] is a buffer in PyTorch, saved with the checkpoint and never trained.
-Here it is a param that the forward pass reads through stop_gradient (and training.decay_mask skips it), so training
-leaves it as loaded.
+PyTorch: the `tied` rule of FAMILY.hf); `final_logits_bias` [1, V] is a buffer in PyTorch, saved with the checkpoint
+and never trained. Here it is a param that the forward pass reads through stop_gradient (and training.decay_mask
+skips it), so training leaves it as loaded.
 
 mBART is the same model with two switches that `model_type` sets: pre-layer-norm blocks (`normalize_before`) and a
 final `layer_norm` after the encoder's and the decoder's last layer (`add_final_layer_norm`). Its checkpoints also
 set `scale_embedding` in config.json (BART's may too), which multiplies the token embeddings by sqrt(D) (not the
 tied output layer's weights).
 
-Special token ids (`Config` fields, read with getattr): transformers 5 keeps pad/bos/eos/decoder_start/
+Special token ids (`BartConfig` fields, read with getattr): transformers 5 keeps pad/bos/eos/decoder_start/
 forced_eos_token_id in the model config, but drops `forced_bos_token_id` (a generation setting) from config.json on
 load: it lives in a checkpoint's generation_config.json (e.g. bart-large-cnn's forced_bos_token_id=0, mbart-50's
-target language). Pass `GenerationConfig.from_pretrained(...)` to `Config.from_hf` to take those (its non-None ids win).
-As transformers' `generate`, a missing decoder_start_token_id (mBART's default) falls back to bos_token_id.
+target language). Pass `GenerationConfig.from_pretrained(...)` to `BartConfig.from_hf` to take those (its non-None
+ids win). As transformers' `generate`, a missing decoder_start_token_id (mBART's default) falls back to bos_token_id.
 
 Shapes: B batch, S encoder length, T decoder length, D d_model, N heads, H head size, F ffn dim, V vocab_size,
 L layers, P max_position_embeddings.
@@ -30,21 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain.models import t5
+from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
-HF_SCANNED = ("encoder.layers", "decoder.layers")
-HF_TIED = {"model.encoder.embed_tokens.weight": "model.shared.weight",
-           "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"}
-# A `BartModel` checkpoint (AutoModel) is the body without the `model.` prefix and without final_logits_bias.
-HF_BASE_PREFIX = {"bart": "model", "mbart": "model"}
-# fairseq-converted checkpoints carry version buffers (transformers ignores them too).
-HF_IGNORED = (r"^model\.(encoder|decoder)\.version$",)
-# Absent from BartModel checkpoints: zeros, as transformers initialises the buffer.
-HF_ZEROS = (r"^final_logits_bias$",)
 
 _HF_ARCHITECTURES = {"bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration"}
 # Offset of BART's learned positions (fairseq reserved the first two rows): position p reads row p + 2.
@@ -180,7 +171,8 @@ def _token_embedding_init(std: float, pad_token_id: int):
 
 class BartAttention(nn.Module):
     """Multi-head attention with biased projections and H**-0.5 scaling. `kv` projects keys and values
-    (cacheable), `__call__` attends to them."""
+    (cacheable), `__call__` attends to them. The projections are made in setup, for both methods; __call__ is
+    compact because `attention` adds its dropout there."""
 
     config: BartConfig
     num_heads: int
@@ -191,7 +183,6 @@ class BartAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (
             _dense(cfg, self.dtype, cfg.d_model, name, (EMBED, HEADS)) for name in ("q_proj", "k_proj", "v_proj"))
         self.out_proj = _dense(cfg, self.dtype, cfg.d_model, "out_proj", (HEADS, EMBED))
-        self.dropout = nn.Dropout(cfg.attention_dropout)
 
     def _split(self, y):
         return y.reshape(*y.shape[:2], self.num_heads, self.config.d_model // self.num_heads)
@@ -200,16 +191,11 @@ class BartAttention(nn.Module):
         """source [B, S, D] -> (keys, values), each [B, S, N, H]."""
         return self._split(self.k_proj(source)), self._split(self.v_proj(source))
 
+    @nn.compact
     def __call__(self, x, k, v, mask, deterministic: bool):
         """x [B, T, D]; k, v [B, S, N, H]; mask bool broadcastable to [B, N, T, S] (True = attend) -> [B, T, D]."""
         q = self._split(self.q_proj(x))
-        if deterministic or self.config.attention_dropout == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # scale defaults to H**-0.5
-        else:  # jax.nn.dot_product_attention has no dropout on the attention probabilities
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=False)
-            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        out = attention(q, k, v, mask, dropout_rate=self.config.attention_dropout, deterministic=deterministic)
         return self.out_proj(out.reshape(*x.shape[:2], -1))
 
 
@@ -233,28 +219,27 @@ class BartLayer(nn.Module):
     def __call__(self, x, mask, encoder_hidden, encoder_mask, index, cache):
         """x [B, T, D]; mask and encoder_mask bool broadcastable to [B, N, T, keys]; encoder_hidden [B, S, D] or
         None (encoder, or cross keys/values in the cache); index: the cache position of x's first token; cache None
-        or {"self": {"k", "v": [B, T_max, N, H]}, "cross": {} or {"k", "v": [B, S, N, H]}} -> (x, cache)."""
+        or this layer's {"self": {"key", "value": [B, T_max, N, H]}, "cross": {} or {"key", "value": [B, S, N, H]}}
+        -> (x, cache)."""
         cfg, deterministic = self.config, self.deterministic
         heads = cfg.decoder_attention_heads if self.is_decoder else cfg.encoder_attention_heads
 
         def self_attention(h):
-            attention = BartAttention(cfg, heads, self.dtype, name="self_attn")
-            k, v = attention.kv(h)
+            attn = BartAttention(cfg, heads, self.dtype, name="self_attn")
+            k, v = attn.kv(h)
             layer_cache = None
             if cache is not None:  # write this step's keys/values into the preallocated buffers
-                start = (0, index, 0, 0)
-                k = jax.lax.dynamic_update_slice(cache["self"]["k"], k.astype(cache["self"]["k"].dtype), start)
-                v = jax.lax.dynamic_update_slice(cache["self"]["v"], v.astype(cache["self"]["v"].dtype), start)
-                layer_cache = {"k": k, "v": v}
-            return attention(h, k, v, mask, deterministic), layer_cache
+                layer_cache = write_cache(cache["self"], k, v, index)
+                k, v = layer_cache["key"], layer_cache["value"]
+            return attn(h, k, v, mask, deterministic), layer_cache
 
         def cross_attention(h):  # keys/values from the encoder output once, then from the cache
-            attention = BartAttention(cfg, heads, self.dtype, name="encoder_attn")
-            if cache is not None and "k" in cache["cross"]:
-                k, v = cache["cross"]["k"], cache["cross"]["v"]
+            attn = BartAttention(cfg, heads, self.dtype, name="encoder_attn")
+            if cache is not None and "key" in cache["cross"]:
+                k, v = cache["cross"]["key"], cache["cross"]["value"]
             else:
-                k, v = attention.kv(encoder_hidden)
-            return attention(h, k, v, encoder_mask, deterministic), {"k": k, "v": v}
+                k, v = attn.kv(encoder_hidden)
+            return attn(h, k, v, encoder_mask, deterministic), {"key": k, "value": v}
 
         def feed_forward(h):
             ffn_dim = cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim
@@ -289,7 +274,7 @@ class BartStack(nn.Module):
             key_pos = query_pos
         else:  # the queries continue at cache["index"]; keys are the whole preallocated buffer
             index = cache["index"]
-            query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["k"].shape[2])
+            query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["key"].shape[2])
         positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=self.dtype,
                              param_dtype=jnp.float32, embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)),
                              name="embed_positions")
@@ -406,13 +391,13 @@ class BartForConditionalGeneration(nn.Module):
         return logits + jax.lax.stop_gradient(self.final_logits_bias), cache  # a buffer: never trained
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """An empty decoder cache for up to max_length decoder tokens: {"index": 0, "self": {"k", "v": [L, B,
-        max_length, N, H]}, "cross": {}}; `decode` fills "cross" with keys/values [L, B, S, N, H] on its first call."""
+        """An empty decoder cache for up to max_length decoder tokens, in models/attention.py's layout: {"index": 0,
+        "self": {"key", "value": [L, B, max_length, N, H]}, "cross": {}}; `decode` fills "cross" with keys/values
+        [L, B, S, N, H] on its first call."""
         cfg = self.config
         _check_length(cfg, max_length, "a decoder cache")
-        shape = (cfg.decoder_layers, batch_size, max_length, cfg.decoder_attention_heads, cfg.decoder_head_dim)
-        zeros = jnp.zeros(shape, self.dtype)
-        return {"index": jnp.zeros((), jnp.int32), "self": {"k": zeros, "v": zeros}, "cross": {}}
+        return init_cache(cfg.decoder_layers, batch_size, max_length, cfg.decoder_attention_heads,
+                          cfg.decoder_head_dim, self.dtype, encoder_decoder=True)
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
@@ -424,5 +409,20 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, Seq2SeqLM = BartConfig, BartForConditionalGeneration
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). BART's shift is T5's
+# (shift_tokens_right above is the same with transformers' argument order).
+FAMILY = Family(
+    model_types=tuple(_HF_ARCHITECTURES), config=BartConfig, heads={"Seq2SeqLM": BartForConditionalGeneration},
+    init_params=init_params, max_positions=max_positions, shift_right=t5.FAMILY.shift_right,
+    hf=HfRules(
+        scanned=("encoder.layers", "decoder.layers"),
+        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
+              "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"},
+        # A `BartModel` checkpoint (AutoModel) is the body without the `model.` prefix and without final_logits_bias.
+        base_prefix={"bart": "model", "mbart": "model"},
+        # fairseq-converted checkpoints carry version buffers (transformers ignores them too).
+        ignored=(r"^model\.(encoder|decoder)\.version$",),
+        # Absent from BartModel checkpoints: zeros, as transformers initialises the buffer.
+        zeros=(r"^final_logits_bias$",),
+    ),
+)

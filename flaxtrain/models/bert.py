@@ -20,27 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxtrain.models.attention import attention
+from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
                                           named, norm_inits)
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io. HF_SCANNED: module paths whose params are stacked over layers. HF_TIED: checkpoint keys
-# that are copies of other weights (transformers' `_tied_weights_keys`): never saved, checked and dropped on load.
-HF_SCANNED = ("encoder.layer",)
-HF_TIED = {
-    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-    "cls.predictions.decoder.bias": "cls.predictions.bias",
-    "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
-    "lm_head.decoder.bias": "lm_head.bias",
-}
-# The body's prefix in transformers (`base_model_prefix`): checkpoints of the bare model (AutoModel) lack it.
-HF_BASE_PREFIX = {"bert": "bert", "roberta": "roberta"}
-# Checkpoint keys a model may leave unused (`drop=` in hf_io): Hub pretraining checkpoints carry the MLM head, and
-# BERT's also the NSP head (`cls.seq_relationship`) and pooler.
-HF_PRETRAINING_HEADS = (r"^cls\.", r"^lm_head\.", r"^(bert|roberta)\.pooler\.")
-# Template params a classifier initialises when the checkpoint lacks them (`fresh=` in hf_io). BERT's pooler is
-# trained by NSP, so it is loaded when present (as transformers does) and fresh otherwise.
-HF_CLASSIFIER_HEAD = (r"^classifier\.", r"^bert\.pooler\.")
 
 ACT_FNS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers' "gelu" is the exact erf form
@@ -162,18 +146,6 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
-def attention(q, k, v, mask, dropout_rate: float, deterministic: bool):
-    """q, k, v [B, T, N, H], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, N, H]. Call it inside a
-    module's compact method: its dropout is a submodule of the caller."""
-    if deterministic or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    # jax.nn.dot_product_attention has no dropout on the attention probabilities, which BERT trains with.
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = nn.Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
-
-
 class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
@@ -185,7 +157,7 @@ class BertSelfAttention(nn.Module):
         split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
         q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
                    for name in ("query", "key", "value"))
-        out = attention(q, k, v, mask, cfg.attention_probs_dropout_prob, deterministic)
+        out = attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic)
         return out.reshape(*x.shape[:2], cfg.hidden_size)
 
 
@@ -425,5 +397,22 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, MaskedLM, SequenceClassification = BertConfig, BertForMaskedLM, BertForSequenceClassification
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+FAMILY = Family(
+    model_types=BertConfig.MODEL_TYPES, config=BertConfig,
+    heads={"MaskedLM": BertForMaskedLM, "SequenceClassification": BertForSequenceClassification},
+    init_params=init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("encoder.layer",),
+        tied={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+              "cls.predictions.decoder.bias": "cls.predictions.bias",
+              "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+              "lm_head.decoder.bias": "lm_head.bias"},
+        base_prefix={"bert": "bert", "roberta": "roberta"},
+        # Hub pretraining checkpoints carry the MLM head, and BERT's also the NSP head (`cls.seq_relationship`) and
+        # pooler.
+        pretraining_heads=(r"^cls\.", r"^lm_head\.", r"^(bert|roberta)\.pooler\."),
+        # BERT's pooler is trained by NSP, so it is loaded when present (as transformers does) and fresh otherwise.
+        classifier_head=(r"^classifier\.", r"^bert\.pooler\."),
+    ),
+)

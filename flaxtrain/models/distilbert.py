@@ -17,16 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain.models import bert
+from flaxtrain.models.attention import attention
 from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io (see bert.py).
-HF_SCANNED = ("transformer.layer",)
-HF_TIED = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
-HF_BASE_PREFIX = {"distilbert": "distilbert"}
-HF_PRETRAINING_HEADS = (r"^vocab_transform\.", r"^vocab_layer_norm\.", r"^vocab_projector\.")
-HF_CLASSIFIER_HEAD = (r"^pre_classifier\.", r"^classifier\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +113,7 @@ class MultiHeadSelfAttention(nn.Module):
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_heads, cfg.head_dim)  # noqa: E731
         q, k, v = (split(_dense(cfg, self.dtype, cfg.dim, name, (EMBED, HEADS))(x))
                    for name in ("q_lin", "k_lin", "v_lin"))
-        out = bert.attention(q, k, v, mask, cfg.attention_dropout, deterministic)  # [B, T, N, H]
+        out = attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
         return _dense(cfg, self.dtype, cfg.dim, "out_lin", (HEADS, EMBED))(out.reshape(*x.shape[:2], cfg.dim))
 
 
@@ -201,13 +196,22 @@ class DistilBertForSequenceClassification(nn.Module):
         return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x).astype(jnp.float32)
 
 
-init_params = bert.init_params
-
-
 def max_positions(config: DistilBertConfig) -> int:
     """The longest input the position embeddings cover."""
     return config.max_position_embeddings
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, SequenceClassification = DistilBertConfig, DistilBertForSequenceClassification
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py); BERT's init (the same
+# forward signature and normal(initializer_range) weights).
+FAMILY = Family(
+    model_types=("distilbert",), config=DistilBertConfig,
+    heads={"SequenceClassification": DistilBertForSequenceClassification},
+    init_params=bert.FAMILY.init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("transformer.layer",),
+        tied={"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"},
+        base_prefix={"distilbert": "distilbert"},
+        pretraining_heads=(r"^vocab_transform\.", r"^vocab_layer_norm\.", r"^vocab_projector\."),
+        classifier_head=(r"^pre_classifier\.", r"^classifier\."),
+    ),
+)

@@ -16,13 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxtrain.models import bert
-
-# Rules for flaxtrain.hf_io (see bert.py).
-HF_SCANNED = bert.HF_SCANNED
-HF_TIED = {"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
-HF_BASE_PREFIX = {"electra": "electra"}
-HF_PRETRAINING_HEADS = (r"^discriminator_predictions\.", r"^generator_predictions\.", r"^generator_lm_head\.")
-HF_CLASSIFIER_HEAD = (r"^classifier\.",)
+from flaxtrain.models.family import Family, HfRules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +55,17 @@ class ElectraForSequenceClassification(nn.Module):
         return head(hidden, deterministic).astype(jnp.float32)
 
 
-init_params = bert.init_params
-max_positions = bert.max_positions
-
-# The names scripts use through `flaxtrain.models.create`.
-Config, SequenceClassification = ElectraConfig, ElectraForSequenceClassification
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). The body is BERT's, so
+# are its init, its position limit and its scanned layers.
+FAMILY = Family(
+    model_types=ElectraConfig.MODEL_TYPES, config=ElectraConfig,
+    heads={"SequenceClassification": ElectraForSequenceClassification},
+    init_params=bert.FAMILY.init_params, max_positions=bert.FAMILY.max_positions,
+    hf=HfRules(
+        scanned=bert.FAMILY.hf.scanned,
+        tied={"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"},
+        base_prefix={"electra": "electra"},
+        pretraining_heads=(r"^discriminator_predictions\.", r"^generator_predictions\.", r"^generator_lm_head\."),
+        classifier_head=(r"^classifier\.",),
+    ),
+)

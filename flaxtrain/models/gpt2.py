@@ -2,11 +2,12 @@
 
 Param names copy the transformers PyTorch keys: `transformer/h/attn/c_attn/kernel` [L, D, 3D] is
 `transformer.h.{i}.attn.c_attn.weight`, the layers being stacked on a leading axis by `nn.scan`. GPT-2's projections
-are transformers' `Conv1D`, whose weight is already stored [in, out] as a flax kernel: HF_UNTRANSPOSED tells
-`flaxtrain.hf_io` not to transpose them (the untied `lm_head`, an ordinary Linear, is transposed as usual).
+are transformers' `Conv1D`, whose weight is already stored [in, out] as a flax kernel: the `untransposed` rule of
+FAMILY.hf tells `flaxtrain.hf_io` not to transpose them (the untied `lm_head`, an ordinary Linear, is transposed as
+usual).
 
-`attention` below is the decoders' shared attention (Llama-style models use it too). The key/value cache for
-generation follows `flaxtrain.generate`'s layout.
+Attention and the key/value cache for generation are models/attention.py's, which every family shares;
+`lm_logits` below is the decoders' shared top (Llama-style models use it too).
 
 Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D n_embd, N heads, K key/value heads,
 H head size, V vocab_size, L layers.
@@ -20,20 +21,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from flaxtrain import generate
+from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
-HF_SCANNED = ("transformer.h",)
-HF_TIED = {"lm_head.weight": "transformer.wte.weight"}  # applies only when the config ties them (the default)
-HF_BASE_PREFIX = {"gpt2": "transformer"}
-HF_UNTRANSPOSED = (r"\.(c_attn|c_proj|c_fc)\.weight$",)  # Conv1D weights are [in, out]
-HF_IGNORED = (r"\.attn\.(masked_)?bias$",)  # causal-mask buffers that older checkpoints saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,30 +85,6 @@ def max_positions(config: GPT2Config) -> int:
     return config.n_positions
 
 
-def attention(q, k, v, mask, *, scale: float | None = None, dropout_rate: float = 0.0, deterministic: bool = True):
-    """q [B, T, N, H], k and v [B, S, K, H] (N a multiple of K: grouped-query attention), mask [B, 1, T, S] bool
-    (True = attend) -> [B, T, N, H]. Call inside a module's compact method (the dropout is a submodule)."""
-    if deterministic or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    # jax.nn.dot_product_attention has no dropout on the attention probabilities, which GPT-2 trains with.
-    b, t, n, h = q.shape
-    groups = n // k.shape[2]
-    scale = h**-0.5 if scale is None else scale
-    q = q.reshape(b, t, k.shape[2], groups, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = nn.Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
-    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
-
-
-def write_cache(layer_cache, k, v, index):
-    """Writes k, v [B, T, K, H] into one layer's cache (key, value [B, S, K, H]) at slot `index`;
-    returns the whole updated (key, value), which attention then reads."""
-    key, value = layer_cache
-    return (lax.dynamic_update_slice(key, k.astype(key.dtype), (0, index, 0, 0)),
-            lax.dynamic_update_slice(value, v.astype(value.dtype), (0, index, 0, 0)))
-
-
 def _dense(config: GPT2Config, dtype, features: int, name: str, axes: tuple, std: float | None = None) -> nn.Dense:
     """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
@@ -136,13 +107,15 @@ class GPT2Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S] -> ([B, T, D], this layer's updated cache or None)."""
+        """x [B, T, D], mask [B, 1, T, S], layer_cache None or {"key", "value"} [B, S, N, H] -> ([B, T, D], this
+        layer's updated cache or None)."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_head, cfg.head_dim)  # noqa: E731
         qkv = _dense(cfg, self.dtype, 3 * cfg.n_embd, "c_attn", (EMBED, HEADS))(x)  # [B, T, 3D]
         q, k, v = map(split, jnp.split(qkv, 3, axis=-1))
         if layer_cache is not None:
-            layer_cache = k, v = write_cache(layer_cache, k, v, index)
+            layer_cache = write_cache(layer_cache, k, v, index)
+            k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
                         deterministic=deterministic)
         out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED), _residual_std(cfg))(
@@ -208,10 +181,9 @@ class GPT2Model(nn.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         mask, valid = generate.causal_mask(attention_mask, cache)
-        layer_cache = None if cache is None else (cache["key"], cache["value"])
-        x, layer_cache = self.h(x, mask, start, layer_cache)
+        x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
         if cache is not None:
-            cache = {"key": layer_cache[0], "value": layer_cache[1], "mask": valid, "index": start + length}
+            cache = {"index": start + length, "self": self_cache, "mask": valid}
         return self.ln_f(x), cache
 
     def word_embedding_matrix(self):
@@ -268,11 +240,11 @@ class GPT2ForCausalLM(nn.Module):
         return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""
+        """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
         if max_length > max_positions(self.config):
             raise ValueError(f"{max_length} tokens are more than GPT-2's {max_positions(self.config)} positions")
         cfg = self.config
-        return generate.init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
+        return init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
@@ -284,5 +256,15 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, CausalLM = GPT2Config, GPT2ForCausalLM
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+FAMILY = Family(
+    model_types=("gpt2",), config=GPT2Config, heads={"CausalLM": GPT2ForCausalLM},
+    init_params=init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("transformer.h",),
+        tied={"lm_head.weight": "transformer.wte.weight"},  # applies only when the config ties them (the default)
+        base_prefix={"gpt2": "transformer"},
+        untransposed=(r"\.(c_attn|c_proj|c_fc)\.weight$",),  # Conv1D weights are [in, out]
+        ignored=(r"\.attn\.(masked_)?bias$",),  # causal-mask buffers that older checkpoints saved
+    ),
+)

@@ -24,16 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain import generate
+from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
-from flaxtrain.models.gpt2 import attention, lm_logits, write_cache
+from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.gpt2 import lm_logits
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, NORM, dense_inits, embedding_init, named
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED, HF_TIED, HF_BASE_PREFIX).
-HF_SCANNED = ("model.layers",)
-HF_TIED = {"lm_head.weight": "model.embed_tokens.weight"}  # applies only when the config ties them
-HF_BASE_PREFIX = {"llama": "model", "mistral": "model", "qwen2": "model"}
-HF_IGNORED = (r"\.rotary_emb\.inv_freq$",)  # a buffer that older checkpoints saved
 
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -184,7 +180,8 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, cos, sin, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, H] -> ([B, T, D], this layer's updated cache or None)."""
+        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, H], layer_cache None or {"key", "value"} [B, S, K, H]
+        -> ([B, T, D], this layer's updated cache or None)."""
         cfg = self.config
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
 
@@ -196,7 +193,8 @@ class LlamaAttention(nn.Module):
         key = apply_rope(project(k, "k_proj"), cos, sin)
         value = project(k, "v_proj")
         if layer_cache is not None:
-            layer_cache = key, value = write_cache(layer_cache, key, value, index)
+            layer_cache = write_cache(layer_cache, key, value, index)
+            key, value = layer_cache["key"], layer_cache["value"]
         out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
         out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.o_bias, "o_proj", (HEADS, EMBED))(
             out.reshape(*x.shape[:2], n * h))
@@ -265,10 +263,10 @@ class LlamaModel(nn.Module):
         masks = [generate.causal_mask(attention_mask, cache, w) for w in windows]
         valid = masks[0][1]
         which = jnp.array([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-        layer_cache = None if cache is None else (cache["key"], cache["value"])
-        x, layer_cache = self.layers(x, jnp.stack([m for m, _ in masks]), cos, sin, start, which, layer_cache)
+        x, self_cache = self.layers(x, jnp.stack([m for m, _ in masks]), cos, sin, start, which,
+                                    None if cache is None else cache["self"])
         if cache is not None:
-            cache = {"key": layer_cache[0], "value": layer_cache[1], "mask": valid, "index": start + length}
+            cache = {"index": start + length, "self": self_cache, "mask": valid}
         return self.norm(x), cache
 
     def word_embedding_matrix(self):
@@ -295,10 +293,9 @@ class LlamaForCausalLM(nn.Module):
         return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """An empty key/value cache for `max_length` tokens (see flaxtrain.generate)."""
+        """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
         cfg = self.config
-        return generate.init_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size,
-                                   self.dtype)
+        return init_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, self.dtype)
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
@@ -310,5 +307,14 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, CausalLM = LlamaConfig, LlamaForCausalLM
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+FAMILY = Family(
+    model_types=tuple(_HF_ARCHITECTURES), config=LlamaConfig, heads={"CausalLM": LlamaForCausalLM},
+    init_params=init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("model.layers",),
+        tied={"lm_head.weight": "model.embed_tokens.weight"},  # applies only when the config ties them
+        base_prefix={"llama": "model", "mistral": "model", "qwen2": "model"},
+        ignored=(r"\.rotary_emb\.inv_freq$",),  # a buffer that older checkpoints saved
+    ),
+)

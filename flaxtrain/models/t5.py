@@ -4,7 +4,7 @@ Param names copy the transformers PyTorch keys: `encoder/block/layer/0/SelfAtten
 `encoder.block.{i}.layer.0.SelfAttention.q.weight` transposed, the blocks being stacked by `nn.scan`. One exception:
 transformers keeps the relative position bias in block 0 (`encoder.block.0.layer.0.SelfAttention.
 relative_attention_bias`) and hands it to every block; here it is `encoder/relative_attention_bias`, outside the scan,
-and HF_RENAMED maps it.
+and the `renamed` rule (FAMILY.hf) maps it.
 
 v1.0 (`feed_forward_proj="relu"`): FFN `wi`, `wo`; the LM head is the shared embedding, applied to the decoder output
 rescaled by d_model**-0.5. v1.1 / mT5 (`"gated-gelu"`): FFN gelu_new(`wi_0`) * `wi_1`, then `wo`; a separate `lm_head`,
@@ -23,21 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.llama import RMSNorm
 from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
-
-# Rules for flaxtrain.hf_io (see bert.py for HF_SCANNED / HF_TIED / HF_BASE_PREFIX).
-HF_SCANNED = ("encoder.block", "decoder.block")
-HF_RENAMED = {f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
-              for stack in ("encoder", "decoder")}
-# The LM head is tied only in v1.0; a v1.1 template has `lm_head` and hf_io then loads it instead of dropping it.
-HF_TIED = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight",
-           "lm_head.weight": "shared.weight"}
-HF_BASE_PREFIX: dict[str, str] = {}  # T5Model and T5ForConditionalGeneration share the body's keys
-# Old checkpoints carry a cross-attention position bias that T5 never uses (transformers ignores it too).
-HF_IGNORED = (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
 
 _HF_ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
 
@@ -162,7 +153,8 @@ def _layer_norm(config: T5Config, dtype, name: str) -> RMSNorm:
 
 class T5Attention(nn.Module):
     """Multi-head attention without bias terms or logit scaling. `kv` projects keys and values (cacheable),
-    `__call__` attends to them."""
+    `__call__` attends to them. The projections are made in setup, for both methods; __call__ is compact because
+    `attention` adds its dropout there."""
 
     config: T5Config
     dtype: Any = jnp.float32
@@ -174,7 +166,6 @@ class T5Attention(nn.Module):
         self.k = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "k", (EMBED, HEADS))
         self.v = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "v", (EMBED, HEADS))
         self.o = _dense(self.dtype, cfg.d_model, factor * inner**-0.5, "o", (HEADS, EMBED))
-        self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def _split(self, y):
         return y.reshape(*y.shape[:2], self.config.num_heads, self.config.d_kv)
@@ -183,17 +174,13 @@ class T5Attention(nn.Module):
         """source [B, S, D] -> (keys, values), each [B, S, N, H]."""
         return self._split(self.k(source)), self._split(self.v(source))
 
+    @nn.compact
     def __call__(self, x, k, v, mask, bias, deterministic: bool):
         """x [B, T, D]; k, v [B, S, N, H]; mask bool broadcastable to [B, N, T, S] (True = attend); bias float32
         [1, N, T, S] or None -> [B, T, D]."""
         q = self._split(self.q(x))
-        if deterministic or self.config.dropout_rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
-        else:  # jax.nn.dot_product_attention has no dropout on the attention probabilities
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-            logits = jnp.where(mask, logits if bias is None else logits + bias, jnp.finfo(jnp.float32).min)
-            probs = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=False)
-            out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+        out = attention(q, k, v, mask, bias=bias, scale=1.0, dropout_rate=self.config.dropout_rate,
+                        deterministic=deterministic)
         return self.o(out.reshape(*x.shape[:2], -1))
 
 
@@ -207,16 +194,14 @@ class T5LayerSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, bias, index=None, cache=None):
-        """x [B, T, D]; cache None or {"k", "v": [B, T_max, N, H]} -> (x, updated cache or None)."""
+        """x [B, T, D]; cache None or this layer's {"key", "value"} [B, T_max, N, H] -> (x, updated cache or None)."""
         h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
-        attention = T5Attention(self.config, self.dtype, name="SelfAttention")
-        k, v = attention.kv(h)
+        attn = T5Attention(self.config, self.dtype, name="SelfAttention")
+        k, v = attn.kv(h)
         if cache is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
-        h = attention(h, k, v, mask, bias, self.deterministic)
+            cache = write_cache(cache, k, v, index)
+            k, v = cache["key"], cache["value"]
+        h = attn(h, k, v, mask, bias, self.deterministic)
         return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
 
 
@@ -233,14 +218,14 @@ class T5LayerCrossAttention(nn.Module):
         """x [B, T, D]; encoder_hidden [B, S, D] (may be None when the cache holds keys/values); encoder_mask
         [B, 1, 1, S] -> (x, cache)."""
         h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
-        attention = T5Attention(self.config, self.dtype, name="EncDecAttention")
-        if cache is not None and "k" in cache:
-            k, v = cache["k"], cache["v"]
+        attn = T5Attention(self.config, self.dtype, name="EncDecAttention")
+        if cache is not None and "key" in cache:
+            k, v = cache["key"], cache["value"]
         else:
-            k, v = attention.kv(encoder_hidden)
+            k, v = attn.kv(encoder_hidden)
             if cache is not None:
-                cache = {"k": k, "v": v}
-        h = attention(h, k, v, encoder_mask, None, self.deterministic)
+                cache = {"key": k, "value": v}
+        h = attn(h, k, v, encoder_mask, None, self.deterministic)
         return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
 
 
@@ -333,7 +318,7 @@ class T5Stack(nn.Module):
             key_pos = query_pos
         else:  # the queries continue at cache["index"]; keys are the whole preallocated buffer
             index = cache["index"]
-            query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["k"].shape[2])
+            query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["key"].shape[2])
         self_mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)[:, None, None, :]
         if self.is_decoder:
             self_mask = self_mask & (key_pos[None, :] <= query_pos[:, None])[None, None]
@@ -416,12 +401,12 @@ class T5ForConditionalGeneration(nn.Module):
         return logits.astype(jnp.float32), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """An empty decoder cache for up to max_length decoder tokens: {"index": 0, "self": {"k", "v": [L, B,
-        max_length, N, H]}, "cross": {}}; `decode` fills "cross" with keys/values [L, B, S, N, H] on its first call."""
+        """An empty decoder cache for up to max_length decoder tokens, in models/attention.py's layout: {"index": 0,
+        "self": {"key", "value": [L, B, max_length, N, H]}, "cross": {}}; `decode` fills "cross" with keys/values
+        [L, B, S, N, H] on its first call."""
         cfg = self.config
-        shape = (cfg.num_decoder_layers, batch_size, max_length, cfg.num_heads, cfg.d_kv)
-        zeros = jnp.zeros(shape, self.dtype)
-        return {"index": jnp.zeros((), jnp.int32), "self": {"k": zeros, "v": zeros}, "cross": {}}
+        return init_cache(cfg.num_decoder_layers, batch_size, max_length, cfg.num_heads, cfg.d_kv, self.dtype,
+                          encoder_decoder=True)
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
@@ -433,5 +418,21 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-# The names scripts use through `flaxtrain.models.create`.
-Config, Seq2SeqLM = T5Config, T5ForConditionalGeneration
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Relative positions set
+# no length limit: max_positions is None.
+FAMILY = Family(
+    model_types=tuple(_HF_ARCHITECTURES), config=T5Config, heads={"Seq2SeqLM": T5ForConditionalGeneration},
+    init_params=init_params, max_positions=None, shift_right=shift_right,
+    hf=HfRules(
+        scanned=("encoder.block", "decoder.block"),
+        renamed={f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
+                 for stack in ("encoder", "decoder")},
+        # The LM head is tied only in v1.0; a v1.1 template has `lm_head` and hf_io then loads it instead of dropping
+        # it.
+        tied={"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight",
+              "lm_head.weight": "shared.weight"},
+        base_prefix={},  # T5Model and T5ForConditionalGeneration share the body's keys
+        # Old checkpoints carry a cross-attention position bias that T5 never uses (transformers ignores it too).
+        ignored=(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",),
+    ),
+)
