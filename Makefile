@@ -19,10 +19,10 @@ demo: $(VENV)/.installed
 	$(PY) run_mlm_flax.py --output_dir=$(DEMO)/run --model_type=roberta \
 	  --config_name=$(DEMO)/my-roberta --tokenizer_name=$(DEMO)/my-roberta --train_file=$(DEMO)/corpus.txt \
 	  --max_seq_length=64 --per_device_train_batch_size=16 --per_device_eval_batch_size=64 \
-	  --learning_rate=1e-3 --warmup_steps=50 --weight_decay=0.01 --adam_beta2=0.98 --max_steps=300 \
-	  --logging_steps=50 --eval_steps=100 --save_steps=100 --overwrite_output_dir --resume_from_checkpoint=none \
+	  --learning_rate=1e-3 --warmup_steps=100 --weight_decay=0.01 --adam_beta2=0.98 --max_steps=1000 \
+	  --logging_steps=100 --eval_steps=500 --save_steps=500 --overwrite_output_dir --resume_from_checkpoint=none \
 	  --do_train --do_eval
-	HF_HUB_OFFLINE=1 $(PY) demo/check.py $(DEMO)/run
+	HF_HUB_OFFLINE=1 $(PY) demo/check.py $(DEMO)/run $(DEMO)/corpus.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, generate, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain import (
+    compilation_cache, data, generate, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training,
+)
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -152,6 +154,7 @@ def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, ClmDataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    compilation_cache.use(training_args.compilation_cache_dir)
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
     prompts = read_prompts(data_args) if training_args.do_predict else []

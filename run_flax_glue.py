@@ -25,7 +25,7 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain import compilation_cache, data, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -272,6 +272,7 @@ def main(argv=None):
         (GlueModelArguments, GlueDataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    compilation_cache.use(training_args.compilation_cache_dir)
     logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
                 jax.process_index(), jax.process_count())
     if data_args.task_name is not None:

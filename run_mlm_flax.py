@@ -13,6 +13,7 @@ Run the same command again to resume from the newest checkpoint in output_dir.
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, training
+from flaxtrain import compilation_cache, data, hf_io, hub, loop, models, parallel, pretrained, resume, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -79,23 +80,41 @@ def tokenize(raw, tokenizer, data_args, max_len):
     return raw.map(encode_and_group, remove_columns=next(iter(raw.values())).column_names, **common)
 
 
-def mask_tokens(batch, rng, rows, tokenizer, probability):
+def max_predictions(length: int, probability: float, tail: float = 1e-9) -> int:
+    """How many masked tokens per row the loss looks at (BERT's max_predictions_per_seq): the smallest multiple of 8
+    that the number of masked tokens, Binomial(length, probability), exceeds with probability under `tail`, so that
+    in practice no row ever has more. 48 of 128 at the default 15%."""
+    log_pmf = [math.lgamma(length + 1) - math.lgamma(k + 1) - math.lgamma(length - k + 1)
+               + k * math.log(probability) + (length - k) * math.log1p(-probability) for k in range(length + 1)]
+    count, above = length, 0.0
+    while count > 0 and above + math.exp(log_pmf[count]) < tail:
+        above += math.exp(log_pmf[count])
+        count -= 1
+    return min(length, -(-count // 8) * 8)
+
+
+def mask_tokens(batch, rng, rows, tokenizer, probability, predictions):
     """BERT's 80/10/10 masking of this host's `rows` of a global batch.
 
     batch: {"input_ids", "special_tokens_mask"} [B, T] for the whole global batch (special tokens and padding
     are never masked). The random draws are made for all B rows, so a row is masked the same way however the
-    batch is split over hosts. Returns [b, T] arrays: input_ids, attention_mask, labels, weights.
+    batch is split over hosts. At most `predictions` tokens of a row are masked (see max_predictions: the first
+    ones, should a row ever draw more). Returns input_ids, attention_mask [b, T], and the masked tokens' positions,
+    labels and weights [b, predictions] (weight 0 on the slots after a row's last masked token).
     """
     shape = batch["input_ids"].shape
     chosen, mask_or_not, random_or_not = rng.random((3,) + shape)[:, rows]
     random_ids = rng.integers(0, tokenizer.vocab_size, shape)[rows]
     ids, special = batch["input_ids"][rows], batch["special_tokens_mask"][rows].astype(bool)
     masked = (chosen < probability) & ~special
+    masked &= np.cumsum(masked, axis=1) <= predictions
     to_mask = masked & (mask_or_not < 0.8)
     to_random = masked & ~to_mask & (random_or_not < 0.5)
     inputs = np.where(to_mask, tokenizer.mask_token_id, np.where(to_random, random_ids, ids))
+    positions = np.argsort(~masked, axis=1, kind="stable")[:, :predictions]  # the masked ones first, in order
     return {"input_ids": inputs.astype(np.int32), "attention_mask": (ids != tokenizer.pad_token_id).astype(np.int32),
-            "labels": ids.astype(np.int32), "weights": masked.astype(np.float32)}
+            "positions": positions.astype(np.int32), "labels": np.take_along_axis(ids, positions, 1).astype(np.int32),
+            "weights": np.take_along_axis(masked, positions, 1).astype(np.float32)}
 
 
 def gather(dataset, indices, max_len, pad_id):
@@ -118,7 +137,7 @@ def train_step(state, batch, rng, accumulation_steps):
 
     def loss_fn(params, micro, rng):
         logits = state.apply_fn({"params": params}, micro["input_ids"], micro["attention_mask"],
-                                deterministic=False, rngs={"dropout": rng})
+                                deterministic=False, positions=micro["positions"], rngs={"dropout": rng})
         loss_sum, _, _ = training.cross_entropy_sums(logits, micro["labels"], micro["weights"])
         return loss_sum / total_weight, loss_sum
 
@@ -127,7 +146,8 @@ def train_step(state, batch, rng, accumulation_steps):
 
 
 def eval_step(state, batch):
-    logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"])
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"], batch["attention_mask"],
+                            positions=batch["positions"])
     loss, correct, weight = training.cross_entropy_sums(logits, batch["labels"], batch["weights"])
     return {"loss": loss, "accuracy": correct, "weight": weight}
 
@@ -137,6 +157,7 @@ def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, MlmDataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    compilation_cache.use(training_args.compilation_cache_dir)
     if training_args.do_predict:
         raise ValueError("--do_predict: this script has no prediction step (use --do_train and --do_eval).")
     logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
@@ -193,10 +214,12 @@ def main(argv=None):
             if model_args.model_name_or_path else None)
     state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
+    predictions = max_predictions(max_len, data_args.mlm_probability)
+
     def make_batch(dataset, indices, rng):
         rows = parallel.host_rows(mesh, len(indices))
         return mask_tokens(gather(dataset, indices, max_len, tokenizer.pad_token_id), rng, rows, tokenizer,
-                           data_args.mlm_probability)
+                           data_args.mlm_probability, predictions)
 
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),

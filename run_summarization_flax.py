@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, resume, storage, training
+from flaxtrain import (
+    compilation_cache, data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, resume, storage,
+    training,
+)
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
@@ -275,6 +278,7 @@ def main(argv=None):
         raise ValueError("--do_predict needs a test set: give --test_file (or a --dataset_name with a test split).")
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    compilation_cache.use(training_args.compilation_cache_dir)
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
     repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state

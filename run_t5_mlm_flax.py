@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, hf_io, hub, loop, models, parallel, pretrained, resume, training
+from flaxtrain import compilation_cache, data, hf_io, hub, loop, models, parallel, pretrained, resume, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import t5
@@ -232,6 +232,7 @@ def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, T5DataArguments, TrainingArguments), argv)
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
+    compilation_cache.use(training_args.compilation_cache_dir)
     if training_args.do_predict:
         raise ValueError("--do_predict: this script has no prediction step (use --do_train and --do_eval).")
     if data_args.train_ref_file or data_args.validation_ref_file:

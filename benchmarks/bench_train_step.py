@@ -17,7 +17,8 @@ mesh of --fsdp and --tensor_parallel, and prints the per-device bytes of paramet
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
 to the embedding) and 12 * layers * length * width for attention, as in the PaLM paper's appendix; for T5 the
-encoder's parameters count the input tokens and the decoder's the target tokens (BART likewise).
+encoder's parameters count the input tokens and the decoder's the target tokens (BART likewise); the masked-LM
+head counts the positions it runs on (run_mlm_flax.max_predictions per row, not every token).
 """
 
 import argparse
@@ -28,6 +29,7 @@ import os
 import resource
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -82,13 +84,15 @@ def matrix_params(params, prefix=None) -> int:
                if path[-1].key != "embedding" and (prefix is None or prefix in [p.key for p in path[:2]]))
 
 
-def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 0) -> float:
-    """Training FLOPs of one step: 6 per matrix parameter per token it sees, plus attention scores."""
+def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 0, predicted: int = 0) -> float:
+    """Training FLOPs of one step: 6 per matrix parameter per token it sees, plus attention scores. `predicted`:
+    the positions per row the output head runs on (the masked tokens of MLM; default all)."""
     width, vocab = hf_config.hidden_size, hf_config.vocab_size
-    if not target:  # an encoder or a decoder: every parameter sees every token
+    if not target:  # an encoder or a decoder: the body sees every token, the head the predicted ones
         output = vocab * width if getattr(hf_config, "tie_word_embeddings", True) else 0
-        per_token = 6 * (matrix_params(params) + output) + 12 * hf_config.num_hidden_layers * seq * width
-        return batch * seq * per_token
+        head = matrix_params(params, "cls") + matrix_params(params, "lm_head") + output
+        body = 6 * (matrix_params(params) + output - head) + 12 * hf_config.num_hidden_layers * seq * width
+        return batch * (seq * body + (predicted or seq) * 6 * head)
     # Encoder-decoder: the encoder sees the inputs, the decoder and output layer the targets; the decoder attends
     # to itself and to the inputs.
     output = 0 if "lm_head" in params else vocab * width
@@ -103,9 +107,10 @@ def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 
 def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, rng) -> dict:
     ids = rng.integers(5, vocab_size, (batch, seq)).astype(np.int32)
     ones = np.ones((batch, seq), np.int32)
-    if script is run_mlm_flax:
-        return {"input_ids": ids, "attention_mask": ones, "labels": ids,
-                "weights": (rng.random((batch, seq)) < 0.15).astype(np.float32)}
+    if script is run_mlm_flax:  # the script's own 15% masking
+        tokenizer = types.SimpleNamespace(vocab_size=vocab_size, mask_token_id=4, pad_token_id=1)
+        return run_mlm_flax.mask_tokens({"input_ids": ids, "special_tokens_mask": np.zeros_like(ids)}, rng,
+                                        np.arange(batch), tokenizer, 0.15, run_mlm_flax.max_predictions(seq, 0.15))
     if script in (run_t5_mlm_flax, run_summarization_flax):
         labels = rng.integers(5, vocab_size, (batch, target)).astype(np.int32)
         return {"input_ids": ids, "attention_mask": ones, "labels": labels, "decoder_input_ids": labels,
@@ -183,7 +188,8 @@ def main(argv=None):
         print(json.dumps(result))
         return result
 
-    flops_per_step = model_flops_per_step(params, hf_config, batch, seq, target)
+    predicted = host["positions"].shape[1] if "positions" in host else 0
+    flops_per_step = model_flops_per_step(params, hf_config, batch, seq, target, predicted)
     state = layout.create(layout.init(jax.random.key(0)))
     device_batch = parallel.to_global(host, mesh, batch)
     dropout_rng = jax.random.key(1)

@@ -102,7 +102,7 @@ class TrainingArguments:
         "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
         "save_total_limit", "resume_from_checkpoint", "allow_changed_flags", "gradient_checkpointing",
-        "fsdp", "tensor_parallel", "logical_axis_rules", "save_dtype",
+        "fsdp", "tensor_parallel", "logical_axis_rules", "save_dtype", "compilation_cache_dir",
         "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy")
 
     output_dir: str = field(metadata={"help": "Where checkpoints, the exported model, logs and results go."})
@@ -170,6 +170,10 @@ class TrainingArguments:
     save_dtype: str = field(
         default="float32", metadata={"help": "dtype of the exported model's weights (model.safetensors).",
                                      "choices": ["float32", "bfloat16", "float16"]})
+    compilation_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where compiled steps are kept, so that a rerun or a resumed run does not "
+                                        "compile them again (default: JAX_COMPILATION_CACHE_DIR, else "
+                                        "~/.cache/flaxtrain/jax); none: off."})
     load_best_model_at_end: bool = field(
         default=False,
         metadata={"help": "Keep the model of the best evaluation (by --metric_for_best_model) as the final model, "

@@ -89,10 +89,15 @@ def test_sigterm_then_the_same_command_continues_the_uninterrupted_run_exactly(s
              "--eval_steps=1000"]
     run_mlm_flax.main(["--output_dir=whole", *flags])
 
+    # The compiled steps are cached in a folder of our own: the resumed run does not compile its train step again.
+    flags.append("--compilation_cache_dir=jax-cache")
     stopped = tiny.run_script("run_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"],
-                              signal={"SIGNAL_AT_STEP": 27}, returncode=143)
+                              signal={"SIGNAL_AT_STEP": 27}, returncode=143, env={"JAX_LOG_COMPILES": "1"})
     tiny.stopped_by_signal(stopped, setup["work"] / "run", step=27)
-    tiny.run_script("run_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"])
+    assert "cache hit for 'jit_train_step'" not in stopped.stderr and any((setup["work"] / "jax-cache").iterdir())
+    resumed = tiny.run_script("run_mlm_flax.py", ["--output_dir=run", *flags], devices=1, cwd=setup["work"],
+                              env={"JAX_LOG_COMPILES": "1"})
+    assert "Persistent compilation cache hit for 'jit_train_step'" in resumed.stderr
     assert [s for s, _, _ in tiny.loss_curve("run")] == [10, 20, 30, 40]
     tiny.assert_same_run("run", "whole")
 

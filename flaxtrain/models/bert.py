@@ -351,11 +351,15 @@ class BertForMaskedLM(nn.Module):
         return f"{_HF_CLASS_PREFIX[self.config.model_type]}ForMaskedLM"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
-        """[B, T] int inputs -> logits [B, T, V] float32. Dropout needs the "dropout" rng when not deterministic."""
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True, positions=None):
+        """[B, T] int inputs -> logits [B, T, V] float32, or [B, K, V] at `positions` [B, K] (the masked tokens: the
+        loss needs no others, and in a small model the head over the vocabulary is most of the work). Dropout needs
+        the "dropout" rng when not deterministic."""
         cfg = self.config
         body = BertModel(cfg, self.dtype, self.gradient_checkpointing, name=cfg.model_type)
         hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         head = RobertaLMHead if cfg.model_type == "roberta" else BertOnlyMLMHead
         return head(cfg, self.dtype, name="lm_head" if cfg.model_type == "roberta" else "cls")(
             hidden, body.word_embedding_matrix())
