@@ -1,4 +1,4 @@
-"""The 80/10/10 masking collator of run_mlm_flax.py."""
+"""The 80/10/10 masking collator of run_mlm_flax.py, and the masked positions it gives the model's head."""
 
 import numpy as np
 import pytest
@@ -27,38 +27,72 @@ def batch_of(tokenizer, rows=64, length=32):
     return out
 
 
+def full_targets(out):
+    """The collator's labels and weights at the masked positions, put back into [b, T] arrays (0 elsewhere)."""
+    labels, weights = np.zeros_like(out["input_ids"]), np.zeros(out["input_ids"].shape, np.float32)
+    np.put_along_axis(labels, out["positions"], out["labels"], axis=1)
+    np.put_along_axis(weights, out["positions"], out["weights"], axis=1)
+    return labels, weights
+
+
+def mask_tokens(batch, rng, rows, tokenizer, probability, predictions=None):
+    """run_mlm_flax.mask_tokens, by default with room for every token of a row."""
+    return run_mlm_flax.mask_tokens(batch, rng, rows, tokenizer, probability,
+                                    predictions or batch["input_ids"].shape[1])
+
+
 def test_masking_rate_and_80_10_10_split(tokenizer):
     batch = batch_of(tokenizer, rows=2000)
-    out = run_mlm_flax.mask_tokens(batch, np.random.default_rng(0), slice(None), tokenizer, 0.15)
+    out = mask_tokens(batch, np.random.default_rng(0), slice(None), tokenizer, 0.15)
+    labels, weights = full_targets(out)
     maskable = batch["special_tokens_mask"] == 0
-    chosen = out["weights"] > 0
+    chosen = weights > 0
     assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.01
     replaced = out["input_ids"][chosen] == tokenizer.mask_token_id
     kept = out["input_ids"][chosen] == batch["input_ids"][chosen]
     assert abs(replaced.mean() - 0.8) < 0.02
     assert abs(kept.mean() - 0.1) < 0.02  # (a random token equal to the original counts as kept: rare)
-    assert (out["labels"] == batch["input_ids"]).all()
+    assert (labels[chosen] == batch["input_ids"][chosen]).all()
     # Unchosen positions are untouched.
     assert (out["input_ids"][~chosen] == batch["input_ids"][~chosen]).all()
 
 
 def test_special_and_padding_tokens_are_never_masked(tokenizer):
     batch = batch_of(tokenizer, rows=500)
-    out = run_mlm_flax.mask_tokens(batch, np.random.default_rng(1), slice(None), tokenizer, 0.5)
+    out = mask_tokens(batch, np.random.default_rng(1), slice(None), tokenizer, 0.5)
     special = batch["special_tokens_mask"] == 1
-    assert special.any() and (out["weights"][special] == 0).all()
+    assert special.any() and (full_targets(out)[1][special] == 0).all()
     padding = batch["input_ids"] == tokenizer.pad_token_id
     assert (out["attention_mask"][padding] == 0).all() and (out["attention_mask"][~padding] == 1).all()
 
 
 def test_masking_is_deterministic_and_independent_of_the_host_split(tokenizer):
     batch = batch_of(tokenizer, rows=16)
-    whole = run_mlm_flax.mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
-    again = run_mlm_flax.mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
-    halves = [run_mlm_flax.mask_tokens(batch, np.random.default_rng(7), rows, tokenizer, 0.15)
+    whole = mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
+    again = mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
+    halves = [mask_tokens(batch, np.random.default_rng(7), rows, tokenizer, 0.15)
               for rows in (slice(0, 8), slice(8, 16))]
-    other = run_mlm_flax.mask_tokens(batch, np.random.default_rng(8), slice(None), tokenizer, 0.15)
+    other = mask_tokens(batch, np.random.default_rng(8), slice(None), tokenizer, 0.15)
     for key in whole:
         assert (whole[key] == again[key]).all()
         assert (np.concatenate([h[key] for h in halves]) == whole[key]).all()
     assert (other["weights"] != whole["weights"]).any()
+
+
+def test_the_head_sees_every_masked_token_and_a_row_never_more_than_max_predictions(tokenizer):
+    assert run_mlm_flax.max_predictions(128, 0.15) == 48  # P(more than 48 of 128 masked) < 1e-9
+    assert run_mlm_flax.max_predictions(16, 0.15) == 16  # never more than the length
+    batch = batch_of(tokenizer, rows=64)
+    limit = run_mlm_flax.max_predictions(32, 0.15)
+    out = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.15, limit)
+    assert out["positions"].shape == (64, limit)
+    labels, weights = full_targets(out)
+    masked = (out["input_ids"] != batch["input_ids"]) | (weights > 0)
+    assert (weights[masked] == 1).all() and (labels[masked] == batch["input_ids"][masked]).all()
+    # Capped: only the first `predictions` masked tokens of a row are masked; the others keep their ids.
+    capped = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.9, predictions=4)
+    full = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.9)
+    assert (capped["weights"].sum(1) <= 4).all() and (full["weights"].sum(1) > 4).any()
+    np.testing.assert_array_equal(capped["positions"], full["positions"][:, :4])
+    dropped = (full_targets(full)[1] > 0) & (full_targets(capped)[1] == 0)
+    assert dropped.any() and (capped["input_ids"][dropped] == batch["input_ids"][dropped]).all()

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import run_mlm_flax  # noqa: E402
 from flaxtrain import training  # noqa: E402
 from flaxtrain.models import bert  # noqa: E402
+from tests.test_mlm_collator import full_targets  # noqa: E402
 
 key = functools.partial(jax.random.key, impl="rbg")  # (see test_bert.py)
 
@@ -27,45 +28,6 @@ def global_batch(rows=6, length=16, seed=0):
     special[:, 0] = special[:, -1] = 1
     ids[3, 9:], special[3, 9:] = Tokenizer.pad_token_id, 1  # a padded row
     return {"input_ids": ids, "special_tokens_mask": special}
-
-
-def full_targets(batch):
-    """labels and weights over every token [b, T], from the masked positions."""
-    weights = np.zeros(batch["input_ids"].shape, np.float32)
-    np.put_along_axis(weights, batch["positions"], batch["weights"], axis=1)
-    labels = np.zeros_like(batch["input_ids"])
-    np.put_along_axis(labels, batch["positions"], batch["labels"], axis=1)
-    return labels, weights
-
-
-def test_max_predictions_covers_the_binomial_tail():
-    assert run_mlm_flax.max_predictions(128, 0.15) == 48
-    assert run_mlm_flax.max_predictions(16, 0.15) == 16  # never more than the length
-    assert run_mlm_flax.max_predictions(512, 0.15) % 8 == 0
-
-
-def test_every_masked_token_is_a_prediction_and_a_row_never_has_more_than_the_limit():
-    batch = global_batch()
-    rng = lambda: np.random.default_rng(3)  # noqa: E731
-    rows = np.arange(6)
-    out = run_mlm_flax.mask_tokens(batch, rng(), rows, Tokenizer, 0.3, predictions=16)
-    labels, weights = full_targets(out)
-    changed = out["input_ids"] != batch["input_ids"]
-    assert (weights[changed] == 1).all() and weights.sum() > changed.sum() > 0  # 10% keep their token
-    np.testing.assert_array_equal(labels[weights == 1], batch["input_ids"][weights == 1])
-    assert not weights[batch["special_tokens_mask"] == 1].any()
-    # Rows split over hosts are masked as the whole batch is.
-    half = run_mlm_flax.mask_tokens(batch, rng(), rows[3:], Tokenizer, 0.3, predictions=16)
-    for name in out:
-        np.testing.assert_array_equal(half[name], out[name][3:])
-    # Capped: only the first `predictions` masked tokens of a row are masked; the rest keep their ids.
-    capped = run_mlm_flax.mask_tokens(batch, rng(), rows, Tokenizer, 0.9, predictions=8)
-    full = run_mlm_flax.mask_tokens(batch, rng(), rows, Tokenizer, 0.9, predictions=16)
-    assert (capped["weights"].sum(1) <= 8).all() and (full["weights"].sum(1) > 8).any()
-    np.testing.assert_array_equal(capped["positions"], full["positions"][:, :8])
-    _, capped_weights = full_targets(capped)
-    unmasked = full_targets(full)[1].astype(bool) & ~capped_weights.astype(bool)
-    np.testing.assert_array_equal(capped["input_ids"][unmasked], batch["input_ids"][unmasked])
 
 
 def test_loss_and_gradients_equal_the_head_over_every_token():
