@@ -22,10 +22,11 @@ size, L layers.
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from flaxtrain.models.dropout import Dropout
 
 
 def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, dropout_rate: float = 0.0,
@@ -35,8 +36,8 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, drop
 
     mask: bool broadcastable to [B, N, T, S], True = attend; bias: float broadcastable to [B, N, T, S], added to the
     scaled logits (T5's relative positions); scale None = H**-0.5. With dropout_rate > 0 and not deterministic, the
-    attention probabilities go through an nn.Dropout that draws the "dropout" rng: call this inside a module's
-    compact method, whose submodule (`Dropout_<n>`) it becomes.
+    attention probabilities go through a Dropout (models/dropout.py) that draws the "dropout" rng: call this inside
+    a module's compact method, whose submodule (`Dropout_<n>`) it becomes.
     """
     if deterministic or dropout_rate == 0.0:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
@@ -51,7 +52,7 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, drop
     if mask is not None:
         # The lowest float32 rather than -inf: a query with no key to attend to gets a uniform softmax, not NaN.
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = nn.Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+    probs = Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 

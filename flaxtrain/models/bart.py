@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flaxtrain.models import t5
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
@@ -212,7 +213,7 @@ class BartLayer(nn.Module):
         """Post-norm norm(x + dropout(fn(x))) or pre-norm x + dropout(fn(norm(x))); fn may also return a cache."""
         norm = _layer_norm(self.config, self.dtype, name)
         h, cache = fn(norm(x) if self.config.normalize_before else x)
-        x = x + nn.Dropout(self.config.dropout)(h, deterministic=self.deterministic)
+        x = x + Dropout(self.config.dropout)(h, deterministic=self.deterministic)
         return (x if self.config.normalize_before else norm(x)), cache
 
     @nn.compact
@@ -244,7 +245,7 @@ class BartLayer(nn.Module):
         def feed_forward(h):
             ffn_dim = cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim
             h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, ffn_dim, "fc1", (EMBED, MLP))(h))
-            h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+            h = Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
             return _dense(cfg, self.dtype, cfg.d_model, "fc2", (MLP, EMBED))(h), None
 
         x, self_cache = self._residual(x, "self_attn_layer_norm", self_attention)
@@ -279,7 +280,7 @@ class BartStack(nn.Module):
                              param_dtype=jnp.float32, embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)),
                              name="embed_positions")
         x = x + positions(query_pos + POSITION_OFFSET)[None]
-        dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
+        dropout = Dropout(cfg.dropout, deterministic=deterministic)
         x = dropout(_layer_norm(cfg, self.dtype, "layernorm_embedding")(x))
 
         self_mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)[:, None, None, :]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain.models.attention import attention
+from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
                                           named, norm_inits)
@@ -137,7 +138,7 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = embed(cfg.type_vocab_size,
                                            embedding_init=embedding_init(cfg.initializer_range, (None, EMBED)))
         self.LayerNorm = _layer_norm(cfg, self.dtype, None)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         """[B, T] ids, [B, T] segment ids -> [B, T, E] (E = features or D)."""
@@ -171,7 +172,7 @@ class BertOutput(nn.Module):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         x = _dense(self.config, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
-        x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(self.config, self.dtype, "LayerNorm")(x + residual)
 
 
@@ -330,7 +331,7 @@ class RobertaClassificationHead(nn.Module):
     def __call__(self, x, deterministic: bool):
         """[B, T, D] -> [B, num_labels]."""
         cfg = self.config
-        dropout = nn.Dropout(_classifier_dropout(cfg), deterministic=deterministic)
+        dropout = Dropout(_classifier_dropout(cfg), deterministic=deterministic)
         x = self.activation(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
         return _dense(cfg, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x))
 
@@ -387,7 +388,7 @@ class BertForSequenceClassification(nn.Module):
         if is_roberta:
             logits = RobertaClassificationHead(cfg, self.dtype, name="classifier")(hidden, deterministic)
         else:
-            pooled = nn.Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
+            pooled = Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
             logits = _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled)
         return logits.astype(jnp.float32)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flaxtrain.models import bert
 from flaxtrain.models.attention import attention
 from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
@@ -99,7 +100,7 @@ class Embeddings(nn.Module):
                             name="position_embeddings")
         x = word(input_ids) + position(jnp.arange(input_ids.shape[1]))[None]
         x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -127,7 +128,7 @@ class FFN(nn.Module):
         cfg = self.config
         x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.hidden_dim, "lin1", (EMBED, MLP))(x))
         x = _dense(cfg, self.dtype, cfg.dim, "lin2", (MLP, EMBED))(x)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 class TransformerBlock(nn.Module):
@@ -192,7 +193,7 @@ class DistilBertForSequenceClassification(nn.Module):
         hidden = DistilBertModel(cfg, self.dtype, self.gradient_checkpointing, name="distilbert")(
             input_ids, attention_mask, deterministic)
         x = jax.nn.relu(_dense(cfg, self.dtype, cfg.dim, "pre_classifier")(hidden[:, 0]))
-        x = nn.Dropout(cfg.seq_classif_dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.seq_classif_dropout)(x, deterministic=deterministic)
         return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x).astype(jnp.float32)
 
 

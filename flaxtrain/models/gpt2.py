@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flaxtrain import generate
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
@@ -120,7 +121,7 @@ class GPT2Attention(nn.Module):
                         deterministic=deterministic)
         out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED), _residual_std(cfg))(
             out.reshape(x.shape))
-        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
+        return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
 
 
 class GPT2MLP(nn.Module):
@@ -133,7 +134,7 @@ class GPT2MLP(nn.Module):
         h = _dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc", (EMBED, MLP))(x)
         h = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (MLP, EMBED), _residual_std(cfg))(
             ACT_FNS[cfg.activation_function](h))
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        return Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):
@@ -168,7 +169,7 @@ class GPT2Model(nn.Module):
         embed = functools.partial(nn.Embed, features=cfg.n_embd, dtype=self.dtype, param_dtype=jnp.float32)
         self.wte = embed(cfg.vocab_size, embedding_init=embedding_init(cfg.initializer_range))
         self.wpe = embed(cfg.n_positions, embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         self.h = scan_layers(GPT2Block, cfg.n_layer, self.gradient_checkpointing,
                              in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
         self.ln_f = _layer_norm(cfg, self.dtype, None)

@@ -25,6 +25,7 @@ import numpy as np
 
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.llama import RMSNorm
 from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, VOCAB, embedding_init, named
@@ -202,7 +203,7 @@ class T5LayerSelfAttention(nn.Module):
             cache = write_cache(cache, k, v, index)
             k, v = cache["key"], cache["value"]
         h = attn(h, k, v, mask, bias, self.deterministic)
-        return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
+        return x + Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -226,7 +227,7 @@ class T5LayerCrossAttention(nn.Module):
             if cache is not None:
                 cache = {"key": k, "value": v}
         h = attn(h, k, v, encoder_mask, None, self.deterministic)
-        return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
+        return x + Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic), cache
 
 
 class T5DenseReluDense(nn.Module):
@@ -245,7 +246,7 @@ class T5DenseReluDense(nn.Module):
             h = act(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
         else:
             h = act(wi(name="wi")(x))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         # transformers keeps `wo` in float32 because v1.1's FFN output overflows float16; bfloat16 has float32's
         # range, so `wo` runs in the computation dtype like the rest.
         return _dense(self.dtype, cfg.d_model, cfg.initializer_factor * cfg.d_ff**-0.5, "wo", (MLP, EMBED))(h)
@@ -260,7 +261,7 @@ class T5LayerFF(nn.Module):
     def __call__(self, x):
         h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
         h = T5DenseReluDense(self.config, self.dtype, self.deterministic, name="DenseReluDense")(h)
-        return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic)
+        return x + Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic)
 
 
 class T5BlockLayers(nn.Module):
@@ -333,7 +334,7 @@ class T5Stack(nn.Module):
 
         blocks = scan_layers(T5Block, cfg.num_decoder_layers if self.is_decoder else cfg.num_layers,
                              self.gradient_checkpointing, in_axes=(nn.broadcast,) * 5 + (0,))
-        dropout = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
+        dropout = Dropout(cfg.dropout_rate, deterministic=deterministic)
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = blocks(cfg, self.dtype, self.is_decoder, deterministic, name="block")(
             dropout(x), self_mask, bias, encoder_hidden, encoder_mask, index, layer_caches)
