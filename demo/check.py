@@ -24,7 +24,10 @@ def unigram_perplexity(corpus: str, tokenizer, validation_percent: int = 5) -> f
     with open(corpus) as f:
         lines = f.read().splitlines()
     cut = len(lines) * validation_percent // 100
-    tokens = lambda part: [t for ids in tokenizer(part, add_special_tokens=False)["input_ids"] for t in ids]  # noqa: E731
+
+    def tokens(part):
+        return [t for ids in tokenizer(part, add_special_tokens=False)["input_ids"] for t in ids]
+
     counts, held_out = collections.Counter(tokens(lines[cut:])), tokens(lines[:cut])
     total = sum(counts.values()) + len(tokenizer)
     return math.exp(-sum(math.log((counts[t] + 1) / total) for t in held_out) / len(held_out))

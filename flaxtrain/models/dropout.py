@@ -2,9 +2,10 @@
 
 JAX's default (partitionable threefry) key hashes a counter per element: 64 random bits for each 32-bit draw, and
 nn.Dropout turns those into a float32 uniform to compare with the keep probability. Here each 32-bit draw gives two
-16-bit ones, compared as integers: a third of the time on a CPU for GPT-2's attention probabilities (dropout's
-random bits were 11% of a gpt2-small or t5-small train step). The rate is rounded to a multiple of 1/65536 and the
-kept values are scaled by that rounded rate's keep probability, so the expectation is exact.
+16-bit ones, compared as integers. On a CPU the mask of GPT-2's attention probabilities then takes a third of the
+time to make, one layer's dropout forward and backward 48 ms instead of 87 ms, and a gpt2-small or t5-small train
+step is 2-6% faster. The rate is rounded to a multiple of 1/65536 and the kept values are scaled by that rounded
+rate's keep probability, so the expectation is exact.
 """
 
 import flax.linen as nn
@@ -15,8 +16,8 @@ STEPS = 1 << 16  # a 16-bit draw is one of these
 
 
 def keep_mask(rng, rate: float, shape: tuple) -> jax.Array:
-    """bool `shape`, each element True with probability 1 - round(rate * 65536) / 65536. The draws run along the
-    last axis (half as many 32-bit words, each split in two), so a mask split over devices is made where it lives."""
+    """bool `shape`, each element True with probability 1 - round(rate * 65536) / 65536: half as many 32-bit words
+    along the last axis, each split in two."""
     words = jax.random.bits(rng, (*shape[:-1], -(-shape[-1] // 2)), jnp.uint32)
     halves = jnp.stack([words & (STEPS - 1), words >> 16], axis=-1).reshape(*shape[:-1], -1)[..., :shape[-1]]
     return halves >= round(rate * STEPS)
