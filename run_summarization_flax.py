@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtrain import (
-    compilation_cache, data, generate_seq2seq, hf_io, hub, loop, models, parallel, pretrained, resume, storage,
+    compilation_cache, data, generate_seq2seq, hf_export, hub, loop, models, parallel, pretrained, resume, storage,
     training,
 )
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
@@ -376,7 +376,7 @@ def main(argv=None):
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, plan, training_args, mesh=mesh,
             evaluate=(lambda state: evaluate(state)[0]) if training_args.do_eval else None,
-            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")

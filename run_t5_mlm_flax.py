@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import compilation_cache, data, hf_io, hub, loop, models, parallel, pretrained, resume, training
+from flaxtrain import compilation_cache, data, hf_export, hub, loop, models, parallel, pretrained, resume, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import t5
@@ -311,7 +311,7 @@ def main(argv=None):
         state, train_metrics, eval_metrics = loop.train(
             state, p_train_step, batches, plan, training_args, mesh=mesh,
             evaluate=run_eval if training_args.do_eval else None,
-            export=lambda params: hf_io.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
+            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
             meta=meta, hub=repo)

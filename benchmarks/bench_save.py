@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_train_step import CONFIGS, TASKS  # noqa: E402
-from flaxtrain import checkpoint, hf_io, models, parallel, training  # noqa: E402
+from flaxtrain import checkpoint, hf_export, models, parallel, training  # noqa: E402
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
     checkpoint_s = time.perf_counter() - start
     checkpoints.close()
     start = time.perf_counter()
-    hf_io.save_pretrained(output_dir, parallel.fetch(state.params), hf_config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(output_dir, parallel.fetch(state.params), hf_config, architecture=model.hf_architecture)
     export_s = time.perf_counter() - start
     if not args.output_dir:
         shutil.rmtree(output_dir)

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import safetensors.numpy  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from flaxtrain import hf_io  # noqa: E402
+from flaxtrain import hf_export, hf_io  # noqa: E402
 from flaxtrain.models import bert, get_family  # noqa: E402
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU, and the model code is the
@@ -203,7 +203,7 @@ def test_atomic_save_and_bf16_checkpoint(tmp_path):
 
     model, params, _ = tiny_mlm("bert")
     hf_config = transformers.AutoConfig.for_model("bert", **TINY)
-    hf_io.save_pretrained(str(tmp_path), params, hf_config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(str(tmp_path), params, hf_config, architecture=model.hf_architecture)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary left behind
     assert hf_config.architectures is None  # the caller's config is not modified
     assert transformers.AutoConfig.from_pretrained(tmp_path).architectures == ["BertForMaskedLM"]

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_io  # noqa: E402
+from flaxtrain import hf_export, hf_io  # noqa: E402
 from flaxtrain.models import bert  # noqa: E402
 
 HEADS = {"ForMaskedLM": bert.BertForMaskedLM, "ForSequenceClassification": bert.BertForSequenceClassification}
@@ -80,7 +80,7 @@ def test_logits_match_and_checkpoints_round_trip(model_type, head, tmp_root, tmp
     # not depend on the load path above.
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_io.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
     assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
     loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import hf_io  # noqa: E402
+from flaxtrain import hf_export, hf_io  # noqa: E402
 from flaxtrain.models import create, distilbert, electra, get_family  # noqa: E402
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
@@ -87,7 +87,7 @@ def test_logits_match_pytorch_and_checkpoints_round_trip(model_type, num_labels,
     # so that the check does not lean on the load path above.
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_io.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
     loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "ours", output_loading_info=True)
     assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_io  # noqa: E402
+from flaxtrain import hf_export, hf_io  # noqa: E402
 from flaxtrain.models import get_family  # noqa: E402
 
 # initializer_range 0.2 (not 0.02) so that the logits are large enough for atol to mean something.
@@ -95,7 +95,7 @@ def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     # not depend on the load path above.
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_io.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
     assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import hf_io  # noqa: E402
+from flaxtrain import hf_export, hf_io  # noqa: E402
 from flaxtrain.models import bert, get_family  # noqa: E402
 from tests.tiny import run_script  # noqa: E402
 
@@ -159,7 +159,7 @@ def test_export_in_shards_that_transformers_loads(tmp_root, tmp_path):
     rng = np.random.default_rng(1)  # perturbed, so that the check does not depend on the load path
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype),
                           hf_io.load_pretrained(path, template, model_type="llama"))
-    export = functools.partial(hf_io.save_pretrained, str(tmp_path), params, reference.config,
+    export = functools.partial(hf_export.save_pretrained, str(tmp_path), params, reference.config,
                                architecture=model.hf_architecture)
 
     export(max_shard_size=SHARD)
@@ -192,11 +192,11 @@ def test_export_in_shards_that_transformers_loads(tmp_root, tmp_path):
 
 
 def test_shard_sizes_read_as_transformers_reads_them():
-    assert hf_io._size_in_bytes(123) == 123
-    assert hf_io._size_in_bytes("200KB") == 200_000 and hf_io._size_in_bytes("5GB") == 5 * 10**9
-    assert hf_io._size_in_bytes("1.5mb") == 1_500_000 and hf_io._size_in_bytes("2GiB") == 2 * 2**30
+    assert hf_export._size_in_bytes(123) == 123
+    assert hf_export._size_in_bytes("200KB") == 200_000 and hf_export._size_in_bytes("5GB") == 5 * 10**9
+    assert hf_export._size_in_bytes("1.5mb") == 1_500_000 and hf_export._size_in_bytes("2GiB") == 2 * 2**30
     with pytest.raises(ValueError, match="max_shard_size='5 gigs'"):
-        hf_io._size_in_bytes("5 gigs")
+        hf_export._size_in_bytes("5 gigs")
 
 
 # Loads the tiny Llama at argv[1] with every leaf split over all devices of the job (across processes when there are
@@ -205,7 +205,7 @@ EXPORT_SPLIT = """
 import functools, os, sys
 import jax, numpy as np, transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from flaxtrain import hf_io
+from flaxtrain import hf_export, hf_io
 from flaxtrain.models import get_family
 
 if os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -227,7 +227,7 @@ params = hf_io.load_pretrained(checkpoint, template, model_type="llama", place=s
 leaves = jax.tree.leaves(params)
 assert jax.device_count() == 8 and all(len(x.addressable_shards) == jax.local_device_count() for x in leaves)
 print("leaves not fully addressable:", sum(not x.is_fully_addressable for x in leaves), "of", len(leaves))
-hf_io.save_pretrained(f"{output_dir}/p{jax.process_index()}", params, config, architecture=model.hf_architecture,
+hf_export.save_pretrained(f"{output_dir}/p{jax.process_index()}", params, config, architecture=model.hf_architecture,
                       max_shard_size="20KB")
 """
 
@@ -238,7 +238,7 @@ def test_export_of_split_params_is_the_numpy_export(processes, tmp_root, tmp_pat
     model, template = ours(reference.config)
     config = transformers.AutoConfig.from_pretrained(path)
     expected = str(tmp_path / "from_numpy")
-    hf_io.save_pretrained(expected, hf_io.load_pretrained(path, template, model_type="llama"), config,
+    hf_export.save_pretrained(expected, hf_io.load_pretrained(path, template, model_type="llama"), config,
                           architecture=model.hf_architecture, max_shard_size=SHARD)
     script = tmp_path / "export_split.py"
     script.write_text(EXPORT_SPLIT)

@@ -16,7 +16,7 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache  # noqa: E402
 
-from flaxtrain import generate_seq2seq, hf_io  # noqa: E402
+from flaxtrain import generate_seq2seq, hf_export, hf_io  # noqa: E402
 from flaxtrain.models import t5  # noqa: E402
 
 # (model_type, feed_forward_proj, tie_word_embeddings): v1.0, v1.1, mT5.
@@ -104,7 +104,7 @@ def test_logits_match_and_checkpoints_round_trip(variant, tmp_root, tmp_path):
     # not depend on the load path above.
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_io.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
+    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
     assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
     loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}
