@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Masked-language-model pretraining (BERT / RoBERTa) with JAX on TPUs, GPUs or CPUs.
+"""Masked-language-model pretraining (BERT, RoBERTa, XLM-R, ALBERT, DeBERTa-v3, ModernBERT...: the README's models
+table) with JAX on TPUs, GPUs or CPUs. BART and mBART train here as the original did: the conditional-generation
+model reads the masked text in its encoder and, shifted right, in its decoder, and predicts the masked tokens
+(flaxtrain.models.bart.BartForMaskedLM).
 
 Typical use, RoBERTa from scratch on your own corpus (see the README for training the tokenizer and config):
 
@@ -26,7 +29,9 @@ from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, par
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_mlm_flax")
-NOT_MASKED_LM = (r"^cls\.seq_relationship\.", r"^(bert|roberta)\.pooler\.")
+# Pretraining checkpoints' heads besides the masked-LM one (next-sentence, ALBERT's sentence order) and the pooler.
+NOT_MASKED_LM = (r"^cls\.seq_relationship\.", r"^sop_classifier\.",
+                 r"^(bert|roberta|roberta_prelayernorm|albert)\.pooler\.")
 
 
 
@@ -209,7 +214,7 @@ def main(argv=None):
     layout = loop.layout(model, family, tx, training_args)
     mesh = layout.mesh
 
-    # Hub BERT checkpoints also carry the next-sentence head and the pooler, which masked-LM does not use.
+    # Hub BERT/ALBERT checkpoints also carry a sentence-level head and the pooler, which masked-LM does not use.
     load = (functools.partial(pretrained.load_weights, model_args, model_type=config.model_type, drop=NOT_MASKED_LM)
             if model_args.model_name_or_path else None)
     state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Summarization: fine-tune an encoder-decoder (BART, mBART, T5, mT5) with JAX on TPUs, GPUs or CPUs, watch ROUGE,
-and write summaries of a test set.
+"""Summarization: fine-tune an encoder-decoder (BART, mBART, T5, mT5, LongT5, Pegasus, Marian, Blenderbot) with JAX
+on TPUs, GPUs or CPUs, watch ROUGE, and write summaries of a test set.
 
     python run_summarization_flax.py --output_dir=./bart-xsum --model_name_or_path=facebook/bart-base \
         --dataset_name=EdinburghNLP/xsum --do_train --do_eval --do_predict --predict_with_generate \
@@ -211,6 +211,12 @@ def rouge_scores(predictions, references) -> dict:
     return {key: round(100 * total / max(len(predictions), 1), 4) for key, total in totals.items()}
 
 
+# Generation settings that models' configs carry (bart-large-cnn's min_length, Blenderbot's
+# encoder_no_repeat_ngram_size, Marian's bad_words_ids) and generate_seq2seq does not implement, with their "off" value.
+_UNAPPLIED_GENERATION = {"min_length": 0, "min_new_tokens": 0, "encoder_no_repeat_ngram_size": 0,
+                         "bad_words_ids": None, "repetition_penalty": 1.0}
+
+
 def generation_options(model_args, data_args, hf_config, eos_token_id):
     """Keyword arguments of generate_seq2seq.generate: the flags, and the model's generation config
     (generation_config.json, else its config.json) for what the flags leave unset."""
@@ -233,10 +239,12 @@ def generation_options(model_args, data_args, hf_config, eos_token_id):
         eos_token_id=eos_token_id if defaults.eos_token_id is None else defaults.eos_token_id,
         forced_bos_token_id=defaults.forced_bos_token_id, forced_eos_token_id=defaults.forced_eos_token_id)
     options["eos_token_id"] = tuple(np.atleast_1d(options["eos_token_id"]).tolist())
-    if defaults.min_length or defaults.min_new_tokens:
-        logger.warning("The model's generation config sets min_length=%s / min_new_tokens=%s, which this script does "
-                       "not apply: summaries may end earlier than transformers' generate would end them.",
-                       defaults.min_length, defaults.min_new_tokens)
+    unapplied = {name: getattr(defaults, name, None) for name, off in _UNAPPLIED_GENERATION.items()
+                 if getattr(defaults, name, None) not in (None, off)}
+    if unapplied:
+        logger.warning("The model's generation config sets %s, which this script does not apply: summaries may "
+                       "differ from what transformers' generate writes.",
+                       ", ".join(f"{name}={value}" for name, value in unapplied.items()))
     return options
 
 

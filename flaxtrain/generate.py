@@ -49,6 +49,17 @@ def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
     return valid[:, None, None, :] & allowed[None, None], valid
 
 
+def layer_masks(attention_mask: jax.Array, cache: dict | None,
+                layer_windows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:
+    (masks [M, B, 1, T, S] bool, one per distinct window, which [L] int32: each layer's index into masks, valid
+    [B, S] bool as causal_mask's)."""
+    windows = sorted(set(layer_windows), key=lambda w: w or 0)
+    masks = [causal_mask(attention_mask, cache, w) for w in windows]
+    which = jnp.array([windows.index(w) for w in layer_windows], jnp.int32)
+    return jnp.stack([m for m, _ in masks]), which, masks[0][1]
+
+
 def process_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
     """[B, V] -> [B, V] float32 with the tokens that sampling must not pick set to -inf: temperature, then top-k,
     then top-p (nucleus), in the order transformers applies them. top_k=0 and top_p=1.0 turn a filter off. The

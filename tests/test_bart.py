@@ -221,7 +221,7 @@ def test_full_size_param_counts_equal_pytorch():
                                         ("mbart", dict(vocab_size=250027), 610_851_840)]:
         hf_config = transformers.AutoConfig.for_model(model_type, **settings)
         with torch.device("meta"):  # allocates nothing
-            reference = getattr(transformers, bart._HF_ARCHITECTURES[model_type])(hf_config)
+            reference = getattr(transformers, bart.HF_ARCHITECTURES[model_type])(hf_config)
         expected = sum(p.numel() for p in reference.parameters())  # tied weights are counted once
         model = bart.BartForConditionalGeneration(bart.BartConfig.from_hf(hf_config))
         shapes = jax.eval_shape(functools.partial(bart.init_params, model), key(0))

@@ -50,7 +50,7 @@ def torch_checkpoint(model_type, tmp_root):
     """(PyTorch model in eval mode, the directory it saved itself to)."""
     torch.manual_seed(0)
     config = hf_config(model_type)
-    model = randomize_(getattr(transformers, bart._HF_ARCHITECTURES[model_type])(config)).eval()
+    model = randomize_(getattr(transformers, bart.HF_ARCHITECTURES[model_type])(config)).eval()
     path = os.path.join(tmp_root, model_type)
     model.save_pretrained(path)
     return model, path

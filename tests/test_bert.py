@@ -156,7 +156,7 @@ def test_config_from_hf_and_registry():
     with pytest.raises(ValueError, match="is_decoder"):
         bert.BertConfig.from_hf(transformers.AutoConfig.for_model("bert", is_decoder=True))
     assert get_family("roberta") is bert.FAMILY and get_family("bert") is bert.FAMILY
-    with pytest.raises(ValueError, match="'xlnet'.*supported model types: bart, bert, .*roberta"):
+    with pytest.raises(ValueError, match="'xlnet'.*supported model types: .*bert, .*roberta"):
         get_family("xlnet")
 
 

@@ -185,4 +185,4 @@ def test_configs_from_hf():
     with pytest.raises(ValueError, match="sinusoidal_pos_embds=True"):
         distilbert.DistilBertConfig.from_hf(hf_config("distilbert", sinusoidal_pos_embds=True))
     with pytest.raises(ValueError, match="model_type 'electra' is not supported for this task"):
-        create(hf_config("electra"), "MaskedLM")
+        create(hf_config("electra"), "CausalLM")

@@ -166,8 +166,8 @@ def test_configs_from_hf_and_registry():
     import transformers
 
     for_model = transformers.AutoConfig.for_model
-    with pytest.raises(ValueError, match="rope_type 'linear'.*only the default RoPE"):
-        llama.LlamaConfig.from_hf(for_model("llama", rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope_type 'su_scaled'"):
+        llama.LlamaConfig.from_hf(for_model("llama", rope_scaling={"rope_type": "su_scaled", "factor": 2.0}))
     with pytest.raises(ValueError, match="add_cross_attention"):
         gpt2.GPT2Config.from_hf(for_model("gpt2", add_cross_attention=True))
     config = llama.LlamaConfig.from_hf(for_model("llama", rope_theta=5e5, eos_token_id=[2, 7]))

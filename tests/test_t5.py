@@ -192,7 +192,7 @@ def test_config_from_hf_and_registry():
     mt5 = t5.T5Config.from_hf(transformers.AutoConfig.for_model("mt5"))
     assert (mt5.model_type, mt5.tie_word_embeddings, mt5.vocab_size) == ("mt5", False, 250112)
     assert t5.T5ForConditionalGeneration(mt5).hf_architecture == "MT5ForConditionalGeneration"
-    with pytest.raises(ValueError, match="umt5 is not a T5"):
+    with pytest.raises(ValueError, match="umt5 is not a t5 or mt5 config"):
         t5.T5Config.from_hf(transformers.AutoConfig.for_model("umt5"))
     with pytest.raises(ValueError, match="feed_forward_proj 'gated-bogus'"):
         dataclasses.replace(v10, feed_forward_proj="gated-bogus")

@@ -2,13 +2,24 @@
 
 import flax.linen as nn
 
-from flaxtrain.models import bart, bert, distilbert, electra, gpt2, llama, t5
+from flaxtrain.models import (albert, bart, bert, big_bird, blenderbot, bloom, deberta_v2, distilbert, electra, gemma,
+                              gpt2, gpt_neo, gptj, llama, longt5, marian, modernbert, opt, pegasus, phi3,
+                              roberta_prelayernorm, roformer, t5, xglm)
 from flaxtrain.models.family import Family
 
 # model_type -> the family record that implements it (its config, heads, init and checkpoint-key rules).
 FAMILIES: dict[str, Family] = {model_type: family
-                               for family in (bert.FAMILY, electra.FAMILY, distilbert.FAMILY, gpt2.FAMILY,
-                                              llama.FAMILY, t5.FAMILY, bart.FAMILY)
+                               for family in (
+                                   # encoders
+                                   bert.FAMILY, roberta_prelayernorm.FAMILY, albert.FAMILY, electra.FAMILY,
+                                   distilbert.FAMILY, big_bird.FAMILY, roformer.FAMILY, deberta_v2.FAMILY,
+                                   modernbert.FAMILY,
+                                   # decoders
+                                   gpt2.FAMILY, gpt_neo.FAMILY, gptj.FAMILY, opt.FAMILY, bloom.FAMILY, xglm.FAMILY,
+                                   llama.FAMILY, phi3.FAMILY, gemma.FAMILY,
+                                   # encoder-decoders
+                                   t5.FAMILY, longt5.FAMILY, bart.FAMILY, pegasus.FAMILY, marian.FAMILY,
+                                   blenderbot.FAMILY)
                                for model_type in family.model_types}
 
 

@@ -1,4 +1,5 @@
-"""BART and mBART encoder-decoders with the LM head, as Flax linen modules.
+"""BART and mBART encoder-decoders (the LM head, a sequence classifier, and the LM head as a masked LM), as Flax
+linen modules; the layers of every BART-like family (flaxtrain/models/pegasus.py, marian.py, blenderbot.py).
 
 Param names copy the transformers PyTorch keys: `model/encoder/layers/self_attn/q_proj/kernel` [L, D, D] is
 `model.encoder.layers.{i}.self_attn.q_proj.weight` transposed, the layers being stacked by `nn.scan`. The token
@@ -7,22 +8,16 @@ PyTorch: the `tied` rule of FAMILY.hf); `final_logits_bias` [1, V] is a buffer i
 and never trained. Here it is a param that the forward pass reads through stop_gradient (and training.decay_mask
 skips it), so training leaves it as loaded.
 
-mBART is the same model with two switches that `model_type` sets: pre-layer-norm blocks (`normalize_before`) and a
-final `layer_norm` after the encoder's and the decoder's last layer (`add_final_layer_norm`). Its checkpoints also
-set `scale_embedding` in config.json (BART's may too), which multiplies the token embeddings by sqrt(D) (not the
-tied output layer's weights).
-
-Special token ids (`BartConfig` fields, read with getattr): transformers 5 keeps pad/bos/eos/decoder_start/
-forced_eos_token_id in the model config, but drops `forced_bos_token_id` (a generation setting) from config.json on
-load: it lives in a checkpoint's generation_config.json (e.g. bart-large-cnn's forced_bos_token_id=0, mbart-50's
-target language). Pass `GenerationConfig.from_pretrained(...)` to `BartConfig.from_hf` to take those (its non-None
-ids win). As transformers' `generate`, a missing decoder_start_token_id (mBART's default) falls back to bos_token_id.
+The BART-like model types differ in the layout fields of their configs (BartConfig's last fields): pre-layer-norm
+blocks (`normalize_before`), a final `layer_norm` after each stack's last layer (`add_final_layer_norm`), a
+`layernorm_embedding` after the embeddings, and the positions: learned (BART's table has 2 extra leading rows,
+`position_offset`) or another module (Pegasus's and Marian's sinusoidal ones). mBART is BART with pre-norm and
+final norms, which `model_type` sets. `scale_embedding` (config.json) multiplies the token embeddings by sqrt(D).
 
 Shapes: B batch, S encoder length, T decoder length, D d_model, N heads, H head size, F ffn dim, V vocab_size,
-L layers, P max_position_embeddings.
+L layers, P max_position_embeddings, K masked positions.
 """
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -31,125 +26,14 @@ import jax.numpy as jnp
 
 from flaxtrain.models import t5
 from flaxtrain.models.attention import attention, init_cache, write_cache
-from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.bart_config import (HF_ARCHITECTURES, BartConfig, max_positions,  # noqa: F401 (bart's names)
+                                           shift_input_ids, shift_tokens_right)
+from flaxtrain.models.bert import ACT_FNS, at_positions
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
-                                          norm_inits)
+from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
+                                          named, norm_inits)
 from flaxtrain.models.stack import scan_layers
-
-_HF_ARCHITECTURES = {"bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration"}
-# Offset of BART's learned positions (fairseq reserved the first two rows): position p reads row p + 2.
-POSITION_OFFSET = 2
-# Settings of old (transformers 3) BART config.json files that still travel with Hub checkpoints, and the values
-# this model (and transformers 5, which ignores them) implements; normalize_before and add_final_layer_norm are
-# the mBART switches, checked against model_type.
-_LEGACY_SETTINGS = {"add_bias_logits": False, "normalize_embedding": True, "static_position_embeddings": False,
-                    "extra_pos_embeddings": POSITION_OFFSET}
-
-
-@dataclasses.dataclass(frozen=True)
-class BartConfig:
-    """The fields of a Hugging Face BART/mBART `config.json` that the model uses (defaults: bart-large).
-    normalize_before and add_final_layer_norm (None: True for mBART, False for BART) are mBART's block layout."""
-
-    vocab_size: int = 50265
-    max_position_embeddings: int = 1024
-    d_model: int = 1024
-    encoder_layers: int = 12
-    decoder_layers: int = 12
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
-    activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    init_std: float = 0.02
-    scale_embedding: bool = False
-    pad_token_id: int = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | tuple[int, ...] | None = 2
-    decoder_start_token_id: int | None = 2
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | tuple[int, ...] | None = 2
-    model_type: str = "bart"
-    normalize_before: bool | None = None
-    add_final_layer_norm: bool | None = None
-    layer_norm_eps: float = 1e-5  # not in config.json: torch.nn.LayerNorm's default, which BART uses
-
-    def __post_init__(self):
-        if self.model_type not in _HF_ARCHITECTURES:
-            raise ValueError(f"model_type {self.model_type!r} is not BART-like; expected {list(_HF_ARCHITECTURES)}")
-        for name in ("normalize_before", "add_final_layer_norm"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.model_type == "mbart")
-        for name in ("eos_token_id", "forced_eos_token_id"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.decoder_start_token_id is None:  # as transformers' generate: mBART starts from bos
-            object.__setattr__(self, "decoder_start_token_id", self.bos_token_id)
-        if self.activation_function not in ACT_FNS:
-            raise ValueError(f"activation_function {self.activation_function!r} is not supported; supported: "
-                             f"{sorted(ACT_FNS)}")
-        for heads in (self.encoder_attention_heads, self.decoder_attention_heads):
-            if self.d_model % heads:
-                raise ValueError(f"d_model {self.d_model} is not a multiple of {heads} heads")
-
-    @classmethod
-    def from_hf(cls, hf_config: Any, generation_config: Any = None) -> "BartConfig":
-        """From a transformers `BartConfig`/`MBartConfig` (and optionally a `GenerationConfig`, whose special token
-        ids then win); raises ValueError on settings this model lacks."""
-        model_type = hf_config.model_type
-        if model_type not in _HF_ARCHITECTURES:
-            raise ValueError(f"{model_type} is not a BART or mBART config")
-        is_mbart = model_type == "mbart"
-        checks = [
-            ("is_decoder=True", getattr(hf_config, "is_decoder", False)),
-            ("is_encoder_decoder=False", not getattr(hf_config, "is_encoder_decoder", True)),
-            ("tie_word_embeddings=False", not getattr(hf_config, "tie_word_embeddings", True)),
-            ("encoder_layerdrop > 0", getattr(hf_config, "encoder_layerdrop", 0) or 0),
-            ("decoder_layerdrop > 0", getattr(hf_config, "decoder_layerdrop", 0) or 0),
-            ("pad_token_id=None", getattr(hf_config, "pad_token_id", None) is None),
-            *((f"{name}={getattr(hf_config, name, value)!r}", getattr(hf_config, name, value) != value)
-              for name, value in _LEGACY_SETTINGS.items()),
-            *((f"{name}={getattr(hf_config, name, is_mbart)!r} with model_type {model_type!r}",
-               getattr(hf_config, name, is_mbart) != is_mbart)
-              for name in ("normalize_before", "add_final_layer_norm")),
-        ]
-        unsupported = [name for name, bad in checks if bad]
-        if unsupported:
-            raise ValueError(f"{model_type} config has unsupported settings: {', '.join(unsupported)}")
-        values = {f.name: getattr(hf_config, f.name, None) for f in dataclasses.fields(cls)}
-        values.update(normalize_before=is_mbart, add_final_layer_norm=is_mbart)
-        # Keyword arguments, not defaults: a token id that is None in the config stays None.
-        token_ids = ("bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id",
-                     "forced_eos_token_id")
-        for name in token_ids:
-            if generation_config is not None and getattr(generation_config, name, None) is not None:
-                values[name] = getattr(generation_config, name)
-        return cls(**{name: value for name, value in values.items() if value is not None or name in token_ids})
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.encoder_attention_heads
-
-    @property
-    def decoder_head_dim(self) -> int:
-        return self.d_model // self.decoder_attention_heads
-
-
-def max_positions(config: BartConfig) -> int:
-    """The longest encoder (or decoder) input the learned positions cover; the table has 2 more rows (offset)."""
-    return config.max_position_embeddings
-
-
-def shift_tokens_right(labels, pad_token_id: int, decoder_start_token_id: int):
-    """labels [B, T] -> decoder_input_ids [B, T]: decoder_start_token_id, then labels[:, :-1]; -100 becomes
-    pad_token_id. NumPy in, NumPy out; jax in, jax out. (transformers' BART helper and argument order; mBART's own
-    helper, which starts from each row's last non-pad token, the language id, is not this.)"""
-    return t5.shift_right(labels, decoder_start_token_id, pad_token_id)
 
 
 def _dense(config: BartConfig, dtype, features: int, name: str, axes: tuple) -> nn.Dense:
@@ -256,8 +140,8 @@ class BartLayer(nn.Module):
 
 
 class BartStack(nn.Module):
-    """Encoder or decoder: embedded tokens + learned positions, `layernorm_embedding`, dropout, scanned layers,
-    (mBART) the final `layer_norm`."""
+    """Encoder or decoder: embedded tokens + positions, `layernorm_embedding` (if the layout has it), dropout,
+    scanned layers, the final `layer_norm` (if the layout has it)."""
 
     config: BartConfig
     dtype: Any = jnp.float32
@@ -276,12 +160,20 @@ class BartStack(nn.Module):
         else:  # the queries continue at cache["index"]; keys are the whole preallocated buffer
             index = cache["index"]
             query_pos, key_pos = index + jnp.arange(length), jnp.arange(cache["self"]["key"].shape[2])
-        positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, dtype=self.dtype,
-                             param_dtype=jnp.float32, embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)),
-                             name="embed_positions")
-        x = x + positions(query_pos + POSITION_OFFSET)[None]
-        dropout = Dropout(cfg.dropout, deterministic=deterministic)
-        x = dropout(_layer_norm(cfg, self.dtype, "layernorm_embedding")(x))
+        if cfg.learned_positions:
+            positions = nn.Embed(cfg.max_position_embeddings + cfg.position_offset, cfg.d_model, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name="embed_positions",
+                                 embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)))
+            positions = positions(query_pos + cfg.position_offset)[None]
+        else:
+            positions = type(cfg).POSITIONS(cfg, self.dtype, name="embed_positions")(query_pos)[None]
+        if not cfg.layernorm_embedding:
+            x = x + positions
+        elif self.is_decoder and cfg.decoder_norms_tokens:
+            x = _layer_norm(cfg, self.dtype, "layernorm_embedding")(x) + positions
+        else:
+            x = _layer_norm(cfg, self.dtype, "layernorm_embedding")(x + positions)
+        x = Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         self_mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)[:, None, None, :]
         if self.is_decoder:
@@ -315,7 +207,7 @@ class BartModel(nn.Module):
         self.decoder = BartStack(cfg, self.dtype, True, self.gradient_checkpointing)
 
     def _embed(self, ids):
-        """[B, T] -> [B, T, D]; scale_embedding (mBART) multiplies by sqrt(D)."""
+        """[B, T] -> [B, T, D]; scale_embedding multiplies by sqrt(D)."""
         x = self.shared(ids)
         return x * self.config.d_model**0.5 if self.config.scale_embedding else x
 
@@ -334,12 +226,13 @@ class BartModel(nn.Module):
 
 def _check_length(config: BartConfig, length: int, what: str):
     if length > max_positions(config):
-        raise ValueError(f"{what} of {length} tokens is longer than the {max_positions(config)} learned positions "
+        kind = "learned positions" if config.learned_positions else "positions"
+        raise ValueError(f"{what} of {length} tokens is longer than the {max_positions(config)} {kind} "
                          "(max_position_embeddings)")
 
 
 class BartForConditionalGeneration(nn.Module):
-    """BART / mBART with the LM head (tied to `model.shared`, plus `final_logits_bias`). `encode`, `decode` and
+    """A BART-like model with the LM head (tied to `model.shared`, plus `final_logits_bias`). `encode`, `decode` and
     `init_cache` (through `apply(..., method=...)`, except init_cache which needs no params) let generation run
     the encoder once and decode with a KV cache, as `flaxtrain.models.t5.T5ForConditionalGeneration`."""
 
@@ -349,7 +242,7 @@ class BartForConditionalGeneration(nn.Module):
 
     @property
     def hf_architecture(self) -> str:
-        return _HF_ARCHITECTURES[self.config.model_type]
+        return HF_ARCHITECTURES[self.config.model_type]
 
     def setup(self):
         self.model = BartModel(self.config, self.dtype, self.gradient_checkpointing)
@@ -380,16 +273,25 @@ class BartForConditionalGeneration(nn.Module):
         call projects the cross-attention keys/values from encoder_hidden into the cache, later calls may pass
         encoder_hidden=None.
         """
+        x, cache = self._decoder_hidden(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
+                                        cache, deterministic)
+        return self._logits(x), cache
+
+    def _decoder_hidden(self, decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask, cache,
+                        deterministic):
+        """-> (the decoder's output [B, T, D], cache)."""
         if cache is not None and decoder_attention_mask is not None:
             raise ValueError("decoder_attention_mask is not supported with a cache (generation pads nothing)")
         if cache is None:
             _check_length(self.config, decoder_input_ids.shape[1], "a decoder input")
-        x, cache = self.model.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
-                                     cache, deterministic)
-        # The matmul runs in the computation dtype with float32 accumulation; logits stay float32 for the loss.
-        logits = jnp.einsum("btd,vd->btv", x, self.model.output_embedding().astype(x.dtype),
+        return self.model.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask, cache,
+                                 deterministic)
+
+    def _logits(self, x):
+        """[..., D] -> [..., V] float32. The matmul runs in the computation dtype with float32 accumulation."""
+        logits = jnp.einsum("...d,vd->...v", x, self.model.output_embedding().astype(x.dtype),
                             preferred_element_type=jnp.float32)
-        return logits + jax.lax.stop_gradient(self.final_logits_bias), cache  # a buffer: never trained
+        return logits + jax.lax.stop_gradient(self.final_logits_bias)[0]  # a buffer: never trained
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty decoder cache for up to max_length decoder tokens, in models/attention.py's layout: {"index": 0,
@@ -401,29 +303,103 @@ class BartForConditionalGeneration(nn.Module):
                           cfg.decoder_head_dim, self.dtype, encoder_decoder=True)
 
 
+class BartForMaskedLM(BartForConditionalGeneration):
+    """BART/mBART as the original run_mlm_flax.py trained them (FlaxAutoModelForMaskedLM was the conditional-
+    generation model): the masked input_ids go to the encoder, and shifted right (as transformers' models shift
+    them when given no decoder input) to the decoder, whose output at t predicts token t. Params and checkpoint are
+    BartForConditionalGeneration's."""
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True, positions=None):
+        """input_ids, attention_mask [B, T] -> logits [B, T, V] float32, or [B, K, V] at `positions` [B, K] (as
+        bert.BertForMaskedLM; token_type_ids are ignored)."""
+        encoder_hidden = self.encode(input_ids, attention_mask, deterministic)
+        x, _ = self._decoder_hidden(shift_input_ids(self.config, input_ids), encoder_hidden, attention_mask, None,
+                                    None, deterministic)
+        return self._logits(at_positions(x, positions))
+
+
+class BartForSequenceClassification(nn.Module):
+    """BART/mBART with `classification_head.{dense,out_proj}` (dropout, dense, tanh, dropout, out_proj) on the
+    decoder's output at each row's last end-of-sequence token, the decoder reading input_ids shifted right, as
+    transformers' (which requires every row to have the same number of eos tokens and takes the last; here each
+    row's last eos is taken, and a row without one, e.g. a batch's padding row, takes its last token)."""
+
+    config: BartConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return {"bart": "BartForSequenceClassification", "mbart": "MBartForSequenceClassification"}[
+            self.config.model_type]
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """input_ids, attention_mask [B, T] (token_type_ids ignored) -> logits [B, num_labels] float32."""
+        cfg = self.config
+        _check_length(cfg, input_ids.shape[1], "an input")
+        body = BartModel(cfg, self.dtype, self.gradient_checkpointing, name="model")
+        encoder_hidden = body.encode(input_ids, attention_mask, deterministic)
+        hidden, _ = body.decode(shift_input_ids(cfg, input_ids), encoder_hidden, attention_mask, None, None,
+                                deterministic)
+        length = input_ids.shape[1]
+        is_eos = jnp.isin(input_ids, jnp.asarray(cfg.eos_token_id))
+        last_eos = length - 1 - jnp.argmax(is_eos[:, ::-1], axis=1)
+        last_token = jnp.maximum(jnp.sum(attention_mask, axis=1) - 1, 0)
+        row = jnp.where(is_eos.any(axis=1), last_eos, last_token)
+        x = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]  # [B, D]
+        return BartClassificationHead(cfg, self.dtype, name="classification_head")(x, deterministic)
+
+
+class BartClassificationHead(nn.Module):
+    """dropout, dense, tanh, dropout, out_proj: [B, D] -> [B, num_labels] float32."""
+
+    config: BartConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        dropout = Dropout(cfg.classifier_dropout, deterministic=deterministic)
+        x = jnp.tanh(_dense(cfg, self.dtype, cfg.d_model, "dense", (EMBED, EMBED))(dropout(x)))
+        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x)).astype(jnp.float32)
+
+
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (transformers' BART init: normal(init_std), zero biases, pad embedding row zero).
-    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
-    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
+    """Fresh float32 params (transformers' BART init: normal(init_std), zero biases, pad embedding row zero,
+    sinusoidal tables as transformers makes them). Jitted; under `jax.eval_shape(functools.partial(init_params,
+    module), rng)` it allocates nothing. unbox=False keeps flax's LogicallyPartitioned boxes (the logical axis names,
+    for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)
+    # The third argument is the decoder input (Seq2SeqLM), or token types (ignored): zeros either way.
     params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids), ids)["params"]
     return nn.unbox(params) if unbox else params
+
+
+def hf_rules(model_types: tuple[str, ...], ignored: tuple[str, ...] = ()) -> HfRules:
+    """The checkpoint-key rules of a BART-like family (its own `ignored` buffers added)."""
+    return HfRules(
+        scanned=("encoder.layers", "decoder.layers"),
+        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
+              "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"},
+        # A bare-body checkpoint (AutoModel) lacks the `model.` prefix and final_logits_bias.
+        base_prefix=dict.fromkeys(model_types, "model"),
+        # fairseq-converted checkpoints carry version buffers (transformers ignores them too).
+        ignored=(r"^model\.(encoder|decoder)\.version$", *ignored),
+        # Absent from bare-body checkpoints: zeros, as transformers initialises the buffer.
+        zeros=(r"^final_logits_bias$",),
+        # A classifier from a conditional-generation checkpoint: its LM head's bias unused, its own head fresh.
+        pretraining_heads=(r"^final_logits_bias$",),
+        classifier_head=(r"^classification_head\.",),
+    )
 
 
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). BART's shift is T5's
 # (shift_tokens_right above is the same with transformers' argument order).
 FAMILY = Family(
-    model_types=tuple(_HF_ARCHITECTURES), config=BartConfig, heads={"Seq2SeqLM": BartForConditionalGeneration},
+    model_types=BartConfig.MODEL_TYPES, config=BartConfig,
+    heads={"Seq2SeqLM": BartForConditionalGeneration, "SequenceClassification": BartForSequenceClassification,
+           "MaskedLM": BartForMaskedLM},
     init_params=init_params, max_positions=max_positions, shift_right=t5.FAMILY.shift_right,
-    hf=HfRules(
-        scanned=("encoder.layers", "decoder.layers"),
-        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
-              "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"},
-        # A `BartModel` checkpoint (AutoModel) is the body without the `model.` prefix and without final_logits_bias.
-        base_prefix={"bart": "model", "mbart": "model"},
-        # fairseq-converted checkpoints carry version buffers (transformers ignores them too).
-        ignored=(r"^model\.(encoder|decoder)\.version$",),
-        # Absent from BartModel checkpoints: zeros, as transformers initialises the buffer.
-        zeros=(r"^final_logits_bias$",),
-    ),
+    hf=hf_rules(BartConfig.MODEL_TYPES),
 )

@@ -6,7 +6,8 @@ transposed, the layers being stacked on a leading axis by `nn.scan`.
 
 RoBERTa is BERT with three differences: position ids count the non-pad tokens from pad_token_id + 1, the body's
 params live under `roberta` instead of `bert`, and its heads are `lm_head` and `classifier.{dense,out_proj}` (on the
-<s> token, no pooler) instead of `cls.predictions` and `bert.pooler` + `classifier`.
+<s> token, no pooler) instead of `cls.predictions` and `bert.pooler` + `classifier`. XLM-RoBERTa (model_type
+"xlm-roberta") is RoBERTa itself under transformers' `XLMRoberta*` class names, its body under `roberta` too.
 
 Shapes: B batch, T length, D hidden_size, N heads, H head size, V vocab_size, L layers.
 """
@@ -36,7 +37,11 @@ ACT_FNS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-_HF_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta"}
+_HF_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
+# {model_type: its body's param prefix (transformers' base_model_prefix)}.
+_BODY = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
+# The model types with RoBERTa's (fairseq's) position ids and heads, those of other files included.
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "roberta-prelayernorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,11 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def is_roberta(self) -> bool:
+        """RoBERTa's position ids, MLM head and classifier (RoBERTa, XLM-RoBERTa, RoBERTa-PreLayerNorm)."""
+        return self.model_type in ROBERTA_TYPES
+
 
 def _dense(config: BertConfig, dtype, features: int, name: str, axes: tuple = (EMBED, EMBED)) -> nn.Dense:
     """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
@@ -111,13 +121,13 @@ def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
 
 def max_positions(config: BertConfig) -> int:
     """The longest input the position embeddings cover (RoBERTa's positions start after the padding index)."""
-    return config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+    return config.max_position_embeddings - (config.pad_token_id + 1 if config.is_roberta else 0)
 
 
 def position_ids(input_ids: jax.Array, config: BertConfig) -> jax.Array:
     """[B, T] -> [B, T]: 0..T-1 for BERT; for RoBERTa (fairseq) the non-pad tokens count from pad_token_id + 1
     and pads keep position pad_token_id, as transformers' `create_position_ids_from_input_ids`."""
-    if config.model_type == "roberta":
+    if config.is_roberta:
         not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -277,6 +287,22 @@ def _tied_decoder(module: nn.Module, x, embedding):
     return logits + bias
 
 
+class TiedDecoder(nn.Module):
+    """A decoder whose weights are the input embeddings and whose only param is its `bias` [V] (ELECTRA's
+    `generator_lm_head`, DistilBERT's `vocab_projector`)."""
+
+    @nn.compact
+    def __call__(self, x, embedding):
+        """x [B, T, E], embedding [V, E] -> logits [B, T, V] float32."""
+        return _tied_decoder(self, x, embedding)
+
+
+def at_positions(hidden, positions):
+    """hidden [B, T, D] -> [B, K, D] at `positions` [B, K] (the masked tokens, where an MLM head need only run), or
+    hidden itself when positions is None."""
+    return hidden if positions is None else jnp.take_along_axis(hidden, positions[..., None], axis=1)
+
+
 class BertPredictionHeadTransform(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
@@ -341,7 +367,7 @@ def _classifier_dropout(config: BertConfig) -> float:
 
 
 class BertForMaskedLM(nn.Module):
-    """BERT/RoBERTa with the MLM head; `config.model_type` picks the variant."""
+    """BERT/RoBERTa/XLM-RoBERTa with the MLM head; `config.model_type` picks the variant."""
 
     config: BertConfig
     dtype: Any = jnp.float32  # computation dtype; params are always float32
@@ -357,17 +383,16 @@ class BertForMaskedLM(nn.Module):
         loss needs no others, and in a small model the head over the vocabulary is most of the work). Dropout needs
         the "dropout" rng when not deterministic."""
         cfg = self.config
-        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, name=cfg.model_type)
+        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, name=_BODY[cfg.model_type])
         hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
-        if positions is not None:
-            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-        head = RobertaLMHead if cfg.model_type == "roberta" else BertOnlyMLMHead
-        return head(cfg, self.dtype, name="lm_head" if cfg.model_type == "roberta" else "cls")(
+        hidden = at_positions(hidden, positions)
+        head = RobertaLMHead if cfg.is_roberta else BertOnlyMLMHead
+        return head(cfg, self.dtype, name="lm_head" if cfg.is_roberta else "cls")(
             hidden, body.word_embedding_matrix())
 
 
 class BertForSequenceClassification(nn.Module):
-    """BERT (pooler + `classifier`) or RoBERTa (`classifier.{dense,out_proj}`) sequence classifier."""
+    """BERT (pooler + `classifier`) or RoBERTa/XLM-RoBERTa (`classifier.{dense,out_proj}`) sequence classifier."""
 
     config: BertConfig
     dtype: Any = jnp.float32
@@ -381,11 +406,10 @@ class BertForSequenceClassification(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         """[B, T] int inputs -> logits [B, num_labels] float32."""
         cfg = self.config
-        is_roberta = cfg.model_type == "roberta"
-        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, add_pooling_layer=not is_roberta,
-                         name=cfg.model_type)
+        body = BertModel(cfg, self.dtype, self.gradient_checkpointing, add_pooling_layer=not cfg.is_roberta,
+                         name=_BODY[cfg.model_type])
         hidden, pooled = body(input_ids, attention_mask, token_type_ids, deterministic)
-        if is_roberta:
+        if cfg.is_roberta:
             logits = RobertaClassificationHead(cfg, self.dtype, name="classifier")(hidden, deterministic)
         else:
             pooled = Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
@@ -413,7 +437,7 @@ FAMILY = Family(
               "cls.predictions.decoder.bias": "cls.predictions.bias",
               "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
               "lm_head.decoder.bias": "lm_head.bias"},
-        base_prefix={"bert": "bert", "roberta": "roberta"},
+        base_prefix=_BODY,
         # Hub pretraining checkpoints carry the MLM head, and BERT's also the NSP head (`cls.seq_relationship`) and
         # pooler.
         pretraining_heads=(r"^cls\.", r"^lm_head\.", r"^(bert|roberta)\.pooler\."),

@@ -1,12 +1,14 @@
-"""DistilBERT encoder with a sequence-classification head, as Flax linen modules.
+"""DistilBERT encoder with masked-LM and sequence-classification heads, as Flax linen modules.
 
 BERT's post-LayerNorm block under DistilBERT's own names: `distilbert.transformer.layer.{i}.attention.{q_lin,k_lin,
 v_lin,out_lin}`, `sa_layer_norm`, `ffn.{lin1,lin2}`, `output_layer_norm`; embeddings are word + position (no token
-types), and the classifier is `pre_classifier` -> ReLU -> dropout -> `classifier` on the first token. Its config uses
+types), the classifier is `pre_classifier` -> ReLU -> dropout -> `classifier` on the first token, and the MLM head
+`vocab_transform` -> activation -> `vocab_layer_norm` -> `vocab_projector` (tied to the word embeddings, its bias
+its own). Its config uses
 its own field names (dim, n_layers, n_heads, hidden_dim, ...). Layers are stacked by nn.scan as in bert.py, so
 `distilbert/transformer/layer/attention/q_lin/kernel` is [L, D, D].
 
-Shapes: B batch, T length, D dim, N n_heads, H head size, F hidden_dim.
+Shapes: B batch, T length, D dim, N n_heads, H head size, F hidden_dim, V vocab_size, K masked positions.
 """
 
 import dataclasses
@@ -64,6 +66,8 @@ class DistilBertConfig:
     @classmethod
     def from_hf(cls, hf_config: Any) -> "DistilBertConfig":
         """From a transformers `DistilBertConfig`; raises ValueError on features this model lacks."""
+        if not getattr(hf_config, "tie_word_embeddings", True):  # our MLM head has no vocab_projector.weight
+            raise ValueError("distilbert config has unsupported settings: tie_word_embeddings=False")
         values = {f.name: getattr(hf_config, f.name, None) for f in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in values.items() if value is not None})
 
@@ -86,21 +90,25 @@ class DistilBertConfig:
 
 
 class Embeddings(nn.Module):
+    """setup, not compact: the MLM head reads `word_embeddings` (see DistilBertModel.word_embedding_matrix)."""
+
     config: DistilBertConfig
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32,
+                                        embedding_init=embedding_init(cfg.initializer_range))
+        self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.dim, dtype=self.dtype,
+                                            param_dtype=jnp.float32,
+                                            embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
+        self.LayerNorm = _layer_norm(cfg, self.dtype, None)
+        self.dropout = Dropout(cfg.dropout)
+
     def __call__(self, input_ids, deterministic: bool):
         """[B, T] ids -> [B, T, D]: word + position embeddings, LayerNorm, dropout."""
-        cfg = self.config
-        word = nn.Embed(cfg.vocab_size, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                        embedding_init=embedding_init(cfg.initializer_range), name="word_embeddings")
-        position = nn.Embed(cfg.max_position_embeddings, cfg.dim, dtype=self.dtype, param_dtype=jnp.float32,
-                            embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)),
-                            name="position_embeddings")
-        x = word(input_ids) + position(jnp.arange(input_ids.shape[1]))[None]
-        x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
-        return Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(input_ids.shape[1]))[None]
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -166,13 +174,43 @@ class DistilBertModel(nn.Module):
     dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
 
-    @nn.compact
+    def setup(self):
+        self.embeddings = Embeddings(self.config, self.dtype)
+        self.transformer = Transformer(self.config, self.dtype, self.gradient_checkpointing)
+
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         """input_ids, attention_mask (1 = token, 0 = pad): [B, T] ints -> hidden [B, T, D]."""
-        x = Embeddings(self.config, self.dtype, name="embeddings")(input_ids, deterministic)
+        x = self.embeddings(input_ids, deterministic)
         mask = attention_mask.astype(bool)[:, None, None, :]  # every query, pads included, sees the non-pad keys
-        return Transformer(self.config, self.dtype, self.gradient_checkpointing, name="transformer")(
-            x, mask, deterministic)
+        return self.transformer(x, mask, deterministic)
+
+    def word_embedding_matrix(self):
+        """[V, D] float32: the MLM decoder's weights (tied to the input embeddings)."""
+        return self.embeddings.word_embeddings.embedding
+
+
+class DistilBertForMaskedLM(nn.Module):
+    """DistilBERT with `vocab_transform` -> activation -> `vocab_layer_norm` -> `vocab_projector` (tied)."""
+
+    config: DistilBertConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return "DistilBertForMaskedLM"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True, positions=None):
+        """[B, T] int inputs -> logits [B, T, V] float32, or [B, K, V] at `positions` [B, K] (as
+        bert.BertForMaskedLM); token_type_ids is ignored (DistilBERT has none)."""
+        cfg = self.config
+        body = DistilBertModel(cfg, self.dtype, self.gradient_checkpointing, name="distilbert")
+        hidden = bert.at_positions(body(input_ids, attention_mask, deterministic), positions)
+        # The activation is the config's (BERT's and RoBERTa's heads have their own fixed ones).
+        x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.dim, "vocab_transform")(hidden))
+        x = _layer_norm(cfg, self.dtype, "vocab_layer_norm")(x)
+        return bert.TiedDecoder(name="vocab_projector")(x, body.word_embedding_matrix())
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -206,7 +244,7 @@ def max_positions(config: DistilBertConfig) -> int:
 # forward signature and normal(initializer_range) weights).
 FAMILY = Family(
     model_types=("distilbert",), config=DistilBertConfig,
-    heads={"SequenceClassification": DistilBertForSequenceClassification},
+    heads={"MaskedLM": DistilBertForMaskedLM, "SequenceClassification": DistilBertForSequenceClassification},
     init_params=bert.FAMILY.init_params, max_positions=max_positions,
     hf=HfRules(
         scanned=("transformer.layer",),

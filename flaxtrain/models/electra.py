@@ -1,12 +1,14 @@
-"""ELECTRA encoder with a sequence-classification head, as Flax linen modules.
+"""ELECTRA encoder with masked-LM (the generator) and sequence-classification heads, as Flax linen modules.
 
 ELECTRA's body is BERT's (the modules of `flaxtrain.models.bert`, under `electra` instead of `bert`) with one
 difference: its embeddings have their own width, embedding_size, and when that differs from hidden_size a Linear
 `electra.embeddings_project` maps them up to it. Its classifier is RoBERTa's head on the first token with gelu for
 tanh. Pretraining checkpoints are the discriminator (`ElectraForPreTraining`, head `discriminator_predictions`) and
 the generator (`ElectraForMaskedLM`, heads `generator_predictions` and `generator_lm_head`); a classifier drops both.
+The generator is a masked LM of its own: hidden [D] -> dense [E] -> gelu -> LayerNorm -> the word embeddings [V, E]
+transposed, plus a bias.
 
-Shapes: B batch, T length, D hidden_size, E embedding_size.
+Shapes: B batch, T length, D hidden_size, E embedding_size, V vocab_size, K masked positions.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from flaxtrain.models import bert
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.partitioning import EMBED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +58,50 @@ class ElectraForSequenceClassification(nn.Module):
         return head(hidden, deterministic).astype(jnp.float32)
 
 
+class ElectraGeneratorPredictions(nn.Module):
+    """The generator's transform: dense [D, E], gelu (exact, whatever hidden_act says), LayerNorm over E."""
+
+    config: ElectraConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """[B, T, D] -> [B, T, E]."""
+        cfg = self.config
+        x = bert.ACT_FNS["gelu"](bert._dense(cfg, self.dtype, cfg.embedding_size, "dense", (EMBED, None))(x))
+        return bert._layer_norm(cfg, self.dtype, "LayerNorm")(x)
+
+
+class ElectraForMaskedLM(nn.Module):
+    """The ELECTRA generator: `generator_predictions` and `generator_lm_head` (weights tied to the word embeddings,
+    only its bias saved)."""
+
+    config: ElectraConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    @property
+    def hf_architecture(self) -> str:
+        return "ElectraForMaskedLM"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True, positions=None):
+        """[B, T] int inputs -> logits [B, T, V] float32, or [B, K, V] at `positions` [B, K] (as
+        bert.BertForMaskedLM). Dropout needs the "dropout" rng when not deterministic."""
+        cfg = self.config
+        body = bert.BertModel(cfg, self.dtype, self.gradient_checkpointing, embedding_size=cfg.embedding_size,
+                              name="electra")
+        hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
+        x = ElectraGeneratorPredictions(cfg, self.dtype, name="generator_predictions")(
+            bert.at_positions(hidden, positions))
+        return bert.TiedDecoder(name="generator_lm_head")(x, body.word_embedding_matrix())
+
+
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). The body is BERT's, so
 # are its init, its position limit and its scanned layers.
 FAMILY = Family(
     model_types=ElectraConfig.MODEL_TYPES, config=ElectraConfig,
-    heads={"SequenceClassification": ElectraForSequenceClassification},
+    heads={"MaskedLM": ElectraForMaskedLM, "SequenceClassification": ElectraForSequenceClassification},
     init_params=bert.FAMILY.init_params, max_positions=bert.FAMILY.max_positions,
     hf=HfRules(
         scanned=bert.FAMILY.hf.scanned,

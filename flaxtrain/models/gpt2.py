@@ -9,6 +9,10 @@ usual).
 Attention and the key/value cache for generation are models/attention.py's, which every family shares;
 `lm_logits` below is the decoders' shared top (Llama-style models use it too).
 
+GPT-SW3 (AI Sweden) is GPT-2 under another model_type: transformers maps "gpt-sw3" to GPT2Config and
+GPT2LMHeadModel. `AutoConfig.for_model("gpt-sw3")` says model_type "gpt2", but a config.json that says "gpt-sw3"
+loads with that model_type, so both are this family.
+
 Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D n_embd, N heads, K key/value heads,
 H head size, V vocab_size, L layers.
 """
@@ -30,6 +34,8 @@ from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
 from flaxtrain.models.stack import scan_layers
+
+_MODEL_TYPES = ("gpt2", "gpt-sw3")  # GPT-SW3's configs are GPT2Configs (see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,8 @@ class GPT2Config:
     model_type: str = "gpt2"
 
     def __post_init__(self):
-        if self.model_type != "gpt2":
-            raise ValueError(f"model_type {self.model_type!r} is not GPT-2")
+        if self.model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not GPT-2; expected one of {list(_MODEL_TYPES)}")
         if self.activation_function not in ACT_FNS:
             raise ValueError(f"activation_function {self.activation_function!r} is not supported; supported: "
                              f"{sorted(ACT_FNS)}")
@@ -259,12 +265,12 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
 
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
 FAMILY = Family(
-    model_types=("gpt2",), config=GPT2Config, heads={"CausalLM": GPT2ForCausalLM},
+    model_types=_MODEL_TYPES, config=GPT2Config, heads={"CausalLM": GPT2ForCausalLM},
     init_params=init_params, max_positions=max_positions,
     hf=HfRules(
         scanned=("transformer.h",),
         tied={"lm_head.weight": "transformer.wte.weight"},  # applies only when the config ties them (the default)
-        base_prefix={"gpt2": "transformer"},
+        base_prefix={model_type: "transformer" for model_type in _MODEL_TYPES},
         untransposed=(r"\.(c_attn|c_proj|c_fc)\.weight$",),  # Conv1D weights are [in, out]
         ignored=(r"\.attn\.(masked_)?bias$",),  # causal-mask buffers that older checkpoints saved
     ),

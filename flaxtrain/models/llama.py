@@ -1,12 +1,14 @@
-"""Llama-style decoders (transformers' `llama`, `mistral` and `qwen2`) as Flax linen modules.
+"""Llama-style decoders (transformers' `llama`, `mistral`, `qwen2` and `qwen3`) as Flax linen modules.
 
-One architecture: RoPE (the plain kind, base `rope_theta`), RMSNorm before attention and MLP, a SwiGLU MLP,
-grouped-query attention (num_key_value_heads), an LM head tied to the embeddings or not. The three model types differ
-only in switches, all read from the config:
+One architecture: RoPE (any rope_type of models/rope.py: default, linear, dynamic, yarn, llama3, longrope), RMSNorm
+before attention and MLP, a SwiGLU MLP, grouped-query attention (num_key_value_heads), an LM head tied to the
+embeddings or not. The model types differ only in switches, all read from the config:
 - llama: `attention_bias` puts biases on q/k/v/o, `mlp_bias` on the MLP; no sliding window.
 - mistral: `sliding_window` (when set) limits every layer's attention to the last W slots.
 - qwen2: biases on q/k/v only; with `use_sliding_window` the layers from `max_window_layers` on use the window
   (transformers writes that into `layer_types`, which we follow).
+- qwen3: as qwen2's window, biases on q/k/v/o only with `attention_bias`, and an RMSNorm over each head's
+  features of the queries and keys (`q_norm`, `k_norm`) before RoPE.
 
 Param names copy the PyTorch keys: `model/layers/self_attn/q_proj/kernel` [L, D, N*H] is
 `model.layers.{i}.self_attn.q_proj.weight` transposed; `model/norm/scale` is `model.norm.weight`.
@@ -29,15 +31,20 @@ from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import lm_logits
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, NORM, dense_inits, embedding_init, named
+from flaxtrain.models.rope import ROPE_TYPES, apply_rope, rope_parameters, rope_tables
 from flaxtrain.models.stack import scan_layers
 
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """The fields of a Hugging Face Llama/Mistral/Qwen2 `config.json` that the model uses (defaults: llama-7b).
+    """The fields of a Hugging Face Llama/Mistral/Qwen2/Qwen3 `config.json` that the model uses (defaults: llama-7b).
+
+    `rope_parameters` holds transformers 5's `rope_parameters` dict as sorted (key, value) pairs (hashable);
+    `rope_theta` there wins over the field of that name, kept for configs built by hand. See `rope`.
 
     `sliding_window` and `layer_types` hold what the layers do after `from_hf` has applied each model type's rules:
     a layer of type "sliding_attention" sees the last `sliding_window` slots; with layer_types None every layer is
@@ -56,6 +63,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_parameters: tuple[tuple[str, Any], ...] = ()
     attention_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
@@ -82,24 +90,27 @@ class LlamaConfig:
                                  f"{self.num_hidden_layers} layers, got {self.layer_types}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.rope["rope_type"] not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope['rope_type']!r} is not supported; supported: {list(ROPE_TYPES)}")
+        if self.rope.get("partial_rotary_factor", 1.0) != 1.0:  # transformers' Llama rotates whole heads only
+            raise ValueError(f"partial_rotary_factor {self.rope['partial_rotary_factor']} is not supported by "
+                             f"{self.model_type}")
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "LlamaConfig":
-        """From a transformers `LlamaConfig`/`MistralConfig`/`Qwen2Config`; raises ValueError on what this model
-        lacks (RoPE scaling of any kind, other attention patterns)."""
+        """From a transformers `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config`; raises ValueError on what
+        this model lacks (a rope_type not in models/rope.py, partial rotary, other attention patterns)."""
         model_type = hf_config.model_type
-        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"{model_type} config has rope_type {rope_type!r} (rope_parameters/rope_scaling "
-                             f"{rope}); only the default RoPE is supported")
         values = {f.name: getattr(hf_config, f.name, f.default) for f in dataclasses.fields(cls)}
-        values["rope_theta"] = rope.get("rope_theta", getattr(hf_config, "rope_theta", cls.rope_theta))
+        values["rope_parameters"] = rope_parameters(hf_config)
+        values["rope_theta"] = dict(values["rope_parameters"])["rope_theta"]
         if isinstance(values["eos_token_id"], list):
             values["eos_token_id"] = tuple(values["eos_token_id"])
         # Only what transformers' modeling code of each type reads: a field it ignores is ignored here too.
         if model_type == "llama":  # Llama's code has no sliding window
             values.update(sliding_window=None, layer_types=None)
+        elif model_type == "qwen3":  # Qwen3's code: attention_bias on q/k/v/o, none on the MLP
+            values.update(mlp_bias=False)
         else:  # Mistral's and Qwen2's code has fixed biases (Qwen2's on q/k/v, see qkv_bias)
             values.update(attention_bias=False, mlp_bias=False)
         if model_type == "mistral" or values["sliding_window"] is None:
@@ -108,6 +119,11 @@ class LlamaConfig:
         elif values["layer_types"] is not None:
             values["layer_types"] = tuple(values["layer_types"])
         return cls(**values)
+
+    @property
+    def rope(self) -> dict:
+        """The RoPE parameters for models/rope.py: rope_type (default "default"), rope_theta, the scaling's."""
+        return {"rope_type": "default", "rope_theta": self.rope_theta, **dict(self.rope_parameters)}
 
     @property
     def kv_heads(self) -> int:
@@ -136,22 +152,6 @@ class LlamaConfig:
 def max_positions(config: LlamaConfig) -> int:
     """The sequence length the model was configured (and trained) for; RoPE itself sets no hard limit."""
     return config.max_position_embeddings
-
-
-def rope_tables(position_ids, head_dim: int, theta: float, dtype):
-    """position_ids [B, T] -> (cos, sin) [B, T, H] in `dtype`, computed in float32: angle p / theta^(2i/H) for
-    i < H/2, the table repeated for the two halves that `rotate_half` pairs (transformers' layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = position_ids.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x [B, T, N, H], cos/sin [B, T, H] -> x rotated: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 class RMSNorm(nn.Module):
@@ -189,8 +189,11 @@ class LlamaAttention(nn.Module):
             dense = _dense(cfg, self.dtype, heads * h, cfg.qkv_bias, name, (EMBED, HEADS))
             return dense(x).reshape(*x.shape[:2], heads, h)
 
-        q = apply_rope(project(n, "q_proj"), cos, sin)
-        key = apply_rope(project(k, "k_proj"), cos, sin)
+        q, key = project(n, "q_proj"), project(k, "k_proj")
+        if cfg.model_type == "qwen3":  # normalized over each head's H features, before RoPE
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            key = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(key)
+        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         value = project(k, "v_proj")
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, key, value, index)
@@ -242,11 +245,13 @@ class LlamaModel(nn.Module):
     gradient_checkpointing: bool = False
     deterministic: bool = True
 
+    decoder_layer = LlamaDecoderLayer  # not a field: what a subclass (phi3.Phi3Model) swaps
+
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                      embedding_init=embedding_init(cfg.initializer_range))
-        self.layers = scan_layers(LlamaDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
+        self.layers = scan_layers(self.decoder_layer, cfg.num_hidden_layers, self.gradient_checkpointing,
                                   in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
@@ -258,13 +263,9 @@ class LlamaModel(nn.Module):
         if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
             position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope_theta, self.dtype)
-        windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
-        masks = [generate.causal_mask(attention_mask, cache, w) for w in windows]
-        valid = masks[0][1]
-        which = jnp.array([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-        x, self_cache = self.layers(x, jnp.stack([m for m, _ in masks]), cos, sin, start, which,
-                                    None if cache is None else cache["self"])
+        cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope, cfg.max_position_embeddings, self.dtype)
+        masks, which, valid = generate.layer_masks(attention_mask, cache, cfg.layer_windows)
+        x, self_cache = self.layers(x, masks, cos, sin, start, which, None if cache is None else cache["self"])
         if cache is not None:
             cache = {"index": start + length, "self": self_cache, "mask": valid}
         return self.norm(x), cache
@@ -274,7 +275,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """A Llama/Mistral/Qwen2 decoder with its LM head; `config.model_type` names the transformers class."""
+    """A Llama/Mistral/Qwen2/Qwen3 decoder with its LM head; `config.model_type` names the transformers class."""
 
     config: LlamaConfig
     dtype: Any = jnp.float32  # computation dtype; params are always float32
@@ -314,7 +315,7 @@ FAMILY = Family(
     hf=HfRules(
         scanned=("model.layers",),
         tied={"lm_head.weight": "model.embed_tokens.weight"},  # applies only when the config ties them
-        base_prefix={"llama": "model", "mistral": "model", "qwen2": "model"},
+        base_prefix={model_type: "model" for model_type in _HF_ARCHITECTURES},
         ignored=(r"\.rotary_emb\.inv_freq$",),  # a buffer that older checkpoints saved
     ),
 )

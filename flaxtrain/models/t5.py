@@ -16,7 +16,7 @@ Shapes: B batch, S encoder length, T decoder length, D d_model, N heads, H d_kv,
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -58,11 +58,13 @@ class T5Config:
     decoder_start_token_id: int = 0
     model_type: str = "t5"
 
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = tuple(_HF_ARCHITECTURES)  # the types it reads (LongT5Config: its own)
+
     def __post_init__(self):
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        if self.model_type not in _HF_ARCHITECTURES:
-            raise ValueError(f"model_type {self.model_type!r} is not T5-like; expected {list(_HF_ARCHITECTURES)}")
+        if self.model_type not in self.MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {list(self.MODEL_TYPES)}")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in ACT_FNS:
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported: expected 'ACT' or "
@@ -70,12 +72,13 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "T5Config":
-        """From a transformers `T5Config`/`MT5Config`; raises ValueError on features this model lacks."""
-        if hf_config.model_type not in _HF_ARCHITECTURES:
-            raise ValueError(f"{hf_config.model_type} is not a T5 or mT5 config (umT5, LongT5 differ)")
+        """From a transformers `T5Config`/`MT5Config` (a subclass: its own); raises ValueError on features this
+        model lacks."""
+        if hf_config.model_type not in cls.MODEL_TYPES:
+            raise ValueError(f"{hf_config.model_type} is not a {' or '.join(cls.MODEL_TYPES)} config")
         if getattr(hf_config, "is_decoder", False) or not getattr(hf_config, "is_encoder_decoder", True):
             raise ValueError(f"{hf_config.model_type} config is not an encoder-decoder (is_decoder or "
-                             "is_encoder_decoder=False): only T5ForConditionalGeneration is supported")
+                             "is_encoder_decoder=False): only the conditional-generation model is supported")
         values = {f.name: getattr(hf_config, f.name, None) for f in dataclasses.fields(cls)}
         # transformers 5 forces tie_word_embeddings=True for the T5 family and keeps the original meaning for T5 in
         # scale_decoder_outputs; its MT5 never rescales, and mT5 checkpoints hold their own lm_head.

@@ -1,0 +1,230 @@
+"""BLOOM (transformers' `bloom`) causal language models as Flax linen modules.
+
+No position embeddings: ALiBi (models/alibi.py) adds each head's slope times the key's position to the attention
+logits, the positions counted over the real tokens of the attention mask (or of the cache's slots when generating),
+as transformers builds it. A LayerNorm right after the token embeddings (`word_embeddings_layernorm`), pre-LayerNorm
+blocks whose residual is optionally the normed input (`apply_residual_connection_post_layernorm`), a GELU (tanh
+approximation) MLP of 4 * D, the final `ln_f`, the LM head tied to the embeddings.
+
+Param names copy the PyTorch keys: `transformer/h/self_attention/query_key_value/kernel` [L, D, 3D] is
+`transformer.h.{i}.self_attention.query_key_value.weight` transposed. The fused projection's outputs are laid out
+[N, 3, H] (Megatron's: each head's query, key and value together), not [3, N, H] as GPT-2's c_attn.
+
+Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D hidden_size, N heads, H head size,
+V vocab_size, L layers.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtrain import generate
+from flaxtrain.models.alibi import alibi_bias
+from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.dropout import Dropout
+from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, dense_inits, embedding_init, norm_inits
+from flaxtrain.models.stack import scan_layers
+
+# BLOOM's training length: ALiBi sets no hard limit and config.json has no field for it (`seq_length` where present).
+TRAINING_LENGTH = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class BloomConfig:
+    """The fields of a Hugging Face BLOOM `config.json` that the model uses (defaults: bloom-560m).
+    seq_length: the length `max_positions` reports (config.json's `seq_length` if it has one, else 2048)."""
+
+    vocab_size: int = 250880
+    hidden_size: int = 1024
+    n_layer: int = 24
+    n_head: int = 16
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    apply_residual_connection_post_layernorm: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    seq_length: int = TRAINING_LENGTH
+    pad_token_id: int | None = 3
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    model_type: str = "bloom"
+
+    def __post_init__(self):
+        if self.model_type != "bloom":
+            raise ValueError(f"model_type {self.model_type!r} is not BLOOM")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.hidden_size % self.n_head:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.n_head} heads")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "BloomConfig":
+        """From a transformers `BloomConfig`. Nothing is refused: `pretraining_tp` with `slow_but_exact` only sums
+        the output projections in slices (the same function, other rounding), and the other Megatron settings
+        (`masked_softmax_fusion`, `bias_dropout_fusion`, `n_inner`, ...) are ignored by transformers' modeling code
+        too."""
+        values = {f.name: getattr(hf_config, f.name, f.default) for f in dataclasses.fields(cls)}
+        values["seq_length"] = getattr(hf_config, "seq_length", None) or TRAINING_LENGTH
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+
+def max_positions(config: BloomConfig) -> int:
+    """The sequence length BLOOM was trained for (ALiBi itself extrapolates; nothing here enforces it)."""
+    return config.seq_length
+
+
+def _dense(config: BloomConfig, dtype, features: int, name: str, axes: tuple) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(config.initializer_range, axes))
+
+
+def _layer_norm(config: BloomConfig, dtype, name: str | None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name, **norm_inits())
+
+
+class BloomAttention(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, bias, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S], bias (ALiBi) [B, N, 1, S], layer_cache None or {"key", "value"}
+        [B, S, N, H] -> ([B, T, D] before the residual's dropout, this layer's updated cache or None)."""
+        cfg = self.config
+        qkv = _dense(cfg, self.dtype, 3 * cfg.hidden_size, "query_key_value", (EMBED, HEADS))(x)
+        qkv = qkv.reshape(*x.shape[:2], cfg.n_head, 3, cfg.head_dim)  # [B, T, N, 3, H]
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if layer_cache is not None:
+            layer_cache = write_cache(layer_cache, k, v, index)
+            k, v = layer_cache["key"], layer_cache["value"]
+        out = attention(q, k, v, mask, bias=bias, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(out.reshape(x.shape))
+        return out, layer_cache
+
+
+class BloomMLP(nn.Module):
+    config: BloomConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        # Megatron's tanh GELU; its constant 0.79788456 is sqrt(2/pi) to float32 precision.
+        h = jax.nn.gelu(_dense(cfg, self.dtype, 4 * cfg.hidden_size, "dense_h_to_4h", (EMBED, MLP))(x),
+                        approximate=True)
+        return _dense(cfg, self.dtype, cfg.hidden_size, "dense_4h_to_h", (MLP, EMBED))(h)
+
+
+class BloomBlock(nn.Module):
+    """One pre-LayerNorm block; with apply_residual_connection_post_layernorm the residuals are the normed inputs.
+    `deterministic` is an attribute so that nn.scan and nn.remat see only arrays; the layer's cache slice comes in
+    as the scanned input and goes out as the scanned output."""
+
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, bias, index, layer_cache):
+        cfg = self.config
+        dropout = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=self.deterministic)  # noqa: E731
+        normed = _layer_norm(cfg, self.dtype, "input_layernorm")(x)
+        h, layer_cache = BloomAttention(cfg, self.dtype, name="self_attention")(
+            normed, mask, bias, index, layer_cache, self.deterministic)
+        x = (normed if cfg.apply_residual_connection_post_layernorm else x) + dropout(h)
+        normed = _layer_norm(cfg, self.dtype, "post_attention_layernorm")(x)
+        h = BloomMLP(cfg, self.dtype, name="mlp")(normed)
+        return (normed if cfg.apply_residual_connection_post_layernorm else x) + dropout(h), layer_cache
+
+
+class BloomModel(nn.Module):
+    """The body (`transformer.`): `word_embeddings`, `word_embeddings_layernorm`, the scanned blocks `h`, `ln_f`.
+    `deterministic` is an attribute so that setup can build the scanned blocks."""
+
+    config: BloomConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.config
+        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                                        embedding_init=embedding_init(cfg.initializer_range))
+        self.word_embeddings_layernorm = _layer_norm(cfg, self.dtype, None)
+        self.h = scan_layers(BloomBlock, cfg.n_layer, self.gradient_checkpointing,
+                             in_axes=(nn.broadcast,) * 3 + (0,))(cfg, self.dtype, self.deterministic)
+        self.ln_f = _layer_norm(cfg, self.dtype, None)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        """[B, T] ints -> (hidden [B, T, D], updated cache or None). position_ids are ignored: ALiBi counts the
+        positions from the mask (the cache's, with the new tokens', when generating). See BloomForCausalLM."""
+        del position_ids
+        length = input_ids.shape[1]
+        start = 0 if cache is None else cache["index"]
+        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        mask, valid = generate.causal_mask(attention_mask, cache)
+        bias = alibi_bias(valid, self.config.n_head)
+        x, self_cache = self.h(x, mask, bias, start, None if cache is None else cache["self"])
+        if cache is not None:
+            cache = {"index": start + length, "self": self_cache, "mask": valid}
+        return self.ln_f(x), cache
+
+    def word_embedding_matrix(self):
+        """[V, D] float32: the LM head's weights when tied to the input embeddings."""
+        return self.word_embeddings.embedding
+
+
+class BloomForCausalLM(nn.Module):
+    """BLOOM with its LM head (tied to `transformer.word_embeddings` unless tie_word_embeddings is False)."""
+
+    config: BloomConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    hf_architecture = "BloomForCausalLM"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids ignored
+        (accepted for flaxtrain.generate) -> logits [B, T, V] float32, or (logits, cache) when a cache from
+        `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        body = BloomModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
+        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
+        cfg = self.config
+        return init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
+
+
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
+    """Fresh float32 params (normal(initializer_range) weights, zero biases, LayerNorms 1 and 0, as transformers).
+    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
+    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(params) if unbox else params
+
+
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+FAMILY = Family(
+    model_types=("bloom",), config=BloomConfig, heads={"CausalLM": BloomForCausalLM},
+    init_params=init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("transformer.h",),
+        tied={"lm_head.weight": "transformer.word_embeddings.weight"},  # applies only when the config ties them
+        base_prefix={"bloom": "transformer"},
+    ),
+)

@@ -1,0 +1,315 @@
+"""OPT (transformers' `opt`) causal language models as Flax linen modules.
+
+Learned positions with fairseq's offset: position p reads row p + 2 of `embed_positions`, and without explicit
+position_ids a token's position counts the real tokens before it (cumsum of the attention mask - 1, as transformers
+does), so left- and right-padded rows compute what they would unpadded. Two layouts: pre-LayerNorm blocks and a final
+LayerNorm (opt-125m, opt-1.3b, ...), or post-LayerNorm blocks and no final norm (opt-350m, `do_layer_norm_before`
+False). opt-350m also embeds tokens in `word_embed_proj_dim` (512) < hidden_size: `project_in` and `project_out`
+map between the two, and the tied LM head works in the smaller width.
+
+Param names copy the PyTorch keys: `model/decoder/layers/self_attn/q_proj/kernel` [L, D, D] is
+`model.decoder.layers.{i}.self_attn.q_proj.weight` transposed. The decoder layer here is XGLM's too (models/xglm.py):
+its config exposes the fields this layer reads.
+
+Shapes: B batch, T length (new tokens), S keys (T, or the cache length), D hidden_size, P word_embed_proj_dim,
+N heads, H head size, F ffn_dim, V vocab_size, L layers.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxtrain import generate
+from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.bart import _token_embedding_init
+from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.dropout import Dropout
+from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
+                                          norm_inits)
+from flaxtrain.models.stack import scan_layers
+
+# Offset of OPT's learned positions (fairseq reserved the first two rows): position p reads row p + 2.
+POSITION_OFFSET = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """The fields of a Hugging Face OPT `config.json` that the model uses (defaults: opt-125m).
+    word_embed_proj_dim None: hidden_size. remove_final_layer_norm is config.json's `_remove_final_layer_norm`."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_function: str = "relu"
+    init_std: float = 0.02
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2
+    model_type: str = "opt"
+
+    # Read by OPTDecoderLayer, which XGLM shares: OPT has no dropout after the activation, and LayerNorm's eps.
+    activation_dropout = 0.0
+    layer_norm_eps = 1e-5
+
+    def __post_init__(self):
+        if self.model_type != "opt":
+            raise ValueError(f"model_type {self.model_type!r} is not OPT")
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.activation_function not in ACT_FNS:
+            raise ValueError(f"activation_function {self.activation_function!r} is not supported; supported: "
+                             f"{sorted(ACT_FNS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "OPTConfig":
+        """From a transformers `OPTConfig`; raises ValueError on settings this model lacks."""
+        layerdrop = getattr(hf_config, "layerdrop", 0.0) or 0.0
+        if layerdrop:
+            raise ValueError(f"opt config has unsupported settings: layerdrop={layerdrop} (only 0 is supported)")
+        values = {f.name: getattr(hf_config, f.name, f.default) for f in dataclasses.fields(cls)}
+        values["remove_final_layer_norm"] = bool(getattr(hf_config, "_remove_final_layer_norm", False))
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def initializer_range(self) -> float:  # the name gpt2.lm_logits reads for an untied head's init
+        return self.init_std
+
+    @property
+    def final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+
+def max_positions(config: OPTConfig) -> int:
+    """The longest sequence the learned positions cover; the table has 2 more rows (the offset)."""
+    return config.max_position_embeddings
+
+
+def _dense(config, dtype, features: int, name: str, axes: tuple, use_bias: bool = True) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(config.init_std, axes))
+
+
+def layer_norm(config, dtype, name: str | None) -> nn.LayerNorm:
+    """torch.nn.LayerNorm over D, without params when `layer_norm_elementwise_affine` is False. Statistics in float32;
+    the two-pass variance matches torch on large residual streams."""
+    affine = config.layer_norm_elementwise_affine
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, use_bias=affine,
+                        use_scale=affine, use_fast_variance=False, name=name, **norm_inits())
+
+
+def token_embedding(config, dtype, features: int, name: str | None = None) -> nn.Embed:
+    """`embed_tokens` [V, features], its pad row zero at init as transformers' nn.Embedding(padding_idx)."""
+    init = (nn.initializers.normal(config.init_std) if config.pad_token_id is None
+            else _token_embedding_init(config.init_std, config.pad_token_id))
+    return nn.Embed(config.vocab_size, features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    embedding_init=named(init, VOCAB, EMBED))
+
+
+class OPTAttention(nn.Module):
+    config: Any  # OPTConfig, or XGLMConfig (which has the same fields)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S], layer_cache None or {"key", "value"} [B, S, N, H] -> ([B, T, D], this
+        layer's updated cache or None)."""
+        cfg = self.config
+        n, h = cfg.num_attention_heads, cfg.head_dim
+
+        def project(name):  # -> [B, T, N, H]
+            return _dense(cfg, self.dtype, n * h, name, (EMBED, HEADS), cfg.enable_bias)(x).reshape(
+                *x.shape[:2], n, h)
+
+        # fairseq's order: the query scaled by H**-0.5 after its projection (bias included), the logits unscaled.
+        q = project("q_proj") * jnp.asarray(h**-0.5, self.dtype)
+        k, v = project("k_proj"), project("v_proj")
+        if layer_cache is not None:
+            layer_cache = write_cache(layer_cache, k, v, index)
+            k, v = layer_cache["key"], layer_cache["value"]
+        out = attention(q, k, v, mask, scale=1.0, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = _dense(cfg, self.dtype, cfg.hidden_size, "out_proj", (HEADS, EMBED), cfg.enable_bias)(
+            out.reshape(*x.shape[:2], n * h))
+        return out, layer_cache
+
+
+class OPTDecoderLayer(nn.Module):
+    """One block: attention and MLP, each x + dropout(f(norm(x))) (pre-norm) or norm(x + dropout(f(x))) (post-norm,
+    opt-350m). `deterministic` is an attribute so that nn.scan and nn.remat see only arrays; the layer's cache slice
+    comes in as the scanned input and goes out as the scanned output."""
+
+    config: Any  # OPTConfig, or XGLMConfig
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    def _residual(self, x, name, fn):
+        cfg = self.config
+        norm = layer_norm(cfg, self.dtype, name)
+        h, cache = fn(norm(x) if cfg.do_layer_norm_before else x)
+        x = x + Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        return (x if cfg.do_layer_norm_before else norm(x)), cache
+
+    @nn.compact
+    def __call__(self, x, mask, index, layer_cache):
+        cfg, deterministic = self.config, self.deterministic
+
+        def self_attention(h):
+            return OPTAttention(cfg, self.dtype, name="self_attn")(h, mask, index, layer_cache, deterministic)
+
+        def feed_forward(h):
+            h = ACT_FNS[cfg.activation_function](
+                _dense(cfg, self.dtype, cfg.ffn_dim, "fc1", (EMBED, MLP), cfg.enable_bias)(h))
+            h = Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+            return _dense(cfg, self.dtype, cfg.hidden_size, "fc2", (MLP, EMBED), cfg.enable_bias)(h), None
+
+        x, layer_cache = self._residual(x, "self_attn_layer_norm", self_attention)
+        x, _ = self._residual(x, "final_layer_norm", feed_forward)
+        return x, layer_cache
+
+
+def positions_from_mask(valid, start, length: int):
+    """valid [B, S] (the keys' mask: the new tokens' own, or the cache's with theirs written at `start`) -> [B, T]
+    positions of the T new tokens: the real tokens before each (cumsum - 1, as transformers' OPT), -1 at pads."""
+    valid = valid.astype(jnp.int32)
+    positions = jnp.cumsum(valid, axis=1) * valid - 1
+    return lax.dynamic_slice_in_dim(positions, start, length, axis=1)
+
+
+class OPTDecoder(nn.Module):
+    """The body under `model.decoder`: token and position embeddings (with project_in), the scanned `layers`, the
+    final LayerNorm (pre-norm models) and project_out. `deterministic` is an attribute so that setup can build the
+    scanned layers."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = token_embedding(cfg, self.dtype, cfg.word_embed_proj_dim)
+        self.embed_positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+                                        dtype=self.dtype, param_dtype=jnp.float32,
+                                        embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)))
+        if cfg.word_embed_proj_dim != cfg.hidden_size:
+            self.project_in = _dense(cfg, self.dtype, cfg.hidden_size, "project_in", (EMBED, EMBED), False)
+            self.project_out = _dense(cfg, self.dtype, cfg.word_embed_proj_dim, "project_out", (EMBED, EMBED), False)
+        self.layers = scan_layers(OPTDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
+                                  in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
+        if cfg.final_layer_norm:
+            self.final_layer_norm = layer_norm(cfg, self.dtype, None)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        """[B, T] ints -> (hidden [B, T, P], updated cache or None). See OPTForCausalLM."""
+        cfg = self.config
+        length = input_ids.shape[1]
+        start = 0 if cache is None else cache["index"]
+        mask, valid = generate.causal_mask(attention_mask, cache)
+        if position_ids is None:
+            position_ids = positions_from_mask(valid, start, length)
+        x = self.embed_tokens(input_ids)
+        if cfg.word_embed_proj_dim != cfg.hidden_size:
+            x = self.project_in(x)
+        x = x + self.embed_positions(position_ids + POSITION_OFFSET)
+        x, self_cache = self.layers(x, mask, start, None if cache is None else cache["self"])
+        if cfg.final_layer_norm:
+            x = self.final_layer_norm(x)
+        if cfg.word_embed_proj_dim != cfg.hidden_size:
+            x = self.project_out(x)
+        if cache is not None:
+            cache = {"index": start + length, "self": self_cache, "mask": valid}
+        return x, cache
+
+    def word_embedding_matrix(self):
+        """[V, P] float32: the LM head's weights when tied to the input embeddings."""
+        return self.embed_tokens.embedding
+
+
+class OPTModel(nn.Module):
+    """`model.`: a wrapper around the decoder, as transformers nests it."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    deterministic: bool = True
+
+    def setup(self):
+        self.decoder = OPTDecoder(self.config, self.dtype, self.gradient_checkpointing, self.deterministic)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        return self.decoder(input_ids, attention_mask, position_ids, cache)
+
+    def word_embedding_matrix(self):
+        return self.decoder.word_embedding_matrix()
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT with its LM head (tied to `model.decoder.embed_tokens` unless tie_word_embeddings is False)."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32  # computation dtype; params are always float32
+    gradient_checkpointing: bool = False
+
+    hf_architecture = "OPTForCausalLM"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
+        (None: counted from the attention mask, continuing from the cache) -> logits [B, T, V] float32, or (logits,
+        cache) when a cache from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        body = OPTModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
+        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
+        cfg = self.config
+        if max_length > max_positions(cfg):
+            raise ValueError(f"{max_length} tokens are more than OPT's {max_positions(cfg)} positions")
+        return init_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.num_attention_heads, cfg.head_dim,
+                          self.dtype)
+
+
+def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
+    """Fresh float32 params (normal(init_std) weights, zero biases, the pad embedding row zero, as transformers).
+    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
+    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
+    return nn.unbox(params) if unbox else params
+
+
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+FAMILY = Family(
+    model_types=("opt",), config=OPTConfig, heads={"CausalLM": OPTForCausalLM},
+    init_params=init_params, max_positions=max_positions,
+    hf=HfRules(
+        scanned=("model.decoder.layers",),
+        tied={"lm_head.weight": "model.decoder.embed_tokens.weight"},  # applies only when the config ties them
+        base_prefix={"opt": "model"},  # an OPTModel checkpoint (AutoModel) starts at `decoder.`
+    ),
+)
