@@ -38,6 +38,7 @@ import safetensors.numpy
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from flaxtrain import flax_msgpack
 from flaxtrain.models import get_family
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 _IGNORED = (r"(^|\.)position_ids$",)
 # TF-era spellings that old checkpoints still use (transformers renames them on load too).
 _OLD_NAMES = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"))
+# In the order they are looked for; the original Flax scripts' msgpack last (flaxtrain/flax_msgpack.py).
 _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json")
+                     "pytorch_model.bin.index.json", flax_msgpack.WEIGHTS, flax_msgpack.INDEX)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # max_shard_size units as transformers reads them: KB/MB/GB/TB in powers of 10 (huggingface_hub's parse_size_to_int,
 # which its save_pretrained uses), KiB/MiB/GiB in powers of 2 (its convert_file_size_to_int).
@@ -314,15 +316,19 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _download(name: str, revision: str | None, **hub) -> str:
-    """Local snapshot of a Hub repo's weights: safetensors when the repo has them, else the PyTorch pickle."""
+    """Local snapshot of a Hub repo's weights: safetensors when the repo has them, else the PyTorch pickle, else the
+    original Flax scripts' msgpack."""
     from huggingface_hub import snapshot_download
 
     for patterns in (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
-                     ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]):
+                     ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"],
+                     # config.json too: the original's Flax models computed some tables that the weights lack.
+                     [flax_msgpack.WEIGHTS, flax_msgpack.INDEX, "flax_model-*-of-*.msgpack", "config.json"]):
         local = snapshot_download(name, revision=revision, allow_patterns=patterns, **hub)
         if any(os.path.exists(os.path.join(local, f)) for f in patterns[:2]):
             return local
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their sharded forms) in {name}")
+    raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or {flax_msgpack.WEIGHTS} (or their sharded "
+                            f"forms) in {name}")
 
 
 def _checkpoint(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, Any]:
@@ -336,6 +342,8 @@ def _checkpoint(model_name_or_path: str, revision: str | None = None, **hub) -> 
         if not found:
             raise FileNotFoundError(f"no {', '.join(_CHECKPOINT_FILES)} in {path}")
         path = os.path.join(path, found[0])
+    if path.endswith((".msgpack", flax_msgpack.INDEX)):  # read whole, converted to PyTorch keys and layouts
+        return flax_msgpack.read(path)
     if not path.endswith(".index.json"):
         return _read_file(path)
     with open(path) as f:
@@ -348,8 +356,9 @@ def _checkpoint(model_name_or_path: str, revision: str | None = None, **hub) -> 
 
 def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub) -> dict[str, np.ndarray]:
     """{key: array} of a checkpoint: a file, a local directory, or a Hub repo name (downloaded; `hub` may give
-    token and cache_dir). A directory is read from model.safetensors, a sharded model.safetensors.index.json, or
-    pytorch_model.bin(.index.json), in that order. Reads every tensor into memory: load_pretrained does not."""
+    token and cache_dir). A directory is read from model.safetensors, a sharded model.safetensors.index.json,
+    pytorch_model.bin(.index.json) or the original Flax scripts' flax_model.msgpack(.index.json), in that order.
+    Reads every tensor into memory: load_pretrained does not."""
     return {k: np.asarray(v) for k, v in _checkpoint(model_name_or_path, revision, **hub).items()}
 
 
@@ -367,7 +376,10 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
                       fresh=rules.classifier_head, drop=rules.pretraining_heads)
     """
     rules = get_family(model_type).hf
+    state = _checkpoint(model_name_or_path, revision, **hub)
+    if isinstance(state, flax_msgpack.StateDict):  # weights the original Flax heads lacked are initialised anew
+        fresh = (*fresh, *flax_msgpack.ABSENT.get(model_type, ()))
     return state_dict_to_params(
-        _checkpoint(model_name_or_path, revision, **hub), template_params, scanned=rules.scanned, tied=rules.tied,
-        fresh=fresh, drop=(*drop, *rules.ignored), base_model_prefix=rules.base_prefix.get(model_type),
-        untransposed=rules.untransposed, renamed=rules.renamed, zeros=rules.zeros, place=place)
+        state, template_params, scanned=rules.scanned, tied=rules.tied, fresh=fresh, drop=(*drop, *rules.ignored),
+        base_model_prefix=rules.base_prefix.get(model_type), untransposed=rules.untransposed, renamed=rules.renamed,
+        zeros=rules.zeros, place=place)
