@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Causal-language-model training (GPT-2, Llama, Mistral, Qwen2) with JAX on TPUs, GPUs or CPUs.
+"""Causal-language-model training (GPT-2, Llama, Qwen, Gemma, Mistral, Phi-3, GPT-Neo, OPT, BLOOM...: the README's
+models table) with JAX on TPUs, GPUs or CPUs.
 
 Pretrain from scratch (tokenizer + config + corpus) or continue training a checkpoint on your own text:
 

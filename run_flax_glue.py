@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Fine-tuning an encoder (BERT, RoBERTa, ELECTRA, DistilBERT) for sequence classification or regression: the GLUE
-tasks, or your own labelled csv/json files, with JAX on TPUs, GPUs or CPUs.
+"""Fine-tuning an encoder (BERT, RoBERTa, XLM-R, ALBERT, DeBERTa-v3, ModernBERT...: the README's models table) or
+BART for sequence classification or regression: the GLUE tasks, or your own labelled csv/json files, with JAX on TPUs,
+GPUs or CPUs.
 
 Typical use, MRPC from the Hub:
 
