@@ -49,6 +49,19 @@ def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
     return valid[:, None, None, :] & allowed[None, None], valid
 
 
+def default_positions(input_ids: jax.Array, cache: dict | None = None) -> jax.Array:
+    """transformers' default position_ids [B, T] of the new tokens input_ids [B, T]: consecutive from the first (from
+    cache["index"] with a cache, else 0), padding ignored. (Generation passes positions counted from the mask.)"""
+    start = 0 if cache is None else cache["index"]
+    return jnp.broadcast_to(start + jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+
+def next_cache(cache: dict | None, self_cache: dict, valid: jax.Array, length: int) -> dict | None:
+    """A decoder's cache after `length` new tokens (None without one): "self" the scanned layers' updated
+    key/value buffers, "mask" `valid` from causal_mask or layer_masks, "index" moved past the new tokens."""
+    return None if cache is None else {"index": cache["index"] + length, "self": self_cache, "mask": valid}
+
+
 def layer_masks(attention_mask: jax.Array, cache: dict | None,
                 layer_windows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -10,3 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # into the user's ~/.cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    """A folder per test module, for the checkpoints its tests share (the parity tests cache them by name)."""
+    return str(tmp_path_factory.mktemp("checkpoints"))

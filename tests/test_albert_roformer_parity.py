@@ -2,7 +2,6 @@
 pretraining checkpoints under a fresh classifier head, the MLM head at `positions=`, full-size parameter counts,
 refused configs; gradient checkpointing, bfloat16 and dropout, and RoFormer's frozen sinusoidal table."""
 
-import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,13 +13,13 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_export, hf_io, training  # noqa: E402
+from flaxtrain import hf_io, training  # noqa: E402
 from flaxtrain.models import albert, create, get_family, roformer  # noqa: E402
+from tests.parity import (assert_bf16_remat_and_dropout, assert_close, assert_head_at_positions,  # noqa: E402
+                          encoder_inputs, fresh_template, load_ours, param_count, param_shapes, random_params,
+                          round_trip, torch_logits, torch_model, torch_param_count)
 
-# rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
-key = functools.partial(jax.random.key, impl="rbg")
 HEADS = {"ForMaskedLM": "MaskedLM", "ForSequenceClassification": "SequenceClassification"}
 PREFIX = {"albert": "Albert", "roformer": "RoFormer"}
 
@@ -34,37 +33,9 @@ def hf_config(model_type, **overrides):
     return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
-def inputs(config, seed=0):
+def inputs(config):
     """Random ids with right padding (pads hold pad_token_id) and random segment ids."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, config.vocab_size, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, 2:] = 0, 0
-    ids[mask == 0] = config.pad_token_id
-    return ids, mask, rng.integers(0, 2, ids.shape) * mask
-
-
-def torch_model(architecture, config):
-    torch.manual_seed(0)
-    return getattr(transformers, architecture)(config).eval()
-
-
-def torch_logits(model, ids, mask, types):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     token_type_ids=torch.tensor(types)).logits.numpy()
-
-
-def on_real_tokens(logits, mask):
-    """MLM logits [B, T, V] -> [tokens, V] of the non-pad positions; a classifier's [B, C] as they are."""
-    return logits[mask == 1] if logits.ndim == 3 else logits
-
-
-def random_params(model, scale=0.2):
-    """Random params without compiling init (seconds on a small CPU)."""
-    shapes = jax.eval_shape(functools.partial(get_family(model.config.model_type).init_params, model), key(0))
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: rng.normal(0, scale, s.shape).astype(s.dtype), shapes)
+    return encoder_inputs(config, segments=True)
 
 
 @pytest.mark.parametrize("model_type,head,overrides", [
@@ -78,30 +49,18 @@ def random_params(model, scale=0.2):
 def test_logits_match_and_checkpoints_round_trip(model_type, head, overrides, tmp_path):
     reference = torch_model(PREFIX[model_type] + head, hf_config(model_type, **overrides))
     reference.save_pretrained(tmp_path / "theirs")
-    family, model = create(reference.config, HEADS[head])
+    model, params = load_ours(reference.config, HEADS[head], tmp_path / "theirs")
     assert model.hf_architecture == type(reference).__name__
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path / "theirs"), template, model_type=model_type)
     apply = jax.jit(model.apply)
     ids, mask, types = inputs(model.config)
     logits = apply({"params": params}, ids, mask, types)
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(on_real_tokens(logits, mask), on_real_tokens(torch_logits(reference, ids, mask, types),
-                                                                             mask), atol=1e-5, rtol=1e-5)
+    assert_close(logits, torch_logits(reference, ids, mask, types), mask)
 
-    # Our save loads in PyTorch with nothing missing or unexpected and computes what we compute; perturbed params,
-    # so that the check does not lean on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == \
-        load_file(tmp_path / "theirs" / "model.safetensors").keys()
-    loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path / "ours",
-                                                                               output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}
-    np.testing.assert_allclose(
-        on_real_tokens(apply({"params": params}, ids, mask, types), mask),
-        on_real_tokens(torch_logits(loaded.eval(), ids, mask, types), mask), atol=1e-5, rtol=1e-5)
+    # Our save loads in PyTorch with nothing missing or unexpected, holds the keys of theirs, and computes what we
+    # compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path / "ours", tmp_path / "theirs")
+    assert_close(apply({"params": params}, ids, mask, types), torch_logits(loaded, ids, mask, types), mask)
 
 
 @pytest.mark.parametrize("model_type,architecture,loaded_pooler", [
@@ -113,8 +72,7 @@ def test_pretraining_checkpoint_loads_under_a_fresh_head(model_type, architectur
     pretrained = torch_model(architecture, hf_config(model_type))
     pretrained.save_pretrained(tmp_path)
     family, classifier = create(pretrained.config, "SequenceClassification")
-    shapes = jax.eval_shape(functools.partial(family.init_params, classifier), key(0))
-    template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)  # stands in for init'd params
+    template = fresh_template(classifier)
     with pytest.raises(ValueError, match=r"missing key\(s\):.*classifier\..*unexpected key\(s\):.*(predictions|cls)"):
         hf_io.load_pretrained(str(tmp_path), template, model_type=model_type)
 
@@ -137,9 +95,8 @@ def test_albert_pretraining_checkpoint_into_masked_lm(tmp_path):
     MLM computes its prediction logits."""
     pretrained = torch_model("AlbertForPreTraining", hf_config("albert"))
     pretrained.save_pretrained(tmp_path)
-    family, model = create(pretrained.config, "MaskedLM")
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path), template, model_type="albert",
+    _, model = create(pretrained.config, "MaskedLM")
+    params = hf_io.load_pretrained(str(tmp_path), param_shapes(model), model_type="albert",
                                    drop=(r"^sop_classifier\.", r"^albert\.pooler\."))
     ids, mask, types = inputs(model.config)
     with torch.no_grad():
@@ -153,15 +110,8 @@ def test_albert_pretraining_checkpoint_into_masked_lm(tmp_path):
 def test_masked_lm_at_positions_is_the_full_head_there(model_type):
     """run_mlm_flax.py asks for the logits of the masked tokens only (`positions=`)."""
     _, model = create(hf_config(model_type), "MaskedLM")
-    params = {"params": random_params(model)}
-    ids, mask, types = inputs(model.config)
     positions = np.array([[0, 4, 8], [4, 1, 1], [2, 7, 0]], np.int32)
-    apply = jax.jit(model.apply)
-    full = apply(params, ids, mask, types)
-    picked = apply(params, ids, mask, types, positions=positions)
-    assert picked.shape == (3, 3, model.config.vocab_size)
-    np.testing.assert_allclose(picked, np.take_along_axis(np.asarray(full), positions[..., None], 1), atol=1e-5,
-                               rtol=1e-5)
+    assert_head_at_positions(model, inputs(model.config), positions)
 
 
 # albert-base-v2 and junnyu/roformer_chinese_base, their config.json values.
@@ -180,11 +130,8 @@ FULL_SIZE = {
 def test_full_size_parameter_count(model_type, head):
     """RoFormer's frozen sinusoidal table counts on both sides: PyTorch keeps it as a Parameter, we as a param."""
     config = transformers.AutoConfig.for_model(model_type, **FULL_SIZE[model_type])
-    with torch.device("meta"):
-        theirs = sum(p.numel() for p in getattr(transformers, PREFIX[model_type] + head)(config).parameters())
-    family, model = create(config, HEADS[head])
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    assert sum(x.size for x in jax.tree.leaves(shapes)) == theirs
+    theirs = torch_param_count(getattr(transformers, PREFIX[model_type] + head), config)
+    assert param_count(create(config, HEADS[head])[1]) == theirs
     if model_type == "albert" and head == "ForMaskedLM":
         assert 11_000_000 < theirs < 12_000_000  # ALBERT-base's 12M: one layer's weights, shared
 
@@ -217,19 +164,8 @@ def test_gradient_checkpointing_bfloat16_and_dropout(model_type):
     """The model a training run builds: with remat and bfloat16 its logits stay float32 and close to float32's,
     its gradients are those without remat, and dropout follows the "dropout" rng."""
     config = hf_config(model_type, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    _, model = create(config, "SequenceClassification")
-    params = {"params": random_params(model)}
     ids, mask, types = inputs(config)
-    expected = jax.jit(model.apply)(params, ids, mask, types)
-
-    fast = create(config, "SequenceClassification", dtype=jnp.bfloat16, gradient_checkpointing=True)[1]
-    apply = jax.jit(fast.apply, static_argnames="deterministic")
-    logits = apply(params, ids, mask, types)
-    assert logits.dtype == jnp.float32
-    assert float(jnp.abs(logits - expected).max()) < 0.05 * float(jnp.abs(expected).max())
-    train = [apply(params, ids, mask, types, deterministic=False, rngs={"dropout": key(seed)}) for seed in (1, 1, 2)]
-    np.testing.assert_array_equal(train[0], train[1])
-    assert not np.allclose(train[0], train[2], atol=1e-2) and not np.allclose(train[0], logits, atol=1e-2)
+    model, params, _ = assert_bf16_remat_and_dropout(config, "SequenceClassification", (ids, mask, types))
 
     if model_type == "albert":  # (RoFormer's layers are scanned as BERT's, whose remat gradients test_bert.py checks)
         remat = create(config, "SequenceClassification", gradient_checkpointing=True)[1]

@@ -3,7 +3,6 @@ transformers' PyTorch models: classifier logits on padded batches, checkpoints b
 checkpoint under a fresh head; the masked-LM loss equal to transformers' on the same batch, and a tiny BART that
 learns in run_mlm_flax.py."""
 
-import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,14 +14,12 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import hf_export, hf_io, models, training  # noqa: E402
+from flaxtrain import hf_io, models, training  # noqa: E402
 from flaxtrain.models import bart  # noqa: E402
 from tests import tiny  # noqa: E402
+from tests.parity import fresh_template, jit, param_shapes, round_trip, torch_logits  # noqa: E402
 from tests.test_bart_parity import randomize_  # noqa: E402
 
-key = functools.partial(jax.random.key, impl="rbg")
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_llvm_disable_expensive_passes": True})
 CLASSIFIERS = {"bart": "BartForSequenceClassification", "mbart": "MBartForSequenceClassification"}
 
 
@@ -53,32 +50,22 @@ def classifier_inputs(seed=0):
     return np.where(mask == 1, ids, 1), mask
 
 
-def torch_classify(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
 @pytest.mark.parametrize("model_type", list(CLASSIFIERS))
 def test_classifier_logits_match_and_checkpoints_round_trip(model_type, tmp_path):
     reference = randomized(getattr(transformers, CLASSIFIERS[model_type]), hf_config(model_type, num_labels=3))
     reference.save_pretrained(tmp_path / "theirs")
     family, model = models.create(reference.config, "SequenceClassification")
     assert family is bart.FAMILY and model.hf_architecture == CLASSIFIERS[model_type]
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path / "theirs"), template, model_type=model_type)
+    params = hf_io.load_pretrained(str(tmp_path / "theirs"), param_shapes(model), model_type=model_type)
     apply = jit(model.apply)
     ids, mask = classifier_inputs()
     logits = apply({"params": params}, ids, mask)
     assert logits.shape == (3, 3)
-    np.testing.assert_allclose(logits, torch_classify(reference, ids, mask), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, torch_logits(reference, ids, mask), atol=1e-5, rtol=1e-5)
 
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
-    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "ours", output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    np.testing.assert_allclose(apply({"params": params}, ids, mask), torch_classify(loaded.eval(), ids, mask),
+    params, loaded = round_trip(model, params, reference.config, tmp_path / "ours",
+                                auto=transformers.AutoModelForSequenceClassification)
+    np.testing.assert_allclose(apply({"params": params}, ids, mask), torch_logits(loaded, ids, mask),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -89,8 +76,7 @@ def test_classifier_from_a_conditional_generation_checkpoint_gets_a_fresh_head(t
     pretrained = randomized(transformers.BartForConditionalGeneration, hf_config("bart"))
     pretrained.save_pretrained(tmp_path)
     family, classifier = models.create(hf_config("bart", num_labels=3), "SequenceClassification")
-    shapes = jax.eval_shape(functools.partial(family.init_params, classifier), key(0))
-    template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
+    template = fresh_template(classifier)
     with pytest.raises(ValueError, match=r"missing key\(s\): classification_head.*unexpected key\(s\): final_logits"):
         hf_io.load_pretrained(str(tmp_path), template, model_type="bart")
     params = hf_io.load_pretrained(str(tmp_path), template, model_type="bart", fresh=family.hf.classifier_head,
@@ -125,10 +111,9 @@ def test_masked_lm_loss_equals_transformers(model_type, tmp_path):
     decoder input, mBART its own way): its cross-entropy over the masked tokens equals our MaskedLM head's loss."""
     reference = randomized(getattr(transformers, bart.HF_ARCHITECTURES[model_type]), hf_config(model_type))
     reference.save_pretrained(tmp_path)
-    family, model = models.create(reference.config, "MaskedLM")
+    _, model = models.create(reference.config, "MaskedLM")
     assert model.hf_architecture == bart.HF_ARCHITECTURES[model_type]
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path), shapes, model_type=model_type)
+    params = hf_io.load_pretrained(str(tmp_path), param_shapes(model), model_type=model_type)
     ids, mask, positions, labels, weights = masked_batch(99, mask_id=98)
     with torch.no_grad():
         logits = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits

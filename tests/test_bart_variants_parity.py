@@ -8,22 +8,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import generate_seq2seq, hf_export, hf_io, models  # noqa: E402
+from flaxtrain import generate_seq2seq, hf_io, models  # noqa: E402
 from flaxtrain.models import blenderbot, marian, pegasus  # noqa: E402
+from tests.parity import (assert_close, jit, key, param_count, param_shapes, round_trip, seq2seq_inputs,  # noqa: E402
+                          torch_param_count, torch_seq2seq_logits)
+from tests.test_bart_parity import randomize_  # noqa: E402
 
-# rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
-key = functools.partial(jax.random.key, impl="rbg")
-# For models this tiny, XLA's optimisation passes cost more compile time than they save at run time.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_llvm_disable_expensive_passes": True})
 # Each as its checkpoints are (activation, scaled embeddings); the same special ids for all (pad 1, eos 2).
 VARIANTS = {"pegasus": dict(activation_function="relu", scale_embedding=True),
             "marian": dict(activation_function="swish", scale_embedding=True),
@@ -44,26 +40,6 @@ def hf_config(model_type):
         dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, **VARIANTS[model_type])
 
 
-def randomize_(model):
-    """Weights wider than the 0.02 init, nonzero biases, norms away from 1, a nonzero final_logits_bias; the
-    sinusoidal tables stay as transformers computes them (Marian's are never saved)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_positions" in name and not p.requires_grad:
-                continue
-            if "layer_norm" in name or "layernorm" in name:
-                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.3 if name.endswith("weight") else 0.1)
-        model.final_logits_bias.normal_(0, 1.0)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
 @functools.cache
 def checkpoint(model_type, tmp_root):
     """(PyTorch model in eval mode, its save_pretrained folder, our model, our params loaded from the folder)."""
@@ -74,52 +50,25 @@ def checkpoint(model_type, tmp_root):
     reference.save_pretrained(path)
     family, model = models.create(config, "Seq2SeqLM")
     assert family is FAMILIES[model_type] and model.hf_architecture == type(reference).__name__
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    return reference, path, model, hf_io.load_pretrained(path, shapes, model_type=model_type)
-
-
-def inputs(seed=0):
-    """Encoder ids [3, 9] with right (row 1) and left (row 2) padding; decoder ids [3, 7] from the start token (2),
-    row 1 right-padded. Pads hold pad_token_id 1."""
-    rng = np.random.default_rng(seed)
-    ids, mask = rng.integers(3, 99, (3, 9)), np.ones((3, 9), np.int64)
-    mask[1, 5:], mask[2, :4] = 0, 0
-    decoder_ids, decoder_mask = rng.integers(3, 99, (3, 7)), np.ones((3, 7), np.int64)
-    decoder_mask[1, 4:] = 0
-    decoder_ids[:, 0] = 2
-    return np.where(mask == 1, ids, 1), mask, np.where(decoder_mask == 1, decoder_ids, 1), decoder_mask
-
-
-def torch_logits(model, ids, mask, decoder_ids, decoder_mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     decoder_input_ids=torch.tensor(decoder_ids),
-                     decoder_attention_mask=torch.tensor(decoder_mask)).logits.numpy()
+    return reference, path, model, hf_io.load_pretrained(path, param_shapes(model), model_type=model_type)
 
 
 def assert_close_on_real_tokens(ours, theirs, decoder_mask):
-    real = decoder_mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5 * np.abs(theirs).max(), rtol=1e-5)
+    assert_close(ours, theirs, decoder_mask, atol=1e-5 * np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("model_type", list(VARIANTS))
 def test_logits_match_and_checkpoints_round_trip(model_type, tmp_root, tmp_path):
     reference, path, model, params = checkpoint(model_type, tmp_root)
     apply = jit(model.apply)
-    batch = inputs()
-    expected = torch_logits(reference, *batch)
+    batch = seq2seq_inputs()  # pads hold pad_token_id 1; the decoder starts with 2
+    expected = torch_seq2seq_logits(reference, *batch)
     assert np.abs(expected - reference.final_logits_bias.numpy()).max() > 1  # the body matters, not only the bias
     assert_close_on_real_tokens(apply({"params": params}, *batch), expected, batch[3])
 
-    # Our save loads in PyTorch cleanly, with the keys of theirs, and computes what we compute; perturbed params,
-    # so that the check does not lean on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = type(reference).from_pretrained(tmp_path, output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}
-    assert_close_on_real_tokens(apply({"params": params}, *batch), torch_logits(loaded.eval(), *batch), batch[3])
+    # Our save loads in PyTorch cleanly, with the keys of theirs, and computes what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path)
+    assert_close_on_real_tokens(apply({"params": params}, *batch), torch_seq2seq_logits(loaded, *batch), batch[3])
 
 
 def transformers_generate(reference, ids, mask, eos, num_beams):
@@ -142,7 +91,7 @@ def test_greedy_and_beam_search_match_transformers_generate(model_type, tmp_root
     """As end-of-sequence, a token that first appears late in some row of transformers' unconstrained greedy
     output (so that rows end at different lengths); then greedy and 4-beam search, token for token."""
     reference, _, model, params = checkpoint(model_type, tmp_root)
-    ids, mask, _, _ = inputs(seed=2)
+    ids, mask, _, _ = seq2seq_inputs(seed=2)
     free = transformers_generate(reference, ids, mask, eos=99, num_beams=1)  # 99: never generated
     eos = int(max(((free[r, p], p) for r in range(3) for p in range(STEPS) if free[r, p] not in free[r, :p]),
                   key=lambda tp: tp[1])[0])
@@ -198,12 +147,8 @@ def test_full_size_param_counts_equal_pytorch(model_type):
     """Shapes only. transformers' parameters() hold the frozen sinusoidal tables and not the final_logits_bias
     buffer; ours hold final_logits_bias, and the tables only where checkpoints carry them (Pegasus)."""
     hf = transformers.AutoConfig.for_model(model_type, **FULL_SIZE[model_type])
-    with torch.device("meta"):  # allocates nothing
-        reference = transformers.AutoModelForSeq2SeqLM.from_config(hf)
-    theirs = sum(p.numel() for p in reference.parameters())  # tied weights are counted once
-    family, model = models.create(hf, "Seq2SeqLM")
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) - hf.vocab_size
+    theirs = torch_param_count(transformers.AutoModelForSeq2SeqLM, hf)
+    ours = param_count(models.create(hf, "Seq2SeqLM")[1]) - hf.vocab_size
     unsaved_tables = 2 * hf.max_position_embeddings * hf.d_model if model_type == "marian" else 0
     assert ours == theirs - unsaved_tables
 

@@ -14,38 +14,11 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import generate_seq2seq, hf_export, hf_io, models  # noqa: E402
+from flaxtrain import generate_seq2seq, models  # noqa: E402
 from flaxtrain.models import big_bird, longt5  # noqa: E402
-
-KEY = jax.random.key(0, impl="rbg")
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
-def load_ours(family, hf_config, head, path):
-    """(our model for `head` ("ForMaskedLM", "Seq2SeqLM", ...), params loaded from the PyTorch checkpoint at
-    `path`)."""
-    _, model = models.create(hf_config, head.removeprefix("For"))
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), KEY)
-    return model, hf_io.load_pretrained(path, shapes, model_type=hf_config.model_type)
-
-
-def round_trip(model, params, hf_config, reference_path, tmp_path):
-    """Our save (of perturbed params, so that the check does not lean on the load path) loads in PyTorch with no
-    missing or unexpected keys, with the keys of transformers' own save; -> (perturbed params, PyTorch model)."""
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, hf_config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(
-        f"{reference_path}/model.safetensors").keys()
-    loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path, output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}
-    return params, loaded.eval()
+from tests.parity import (load_ours, param_count, round_trip, seq2seq_inputs, torch_logits,  # noqa: E402
+                          torch_param_count, torch_seq2seq_logits)
 
 
 # ------------------------------------------------------------------------------------------------------------ BigBird
@@ -81,12 +54,6 @@ def big_bird_inputs(length, seed=0):
     return ids * mask, mask, rng.integers(0, 2, ids.shape) * mask
 
 
-def torch_big_bird(model, ids, mask, types):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     token_type_ids=torch.tensor(types)).logits.numpy()
-
-
 def assert_close(ours, theirs, where=None):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     if where is not None:  # the real tokens only
@@ -100,27 +67,27 @@ def test_big_bird_logits_match_and_checkpoints_round_trip(head, attention_type, 
     # Full attention runs with the other settings of q/k/v bias and embedding scale.
     options = dict(use_bias=False, rescale_embeddings=True) if attention_type == "original_full" else {}
     reference, path = big_bird_checkpoint(head, attention_type, tmp_root, **options)
-    model, params = load_ours(big_bird.FAMILY, reference.config, head, path)
+    model, params = load_ours(reference.config, head.removeprefix("For"), path)
     assert model.hf_architecture == "BigBird" + head
     apply = jax.jit(model.apply)
     batch = big_bird_inputs(LONG)
     where = batch[1] if head == "ForMaskedLM" else None
-    assert_close(apply({"params": params}, *batch), torch_big_bird(reference, *batch), where)
+    assert_close(apply({"params": params}, *batch), torch_logits(reference, *batch), where)
     assert reference.bert.attention_type == attention_type  # transformers ran what it was asked to
     if attention_type == "block_sparse":  # the same params: one save suffices
-        params, loaded = round_trip(model, params, reference.config, path, tmp_path)
-        assert_close(apply({"params": params}, *batch), torch_big_bird(loaded, *batch), where)
+        params, loaded = round_trip(model, params, reference.config, tmp_path, path)
+        assert_close(apply({"params": params}, *batch), torch_logits(loaded, *batch), where)
 
 
 def test_big_bird_masked_positions_and_padding_to_block_size(tmp_root):
     """62 tokens are padded to 64 inside the model (as transformers does); the MLM head at `positions=` (as
     run_mlm_flax.py calls it) gives the logits of those tokens."""
     reference, path = big_bird_checkpoint("ForMaskedLM", "block_sparse", tmp_root)
-    model, params = load_ours(big_bird.FAMILY, reference.config, "ForMaskedLM", path)
+    model, params = load_ours(reference.config, "MaskedLM", path)
     batch = big_bird_inputs(62, seed=1)
     positions = np.array([[0, 7, 61], [3, 40, 47], [1, 2, 30]])
     logits = jax.jit(model.apply)({"params": params}, *batch, positions=positions)
-    theirs = np.take_along_axis(torch_big_bird(reference, *batch), positions[..., None], axis=1)
+    theirs = np.take_along_axis(torch_logits(reference, *batch), positions[..., None], axis=1)
     assert logits.shape == (3, 3, 99)
     assert_close(logits, theirs)
 
@@ -131,11 +98,11 @@ def test_big_bird_training_mode_random_blocks(tmp_root):
     the evaluation ones."""
     off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     reference, path = big_bird_checkpoint("ForMaskedLM", "block_sparse", tmp_root, **off)
-    model, params = load_ours(big_bird.FAMILY, reference.config, "ForMaskedLM", path)
+    model, params = load_ours(reference.config, "MaskedLM", path)
     batch = big_bird_inputs(LONG)
     train = jax.jit(functools.partial(model.apply, deterministic=False))({"params": params}, *batch)
-    assert_close(train, torch_big_bird(reference.train(), *batch), batch[1])
-    evaluation = torch_big_bird(reference.eval(), *batch)
+    assert_close(train, torch_logits(reference.train(), *batch), batch[1])
+    evaluation = torch_logits(reference.eval(), *batch)
     assert np.abs(np.asarray(train) - evaluation).max() > 1e-2
 
 
@@ -162,12 +129,12 @@ def test_big_bird_random_blocks_equal_transformers(length, layer, block_size):
 
 def test_big_bird_short_input_runs_full_attention_with_a_warning(tmp_root, caplog):
     reference, path = big_bird_checkpoint("ForSequenceClassification", "block_sparse", tmp_root, num_labels=2)
-    model, params = load_ours(big_bird.FAMILY, reference.config, "ForSequenceClassification", path)
+    model, params = load_ours(reference.config, "SequenceClassification", path)
     batch = big_bird_inputs(SHORT)
     with caplog.at_level(logging.WARNING, logger="flaxtrain.models.big_bird"):
         logits = model.apply({"params": params}, *batch)
     assert "Changing attention type to 'original_full'" in caplog.text
-    assert_close(logits, torch_big_bird(reference, *batch))
+    assert_close(logits, torch_logits(reference, *batch))
     assert reference.bert.attention_type == "original_full"  # transformers switched, for good
 
 
@@ -179,10 +146,8 @@ def test_big_bird_full_size_param_count():
                                            max_position_embeddings=4096, type_vocab_size=2)
     for head in BIG_BIRD_HEADS:
         _, model = models.create(hf_config, head.removeprefix("For"))
-        with torch.device("meta"):  # allocates nothing
-            expected = sum(p.numel() for p in getattr(transformers, "BigBird" + head)(hf_config).parameters())
-        shapes = jax.eval_shape(functools.partial(big_bird.init_params, model), KEY)
-        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+        expected = torch_param_count(getattr(transformers, "BigBird" + head), hf_config)
+        assert param_count(model) == expected
         if head == "ForMaskedLM":
             assert expected == 128_111_286
 
@@ -221,26 +186,13 @@ def longt5_checkpoint(variant, tmp_root, **overrides):
             reference.lm_head.weight[hf_config.pad_token_id] = 0.0  # and the pad token never generated
     path = os.path.join(tmp_root, f"longt5{variant}{sorted(overrides.items())}")
     reference.save_pretrained(path)
-    return (reference, *load_ours(longt5.FAMILY, hf_config, "Seq2SeqLM", path), path)
+    return (reference, *load_ours(hf_config, "Seq2SeqLM", path), path)
 
 
-def longt5_inputs(length=23, seed=0):
-    """Encoder ids [3, length], row 1 right-padded and row 2 left-padded (LongT5 has no absolute positions);
-    decoder ids [3, 7] starting with the start token 0, row 1 right-padded. Pads hold id 0."""
-    rng = np.random.default_rng(seed)
-    ids, mask = rng.integers(2, 99, (3, length)), np.ones((3, length), np.int64)
-    mask[1, 15:], mask[2, :4] = 0, 0
-    decoder_ids, decoder_mask = rng.integers(2, 99, (3, 7)), np.ones((3, 7), np.int64)
-    decoder_mask[1, 4:] = 0
-    decoder_ids[:, 0] = 0
-    return ids * mask, mask, decoder_ids * decoder_mask, decoder_mask
-
-
-def torch_longt5(model, ids, mask, decoder_ids, decoder_mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     decoder_input_ids=torch.tensor(decoder_ids),
-                     decoder_attention_mask=torch.tensor(decoder_mask)).logits.numpy()
+def longt5_inputs():
+    """Encoder ids [3, 23], row 1 right-padded and row 2 left-padded (LongT5 has no absolute positions); decoder ids
+    [3, 7] starting with the start token 0, row 1 right-padded. Pads hold id 0."""
+    return seq2seq_inputs(length=23, right_from=15, low=2, start_id=0, pad_id=0)
 
 
 @pytest.mark.parametrize("variant", list(LONGT5_VARIANTS))
@@ -249,10 +201,10 @@ def test_longt5_logits_match_and_checkpoints_round_trip(variant, tmp_root, tmp_p
     assert not model.config.tie_word_embeddings and "lm_head" in params
     apply = jax.jit(model.apply)
     batch = longt5_inputs()
-    assert_close(apply({"params": params}, *batch), torch_longt5(reference, *batch), batch[3])
+    assert_close(apply({"params": params}, *batch), torch_seq2seq_logits(reference, *batch), batch[3])
     if variant != "tglobal-3":  # the same params as tglobal
-        params, loaded = round_trip(model, params, reference.config, path, tmp_path)
-        assert_close(apply({"params": params}, *batch), torch_longt5(loaded, *batch), batch[3])
+        params, loaded = round_trip(model, params, reference.config, tmp_path, path)
+        assert_close(apply({"params": params}, *batch), torch_seq2seq_logits(loaded, *batch), batch[3])
 
 
 GENERATION_STEPS = 12
@@ -295,8 +247,7 @@ def test_longt5_full_size_param_count(attention_type):
         # transformers 5 ties lm_head at init; the checkpoints hold their own
         reference.lm_head.weight = torch.nn.Parameter(torch.empty(hf_config.vocab_size, hf_config.d_model))
     expected = sum(p.numel() for p in reference.parameters())
-    shapes = jax.eval_shape(functools.partial(longt5.FAMILY.init_params, model), KEY)
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+    assert param_count(model) == expected
     if attention_type == "transient-global":
         assert expected == 247_587_456
 

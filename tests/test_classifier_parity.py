@@ -2,7 +2,6 @@
 ones: logits, checkpoints both ways, pretraining checkpoints under a fresh head, refusals; ELECTRA and DistilBERT
 under gradient checkpointing, bfloat16 and dropout. BERT/RoBERTa parity for num_labels=3 is in test_bert_parity.py."""
 
-import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,11 +14,10 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import hf_export, hf_io  # noqa: E402
+from flaxtrain import hf_io  # noqa: E402
 from flaxtrain.models import create, distilbert, electra, get_family  # noqa: E402
-
-# rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
-key = functools.partial(jax.random.key, impl="rbg")
+from tests.parity import (assert_bf16_remat_and_dropout, encoder_inputs, fresh_template, load_ours,  # noqa: E402
+                          param_shapes, round_trip, torch_logits)
 
 
 def hf_config(model_type, **overrides):
@@ -36,22 +34,10 @@ def hf_config(model_type, **overrides):
     return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
-def inputs(config, seed=0):
-    """Random ids with right padding (pads hold pad_token_id), random segment ids where the family has two."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, config.vocab_size, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, 2:] = 0, 0
-    ids[mask == 0] = config.pad_token_id
-    types = rng.integers(0, 2, ids.shape) * mask if getattr(config, "type_vocab_size", 2) > 1 else np.zeros_like(ids)
-    return ids, mask, types
-
-
-def torch_logits(model, ids, mask, types):
-    """DistilBERT has no token types: ours must ignore what theirs never sees."""
-    kwargs = {} if model.config.model_type == "distilbert" else {"token_type_ids": torch.tensor(types)}
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).logits.numpy()
+def inputs(config):
+    """Random ids with right padding (pads hold pad_token_id), random segment ids where the family has two and for
+    DistilBERT, which has none: ours must ignore what theirs never sees."""
+    return encoder_inputs(config, segments=getattr(config, "type_vocab_size", 2) > 1)
 
 
 def torch_model(model_type, architecture, **overrides):
@@ -60,39 +46,26 @@ def torch_model(model_type, architecture, **overrides):
     return (cls.from_config(config) if architecture.startswith("Auto") else cls(config)).eval()
 
 
-def fresh_template(model):
-    """Stands in for init'd params: every leaf 0.5, so that fresh params are recognisable after a load."""
-    shapes = jax.eval_shape(functools.partial(get_family(model.config.model_type).init_params, model), key(0))
-    return jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
-
-
 @pytest.mark.parametrize("model_type,num_labels", [("bert", 1), ("roberta", 1), ("electra", 3), ("electra", 1),
                                                    ("distilbert", 3), ("distilbert", 1)])
 def test_logits_match_pytorch_and_checkpoints_round_trip(model_type, num_labels, tmp_path):
     problem = {"problem_type": "regression"} if num_labels == 1 else {}
     reference = torch_model(model_type, "AutoModelForSequenceClassification", num_labels=num_labels, **problem)
     reference.save_pretrained(tmp_path / "theirs")
-    family, model = create(reference.config, "SequenceClassification")
+    model, params = load_ours(reference.config, "SequenceClassification", tmp_path / "theirs")
     assert model.hf_architecture == type(reference).__name__
     assert (model.config.num_labels, model.config.problem_type) == (num_labels, problem.get("problem_type"))
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path / "theirs"), template, model_type=model_type)
     apply = jax.jit(model.apply)
     ids, mask, types = inputs(model.config)
     logits = apply({"params": params}, ids, mask, types)
     assert logits.shape == (3, num_labels) and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, torch_logits(reference, ids, mask, types), atol=1e-5, rtol=1e-5)
 
-    # Our save loads in PyTorch with nothing missing or unexpected and computes what we compute; perturbed params,
-    # so that the check does not lean on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
-    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "ours", output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    np.testing.assert_allclose(apply({"params": params}, ids, mask, types),
-                               torch_logits(loaded.eval(), ids, mask, types), atol=1e-5, rtol=1e-5)
+    # Our save loads in PyTorch with nothing missing or unexpected and computes what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path / "ours",
+                                auto=transformers.AutoModelForSequenceClassification)
+    np.testing.assert_allclose(apply({"params": params}, ids, mask, types), torch_logits(loaded, ids, mask, types),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_type,architecture,head", [
@@ -148,21 +121,7 @@ def test_gradient_checkpointing_bfloat16_and_dropout(model_type):
     float32's, and dropout (attention dropout included) follows the "dropout" rng. Remat's gradients under
     `bert.scan_layers`, which both families use, are checked in test_bert.py."""
     config = hf_config(model_type)
-    family, model = create(config, "SequenceClassification")
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    rng = np.random.default_rng(0)  # random params without compiling init (seconds on a small CPU)
-    params = {"params": jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype), shapes)}
-    ids, mask, types = inputs(config)
-    expected = jax.jit(model.apply)(params, ids, mask, types)
-
-    fast = create(config, "SequenceClassification", dtype=jnp.bfloat16, gradient_checkpointing=True)[1]
-    apply = jax.jit(fast.apply, static_argnames="deterministic")
-    logits = apply(params, ids, mask, types)
-    assert logits.dtype == jnp.float32
-    assert float(jnp.abs(logits - expected).max()) < 0.05 * float(jnp.abs(expected).max())
-    train = [apply(params, ids, mask, types, deterministic=False, rngs={"dropout": key(seed)}) for seed in (1, 1, 2)]
-    np.testing.assert_array_equal(train[0], train[1])
-    assert not np.allclose(train[0], train[2], atol=1e-2) and not np.allclose(train[0], logits, atol=1e-2)
+    assert_bf16_remat_and_dropout(config, "SequenceClassification", inputs(config))
 
 
 def test_configs_from_hf():
@@ -171,8 +130,8 @@ def test_configs_from_hf():
     assert electra.FAMILY.max_positions(config) == 32 and get_family("electra") is electra.FAMILY
     same_width = electra.ElectraForSequenceClassification(
         electra.ElectraConfig.from_hf(hf_config("electra", embedding_size=32)))
-    shapes = jax.eval_shape(functools.partial(electra.FAMILY.init_params, same_width), key(0))
-    assert "embeddings_project" not in shapes["electra"]  # as transformers: only when the widths differ
+    # As transformers: only when the widths differ.
+    assert "embeddings_project" not in param_shapes(same_width)["electra"]
     with pytest.raises(ValueError, match="is_decoder=True"):
         electra.ElectraConfig.from_hf(hf_config("electra", is_decoder=True))
     with pytest.raises(ValueError, match="'bert' is not one of ElectraConfig's"):

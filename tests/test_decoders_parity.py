@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_export, hf_io  # noqa: E402
-from flaxtrain.models import get_family  # noqa: E402
+from flaxtrain import hf_io  # noqa: E402
+from flaxtrain.models import create  # noqa: E402
+from tests.parity import assert_close, decoder_inputs, load_ours, param_shapes, round_trip, torch_logits  # noqa: E402
 
 # initializer_range 0.2 (not 0.02) so that the logits are large enough for atol to mean something.
 COMMON = dict(vocab_size=99, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -40,12 +40,6 @@ def hf_config(name):
     return transformers.AutoConfig.for_model(model_type, **{**COMMON, **settings})
 
 
-def ours(config):
-    """(model, family) for a transformers config."""
-    family = get_family(config.model_type)
-    return family.heads["CausalLM"](family.config.from_hf(config)), family
-
-
 @functools.cache
 def torch_checkpoint(name, tmp_root):
     """(PyTorch model in eval mode, the directory it saved itself to)."""
@@ -56,50 +50,19 @@ def torch_checkpoint(name, tmp_root):
     return model, path
 
 
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
-def inputs(seed=0):
-    """[3, 9] ids and mask: row 0 unpadded, row 1 right-padded from 5, row 2 left-padded by 3 (pads hold 0)."""
-    ids = np.random.default_rng(seed).integers(3, 99, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, :3] = 0, 0
-    return ids * mask, mask
-
-
-def torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def assert_close_on_tokens(ours, theirs, mask):
-    """Logits at real tokens only: what a padded query computes is of no use, and implementations differ there."""
-    real = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     reference, path = torch_checkpoint(name, tmp_root)
-    model, family = ours(reference.config)
+    model, params = load_ours(reference.config, "CausalLM", path)
     assert model.hf_architecture == type(reference).__name__
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
-    params = hf_io.load_pretrained(path, template, model_type=reference.config.model_type)
     apply = jax.jit(model.apply)
-    ids, mask = inputs()
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
+    ids, mask = decoder_inputs()
+    assert_close(apply({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
 
-    # Our save must load in PyTorch cleanly and compute what we compute; perturb the params so that the check does
-    # not depend on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(loaded.eval(), ids, mask), mask)
+    # Our save must load in PyTorch cleanly, with the keys of theirs, and compute what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path,
+                                auto=transformers.AutoModelForCausalLM)
+    assert_close(apply({"params": params}, ids, mask), torch_logits(loaded, ids, mask), mask)
 
 
 def test_pytorch_bin_checkpoint_with_old_buffers(tmp_root, tmp_path):
@@ -111,8 +74,7 @@ def test_pytorch_bin_checkpoint_with_old_buffers(tmp_root, tmp_path):
         state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
         state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    model, family = ours(reference.config)
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
+    template = param_shapes(create(reference.config, "CausalLM")[1])
     from_bin = hf_io.load_pretrained(str(tmp_path), template, model_type="gpt2")
     from_safetensors = hf_io.load_pretrained(path, template, model_type="gpt2")
     for x, y in zip(jax.tree.leaves(from_bin), jax.tree.leaves(from_safetensors)):
@@ -125,15 +87,13 @@ def test_tied_and_untied_checkpoints(tmp_root):
     _, untied_path = torch_checkpoint("mistral", tmp_root)
     tied = hf_config("mistral")
     tied.tie_word_embeddings = True
-    model, family = ours(tied)
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
+    template = param_shapes(create(tied, "CausalLM")[1])
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
         hf_io.load_pretrained(untied_path, template, model_type="mistral")
 
     _, tied_path = torch_checkpoint("qwen2", tmp_root)
     untied = hf_config("qwen2")
     untied.tie_word_embeddings = False
-    model, family = ours(untied)
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
+    template = param_shapes(create(untied, "CausalLM")[1])
     params = hf_io.load_pretrained(tied_path, template, model_type="qwen2")
     np.testing.assert_array_equal(params["lm_head"]["kernel"], params["model"]["embed_tokens"]["embedding"].T)

@@ -13,13 +13,12 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_export, hf_io  # noqa: E402
+from flaxtrain import hf_io  # noqa: E402
 from flaxtrain.models import create, distilbert, get_family, roberta_prelayernorm  # noqa: E402
+from tests.parity import (assert_bf16_remat_and_dropout, assert_close, encoder_inputs, fresh_template,  # noqa: E402
+                          load_ours, param_count, round_trip, torch_logits, torch_param_count)
 
-# rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
-key = functools.partial(jax.random.key, impl="rbg")
 AUTO = {"MaskedLM": transformers.AutoModelForMaskedLM,
         "SequenceClassification": transformers.AutoModelForSequenceClassification}
 
@@ -42,21 +41,9 @@ def hf_config(model_type, **overrides):
     return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
-def inputs(config, seed=0):
+def inputs(config):
     """Random ids with right padding (pads hold pad_token_id), random segment ids where the model has two."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, config.vocab_size, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, 2:] = 0, 0
-    ids[mask == 0] = config.pad_token_id
-    types = rng.integers(0, 2, ids.shape) * mask if getattr(config, "type_vocab_size", 1) > 1 else np.zeros_like(ids)
-    return ids, mask, types
-
-
-def torch_logits(model, ids, mask, types):
-    kwargs = {} if model.config.model_type == "distilbert" else {"token_type_ids": torch.tensor(types)}
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).logits.numpy()
+    return encoder_inputs(config, segments=getattr(config, "type_vocab_size", 1) > 1)
 
 
 def torch_model(model_type, head, **overrides):
@@ -77,28 +64,18 @@ def test_logits_match_pytorch_and_checkpoints_round_trip(model_type, head, archi
     reference = torch_model(model_type, head)
     assert type(reference).__name__ == architecture
     reference.save_pretrained(tmp_path / "theirs")
-    family, model = create(reference.config, head)
+    model, params = load_ours(reference.config, head, tmp_path / "theirs")
     assert model.hf_architecture == architecture
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path / "theirs"), template, model_type=model_type)
     apply = jax.jit(model.apply)
     ids, mask, types = inputs(model.config)
-    real = mask == 1 if head == "MaskedLM" else slice(None)  # an MLM's logits at pads mean nothing
-    np.testing.assert_allclose(apply({"params": params}, ids, mask, types)[real],
-                               torch_logits(reference, ids, mask, types)[real], atol=1e-5, rtol=1e-5)
+    assert_close(apply({"params": params}, ids, mask, types), torch_logits(reference, ids, mask, types), mask)
 
     # Our save loads in PyTorch with nothing missing or unexpected, holds the keys theirs holds, and computes what
-    # we compute; perturbed params, so that the check does not lean on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(tmp_path / "ours/model.safetensors").keys() == load_file(
-        tmp_path / "theirs/model.safetensors").keys()
-    loaded, info = AUTO[head].from_pretrained(tmp_path / "ours", output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
+    # we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path / "ours", tmp_path / "theirs",
+                                auto=AUTO[head])
     logits = apply({"params": params}, ids, mask, types)
-    np.testing.assert_allclose(logits[real], torch_logits(loaded.eval(), ids, mask, types)[real], atol=1e-5,
-                               rtol=1e-5)
+    assert_close(logits, torch_logits(loaded, ids, mask, types), mask)
 
     if head == "MaskedLM":  # run_mlm_flax.py runs the head only at the masked positions: the same logits there
         positions = np.array([[1, 4, 0], [2, 3, 4], [0, 1, 1]])
@@ -117,8 +94,7 @@ def test_mlm_checkpoint_loads_under_a_fresh_classifier(model_type, architecture,
     pretrained = getattr(transformers, architecture).from_config(hf_config(model_type))
     pretrained.save_pretrained(tmp_path)
     family, classifier = create(pretrained.config, "SequenceClassification")
-    shapes = jax.eval_shape(functools.partial(family.init_params, classifier), key(0))
-    template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)  # stands in for init'd params
+    template = fresh_template(classifier)
     with pytest.raises(ValueError, match=rf"missing key\(s\):.*classifier\..*unexpected key\(s\):.*{head}"):
         hf_io.load_pretrained(str(tmp_path), template, model_type=model_type)
 
@@ -153,11 +129,8 @@ def test_full_size_param_counts_equal_pytorch(name, model_type, settings):
     family = get_family(model_type)
     for head in family.heads:
         model = create(config, head)[1]
-        with torch.device("meta"):  # allocates nothing
-            reference = getattr(transformers, model.hf_architecture)(config)
-        shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == sum(
-            p.numel() for p in reference.parameters()), (name, head)
+        assert param_count(model) == torch_param_count(getattr(transformers, model.hf_architecture), config), (
+            name, head)
 
 
 def test_configs_from_hf():
@@ -176,22 +149,7 @@ def test_pre_layer_norm_with_gradient_checkpointing_bfloat16_and_dropout():
     """The model run_mlm_flax.py builds, for the new pre-LN layer: with remat and bfloat16 computation the logits at
     the masked positions stay float32 and close to float32's, and dropout follows the "dropout" rng. (ELECTRA's and
     DistilBERT's bodies are checked so in test_classifier_parity.py.)"""
-    import jax.numpy as jnp
-
     config = hf_config("roberta-prelayernorm")
-    family, model = create(config, "MaskedLM")
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    rng = np.random.default_rng(0)  # random params without compiling init (seconds on a small CPU)
-    params = {"params": jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype), shapes)}
-    ids, mask, types = inputs(config)
     positions = np.array([[1, 4], [2, 3], [0, 1]])
-    expected = jax.jit(model.apply)(params, ids, mask, types, positions=positions)
-
-    fast = create(config, "MaskedLM", dtype=jnp.bfloat16, gradient_checkpointing=True)[1]
-    apply = jax.jit(functools.partial(fast.apply, positions=positions), static_argnames="deterministic")
-    logits = apply(params, ids, mask, types)
-    assert logits.shape == (3, 2, config.vocab_size) and logits.dtype == jnp.float32
-    assert float(jnp.abs(logits - expected).max()) < 0.05 * float(jnp.abs(expected).max())
-    train = [apply(params, ids, mask, types, deterministic=False, rngs={"dropout": key(seed)}) for seed in (1, 1, 2)]
-    np.testing.assert_array_equal(train[0], train[1])
-    assert not np.allclose(train[0], train[2], atol=1e-2) and not np.allclose(train[0], logits, atol=1e-2)
+    _, _, logits = assert_bf16_remat_and_dropout(config, "MaskedLM", inputs(config), positions=positions)
+    assert logits.shape == (3, 2, config.vocab_size)

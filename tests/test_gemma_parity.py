@@ -15,10 +15,12 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import generate, hf_export, hf_io  # noqa: E402
-from flaxtrain.models import gemma, get_family  # noqa: E402
+from flaxtrain import generate  # noqa: E402
+from flaxtrain.models import create, gemma  # noqa: E402
+from tests.parity import (assert_close, decoder_inputs, load_ours, param_count, round_trip, torch_logits,  # noqa: E402
+                          torch_param_count)
+from tests.test_generate import hf_greedy, prompts  # noqa: E402
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
 key = functools.partial(jax.random.key, 0, impl="rbg")
@@ -49,12 +51,6 @@ def hf_config(name):
     return transformers.AutoConfig.for_model(model_type, **{**COMMON, **settings})
 
 
-def ours(config):
-    """(model, family) for a transformers config."""
-    family = get_family(config.model_type)
-    return family.heads["CausalLM"](family.config.from_hf(config)), family
-
-
 @functools.cache
 def torch_and_ours(name, tmp_root):
     """(PyTorch model in eval mode, the directory it saved itself to, our model, our params loaded from there)."""
@@ -66,33 +62,7 @@ def torch_and_ours(name, tmp_root):
                 param.normal_(0, 0.3)
     path = os.path.join(tmp_root, name)
     reference.save_pretrained(path)
-    model, family = ours(reference.config)
-    template = jax.eval_shape(functools.partial(family.init_params, model), key())
-    return reference, path, model, hf_io.load_pretrained(path, template, model_type=reference.config.model_type)
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
-def inputs(seed=0):
-    """[3, 9] ids and mask: row 0 unpadded, row 1 right-padded from 5, row 2 left-padded by 3 (pads hold 0)."""
-    ids = np.random.default_rng(seed).integers(3, 99, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, :3] = 0, 0
-    return ids * mask, mask
-
-
-def torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def assert_close_on_tokens(ours, theirs, mask):
-    """Logits at real tokens only: what a padded query computes is of no use, and implementations differ there."""
-    real = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=1e-5)
+    return (reference, path, *load_ours(reference.config, "CausalLM", path))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -100,28 +70,22 @@ def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     reference, path, model, params = torch_and_ours(name, tmp_root)
     assert model.hf_architecture == type(reference).__name__
     apply = jax.jit(model.apply)
-    ids, mask = inputs()
+    ids, mask = decoder_inputs()
     expected = torch_logits(reference, ids, mask)
-    got = apply({"params": params}, ids, mask)
-    assert_close_on_tokens(got, expected, mask)
+    assert_close(apply({"params": params}, ids, mask), expected, mask)
     if model.config.final_logit_softcapping:  # the cap shapes the logits: it is not a no-op in this test
         assert np.abs(expected).max() > 0.5 * model.config.final_logit_softcapping
 
-    # Our save must load in PyTorch cleanly and compute what we compute; perturb the params so that the check does
-    # not depend on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(loaded.eval(), ids, mask), mask)
+    # Our save must load in PyTorch cleanly, with the keys of theirs, and compute what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path,
+                                auto=transformers.AutoModelForCausalLM)
+    assert_close(apply({"params": params}, ids, mask), torch_logits(loaded, ids, mask), mask)
 
 
 def test_attention_softcap_and_window_matter():
     """The gemma2 test config's attention cap and window change the logits (so that its parity checks them)."""
     reference = transformers.AutoModelForCausalLM.from_config(hf_config("gemma2")).eval()
-    ids, mask = inputs()
+    ids, mask = decoder_inputs()
     base = torch_logits(reference, ids, mask)
     for change in ({"attn_logit_softcapping": None}, {"sliding_window": 64}):
         other = hf_config("gemma2")
@@ -132,25 +96,13 @@ def test_attention_softcap_and_window_matter():
         assert np.abs(torch_logits(changed, ids, mask) - base)[mask.astype(bool)].max() > 1e-3, change
 
 
-def prompts():
-    """[3, 6] left-padded prompts of 6, 4 and 1 tokens (pads hold 0)."""
-    ids = np.random.default_rng(0).integers(3, 99, (3, 6))
-    mask = np.ones_like(ids)
-    mask[1, :2], mask[2, :5] = 0, 0
-    return ids * mask, mask
-
-
 @pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
 def test_greedy_equals_transformers(name, tmp_root):
     """Prefill and cached steps through windows shorter than prompt + new tokens, with soft-capping."""
     reference, _, model, params = torch_and_ours(name, tmp_root)
     ids, mask = prompts()
     got = np.asarray(generate.generate(model, params, ids, mask, max_new_tokens=8, eos_token_id=2))
-    with torch.no_grad():
-        out = reference.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                 max_new_tokens=8, eos_token_id=2, pad_token_id=0).numpy()
-    new = out[:, ids.shape[1]:]
-    np.testing.assert_array_equal(got, np.pad(new, ((0, 0), (0, 8 - new.shape[1]))))
+    np.testing.assert_array_equal(got, hf_greedy(reference, ids, mask, 8, 2))
 
 
 def test_training_path_with_dropout_remat_and_bf16():
@@ -159,7 +111,7 @@ def test_training_path_with_dropout_remat_and_bf16():
     config = dataclasses.replace(gemma.GemmaConfig.from_hf(hf_config("gemma2")), attention_dropout=0.3)
     model = gemma.GemmaForCausalLM(config, dtype=jnp.bfloat16, gradient_checkpointing=True)
     params = gemma.FAMILY.init_params(model, key())
-    ids, _ = inputs()
+    ids, _ = decoder_inputs()
 
     @jax.jit
     def loss_and_grads(params, rng):
@@ -195,11 +147,7 @@ REAL = {
 def test_full_size_parameter_count(name):
     model_type, settings = REAL[name]
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        expected = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    model, family = ours(config)
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key())
-    assert sum(x.size for x in jax.tree.leaves(shapes)) == expected
+    assert param_count(create(config, "CausalLM")[1]) == torch_param_count(transformers.AutoModelForCausalLM, config)
 
 
 def test_refusals():

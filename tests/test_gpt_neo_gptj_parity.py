@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
 from flaxtrain import generate, hf_export, hf_io, parallel  # noqa: E402
-from flaxtrain.models import get_family, gpt2, gpt_neo, gptj  # noqa: E402
-from tests.test_decoders_parity import assert_close_on_tokens, inputs, torch_logits  # noqa: E402
+from flaxtrain.models import create, gpt2, gpt_neo, gptj  # noqa: E402
+from tests.parity import (assert_close, decoder_inputs, load_ours, param_count, param_shapes, round_trip,  # noqa: E402
+                          torch_logits, torch_param_count)
 from tests.test_generate import hf_greedy, prompts  # noqa: E402
 
 # initializer_range 0.2 (not 0.02) so that the logits are large enough for atol to mean something.
@@ -42,18 +42,6 @@ def hf_config(name):
     return transformers.AutoConfig.for_model(model_type, **{**COMMON, **settings})
 
 
-def ours(config):
-    """(model, family, eval_shape'd params) for a transformers config."""
-    family = get_family(config.model_type)
-    model = family.heads["CausalLM"](family.config.from_hf(config))
-    return model, family, jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
 @functools.cache
 def loaded(name, tmp_root):
     """(PyTorch model in eval mode, the directory it saved itself to, our model, our params loaded from it)."""
@@ -61,8 +49,7 @@ def loaded(name, tmp_root):
     reference = transformers.AutoModelForCausalLM.from_config(hf_config(name)).eval()
     path = os.path.join(tmp_root, name)
     reference.save_pretrained(path)
-    model, _, template = ours(reference.config)
-    return reference, path, model, hf_io.load_pretrained(path, template, model_type=reference.config.model_type)
+    return (reference, path, *load_ours(reference.config, "CausalLM", path))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -70,18 +57,13 @@ def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     reference, path, model, params = loaded(name, tmp_root)
     assert model.hf_architecture == type(reference).__name__
     apply = jax.jit(model.apply)
-    ids, mask = inputs()
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
+    ids, mask = decoder_inputs()
+    assert_close(apply({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
 
-    # Our save must load in PyTorch cleanly and compute what we compute; perturb the params so that the check does
-    # not depend on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(again) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(again.eval(), ids, mask), mask)
+    # Our save must load in PyTorch cleanly, with the keys of theirs, and compute what we compute.
+    params, again = round_trip(model, params, reference.config, tmp_path, path,
+                               auto=transformers.AutoModelForCausalLM)
+    assert_close(apply({"params": params}, ids, mask), torch_logits(again, ids, mask), mask)
 
 
 @pytest.mark.parametrize("name", ["gpt_neo", "gptj"])
@@ -110,13 +92,13 @@ def test_gpt_sw3_is_gpt2(tmp_root, tmp_path):
                    "normalize_attention_scores": True, "tokenizer_class": "GPTSw3Tokenizer"}, f)
     sw3 = transformers.AutoConfig.from_pretrained(tmp_path)
     assert sw3.model_type == "gpt-sw3" and reference.config.model_type == "gpt2"
-    ids, mask = inputs()
+    ids, mask = decoder_inputs()
     expected = torch_logits(reference, ids, mask)
     for config in (reference.config, sw3):
-        model, family, template = ours(config)
+        family, model = create(config, "CausalLM")
         assert family is gpt2.FAMILY and model.hf_architecture == "GPT2LMHeadModel"
-        params = hf_io.load_pretrained(str(tmp_path), template, model_type=config.model_type)
-        assert_close_on_tokens(jax.jit(model.apply)({"params": params}, ids, mask), expected, mask)
+        params = hf_io.load_pretrained(str(tmp_path), param_shapes(model), model_type=config.model_type)
+        assert_close(jax.jit(model.apply)({"params": params}, ids, mask), expected, mask)
     out = tmp_path / "export"
     hf_export.save_pretrained(str(out), params, sw3, architecture=model.hf_architecture)
     again, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -137,15 +119,12 @@ FULL_SIZE = {
 def test_full_size_parameter_count_equals_pytorch(name):
     model_type, settings = FULL_SIZE[name]
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    _, _, params = ours(config)
-    assert sum(x.size for x in jax.tree.leaves(params)) == theirs
+    assert param_count(create(config, "CausalLM")[1]) == torch_param_count(transformers.AutoModelForCausalLM, config)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_param_has_a_logical_name_per_dimension(name):
-    model, family, _ = ours(hf_config(name))
+    family, model = create(hf_config(name), "CausalLM")
     boxed = jax.eval_shape(functools.partial(family.init_params, model, unbox=False), jax.random.key(0, impl="rbg"))
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     for path, leaf in leaves:

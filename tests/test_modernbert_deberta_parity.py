@@ -2,7 +2,6 @@
 pretraining checkpoints under a classifier, the MLM head at `positions=`, full-size parameter counts, refused
 configs, DeBERTa's log buckets; gradient checkpointing, bfloat16 and dropout."""
 
-import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,13 +13,13 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import hf_export, hf_io  # noqa: E402
+from flaxtrain import hf_io  # noqa: E402
 from flaxtrain.models import create, deberta_v2, get_family, modernbert  # noqa: E402
+from tests.parity import (assert_bf16_remat_and_dropout, assert_close, assert_head_at_positions,  # noqa: E402
+                          encoder_inputs, fresh_template, load_ours, param_count, param_shapes, round_trip,
+                          torch_logits, torch_model, torch_param_count)
 
-# rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
-key = functools.partial(jax.random.key, impl="rbg")
 HEADS = {"ForMaskedLM": "MaskedLM", "ForSequenceClassification": "SequenceClassification"}
 PREFIX = {"modernbert": "ModernBert", "deberta-v2": "DebertaV2"}
 
@@ -42,38 +41,9 @@ def hf_config(model_type, **overrides):
     return transformers.AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
-def inputs(config, seed=0):
-    """Random ids with right padding (pads hold pad_token_id), random segment ids where there are two."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, config.vocab_size, (3, 11))
-    mask = np.ones_like(ids)
-    mask[1, 6:], mask[2, 2:] = 0, 0
-    ids[mask == 0] = config.pad_token_id
-    types = rng.integers(0, 2, ids.shape) * mask if getattr(config, "type_vocab_size", 0) > 1 else np.zeros_like(ids)
-    return ids, mask, types
-
-
-def torch_model(architecture, config):
-    torch.manual_seed(0)
-    return getattr(transformers, architecture)(config).eval()
-
-
-def torch_logits(model, ids, mask, types):
-    kwargs = {"token_type_ids": torch.tensor(types)} if model.config.model_type == "deberta-v2" else {}
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).logits.numpy()
-
-
-def on_real_tokens(logits, mask):
-    """MLM logits [B, T, V] -> [tokens, V] of the non-pad positions; a classifier's [B, C] as they are."""
-    return logits[mask == 1] if logits.ndim == 3 else logits
-
-
-def random_params(model, scale=0.2):
-    """Random params without compiling init (seconds on a small CPU)."""
-    shapes = jax.eval_shape(functools.partial(get_family(model.config.model_type).init_params, model), key(0))
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: rng.normal(0, scale, s.shape).astype(s.dtype), shapes)
+def inputs(config):
+    """[3, 11] random ids with right padding (pads hold pad_token_id), random segment ids where there are two."""
+    return encoder_inputs(config, segments=getattr(config, "type_vocab_size", 0) > 1, length=11, right_from=6)
 
 
 @pytest.mark.parametrize("model_type,head,overrides", [
@@ -100,30 +70,18 @@ def random_params(model, scale=0.2):
 def test_logits_match_and_checkpoints_round_trip(model_type, head, overrides, tmp_path):
     reference = torch_model(PREFIX[model_type] + head, hf_config(model_type, **overrides))
     reference.save_pretrained(tmp_path / "theirs")
-    family, model = create(reference.config, HEADS[head])
+    model, params = load_ours(reference.config, HEADS[head], tmp_path / "theirs")
     assert model.hf_architecture == type(reference).__name__
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path / "theirs"), template, model_type=model_type)
     apply = jax.jit(model.apply)
     ids, mask, types = inputs(reference.config)
     logits = apply({"params": params}, ids, mask, types)
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(on_real_tokens(logits, mask), on_real_tokens(torch_logits(reference, ids, mask, types),
-                                                                             mask), atol=1e-5, rtol=1e-5)
+    assert_close(logits, torch_logits(reference, ids, mask, types), mask)
 
-    # Our save loads in PyTorch with nothing missing or unexpected and computes what we compute; perturbed params,
-    # so that the check does not lean on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path / "ours"), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == \
-        load_file(tmp_path / "theirs" / "model.safetensors").keys()
-    loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path / "ours",
-                                                                               output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}
-    np.testing.assert_allclose(
-        on_real_tokens(apply({"params": params}, ids, mask, types), mask),
-        on_real_tokens(torch_logits(loaded.eval(), ids, mask, types), mask), atol=1e-5, rtol=1e-5)
+    # Our save loads in PyTorch with nothing missing or unexpected, holds the keys of theirs, and computes what we
+    # compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path / "ours", tmp_path / "theirs")
+    assert_close(apply({"params": params}, ids, mask, types), torch_logits(loaded, ids, mask, types), mask)
 
 
 @pytest.mark.parametrize("model_type,fresh", [
@@ -134,8 +92,7 @@ def test_masked_lm_checkpoint_loads_under_a_fresh_classifier(model_type, fresh, 
     pretrained = torch_model(PREFIX[model_type] + "ForMaskedLM", hf_config(model_type))
     pretrained.save_pretrained(tmp_path)
     family, classifier = create(pretrained.config, "SequenceClassification")
-    shapes = jax.eval_shape(functools.partial(family.init_params, classifier), key(0))
-    template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)  # stands in for init'd params
+    template = fresh_template(classifier)
     with pytest.raises(ValueError, match=r"missing key\(s\):.*classifier\..*unexpected key\(s\):.*(decoder|cls)"):
         hf_io.load_pretrained(str(tmp_path), template, model_type=model_type)
 
@@ -173,20 +130,17 @@ def test_deberta_v3_hub_checkpoint_layout(tmp_path):
                   "deberta.embeddings.position_embeddings.weight": np.ones((64, 32), np.float32)})
     safetensors.numpy.save_file(state, tmp_path / "model.safetensors")
     family, classifier = create(hf_config("deberta-v2"), "SequenceClassification")
-    template = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype),
-                            jax.eval_shape(functools.partial(family.init_params, classifier), key(0)))
-    params = hf_io.load_pretrained(str(tmp_path), template, model_type="deberta-v2",
+    params = hf_io.load_pretrained(str(tmp_path), fresh_template(classifier), model_type="deberta-v2",
                                    fresh=family.hf.classifier_head, drop=family.hf.pretraining_heads)
     np.testing.assert_array_equal(params["deberta"]["encoder"]["rel_embeddings"]["embedding"],
                                   state["deberta.encoder.rel_embeddings.weight"])
     assert all((x == 0.5).all() for x in jax.tree.leaves((params["pooler"], params["classifier"])))
 
-    family, model = create(reference.config, "MaskedLM")
-    template = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    params = hf_io.load_pretrained(str(tmp_path), template, model_type="deberta-v2")
+    _, model = create(reference.config, "MaskedLM")
+    params = hf_io.load_pretrained(str(tmp_path), param_shapes(model), model_type="deberta-v2")
     ids, mask, types = inputs(reference.config)
-    np.testing.assert_allclose(on_real_tokens(jax.jit(model.apply)({"params": params}, ids, mask, types), mask),
-                               on_real_tokens(torch_logits(reference, ids, mask, types), mask), atol=1e-5, rtol=1e-5)
+    assert_close(jax.jit(model.apply)({"params": params}, ids, mask, types), torch_logits(reference, ids, mask, types),
+                 mask)
 
 
 @pytest.mark.parametrize("model_type", ["modernbert", "deberta-v2"])
@@ -194,15 +148,8 @@ def test_masked_lm_at_positions_is_the_full_head_there(model_type):
     """run_mlm_flax.py asks for the logits of the masked tokens only (`positions=`)."""
     config = hf_config(model_type)
     _, model = create(config, "MaskedLM")
-    params = {"params": random_params(model)}
-    ids, mask, types = inputs(config)
     positions = np.array([[0, 4, 10], [4, 1, 1], [2, 7, 0]], np.int32)
-    apply = jax.jit(model.apply)
-    full = apply(params, ids, mask, types)
-    picked = apply(params, ids, mask, types, positions=positions)
-    assert picked.shape == (3, 3, config.vocab_size)
-    np.testing.assert_allclose(picked, np.take_along_axis(np.asarray(full), positions[..., None], 1), atol=1e-5,
-                               rtol=1e-5)
+    assert_head_at_positions(model, inputs(config), positions)
 
 
 # answerdotai/ModernBERT-base and microsoft/deberta-v3-base, their config.json values.
@@ -224,11 +171,8 @@ FULL_SIZE = {
 @pytest.mark.parametrize("model_type", list(FULL_SIZE))
 def test_full_size_parameter_count(model_type, head):
     config = transformers.AutoConfig.for_model(model_type, **FULL_SIZE[model_type])
-    with torch.device("meta"):
-        theirs = sum(p.numel() for p in getattr(transformers, PREFIX[model_type] + head)(config).parameters())
-    family, model = create(config, HEADS[head])
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), key(0))
-    assert sum(x.size for x in jax.tree.leaves(shapes)) == theirs
+    theirs = torch_param_count(getattr(transformers, PREFIX[model_type] + head), config)
+    assert param_count(create(config, HEADS[head])[1]) == theirs
     if head == "ForMaskedLM":  # the published sizes: 149M, and 184M (86M body + 98M embeddings)
         low = {"modernbert": 149_000_000, "deberta-v2": 184_000_000}[model_type]
         assert low < theirs < low + 1_000_000, theirs
@@ -277,19 +221,8 @@ def test_gradient_checkpointing_bfloat16_and_dropout(model_type):
     dropout = ({"attention_dropout": 0.1, "mlp_dropout": 0.1, "embedding_dropout": 0.1} if model_type == "modernbert"
                else {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
     config = hf_config(model_type, **dropout)
-    _, model = create(config, "SequenceClassification")
-    params = {"params": random_params(model)}
     ids, mask, types = inputs(config)
-    expected = jax.jit(model.apply)(params, ids, mask, types)
-
-    fast = create(config, "SequenceClassification", dtype=jnp.bfloat16, gradient_checkpointing=True)[1]
-    apply = jax.jit(fast.apply, static_argnames="deterministic")
-    logits = apply(params, ids, mask, types)
-    assert logits.dtype == jnp.float32
-    assert float(jnp.abs(logits - expected).max()) < 0.05 * float(jnp.abs(expected).max())
-    train = [apply(params, ids, mask, types, deterministic=False, rngs={"dropout": key(seed)}) for seed in (1, 1, 2)]
-    np.testing.assert_array_equal(train[0], train[1])
-    assert not np.allclose(train[0], train[2], atol=1e-2) and not np.allclose(train[0], logits, atol=1e-2)
+    model, params, _ = assert_bf16_remat_and_dropout(config, "SequenceClassification", (ids, mask, types))
 
     remat = create(config, "SequenceClassification", gradient_checkpointing=True)[1]
     grad = lambda m: jax.jit(jax.grad(lambda p: m.apply(p, ids, mask, types).sum()))(params)  # noqa: E731

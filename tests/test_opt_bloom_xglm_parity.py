@@ -14,14 +14,12 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import generate, hf_export, hf_io  # noqa: E402
-from flaxtrain.models import alibi, bloom, get_family, opt, xglm  # noqa: E402
+from flaxtrain import generate, hf_io  # noqa: E402
+from flaxtrain.models import alibi, bloom, create, opt, xglm  # noqa: E402
+from tests.parity import (assert_close, decoder_inputs, jit, load_ours, param_count, param_shapes,  # noqa: E402
+                          round_trip, torch_logits, torch_param_count)
 
-# For models this tiny, XLA's optimisation passes cost more compile time than they save at run time.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_llvm_disable_expensive_passes": True})
 COMMON = dict(vocab_size=99, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 OPT = dict(COMMON, hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
            init_std=0.2, dropout=0.1)
@@ -74,34 +72,8 @@ def torch_checkpoint(name, tmp_root):
 def flax_model(name, tmp_root):
     """(our model, params loaded from the PyTorch checkpoint, jitted apply)."""
     reference, path = torch_checkpoint(name, tmp_root)
-    family = get_family(reference.config.model_type)
-    model = family.heads["CausalLM"](family.config.from_hf(reference.config))
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-    return model, hf_io.load_pretrained(path, template, model_type=reference.config.model_type), jit(model.apply)
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
-def inputs(seed=0):
-    """[3, 9] ids and mask: row 0 unpadded, row 1 right-padded from 5, row 2 left-padded by 3 (pads hold 1)."""
-    ids = np.random.default_rng(seed).integers(5, 99, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, 5:], mask[2, :3] = 0, 0
-    return np.where(mask == 1, ids, 1), mask
-
-
-def torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def assert_close_on_tokens(ours, theirs, mask):
-    """Logits at real tokens only: what a padded query computes is of no use, and implementations differ there."""
-    real = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=1e-5)
+    model, params = load_ours(reference.config, "CausalLM", path)
+    return model, params, jit(model.apply)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -109,20 +81,15 @@ def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     reference, path = torch_checkpoint(name, tmp_root)
     model, params, apply = flax_model(name, tmp_root)
     assert model.hf_architecture == type(reference).__name__
-    ids, mask = inputs()
+    ids, mask = decoder_inputs(pad_id=1, low=5)
     expected = torch_logits(reference, ids, mask)
     assert np.abs(expected).max() > 1  # large enough for atol to mean something
-    assert_close_on_tokens(apply({"params": params}, ids, mask), expected, mask)
+    assert_close(apply({"params": params}, ids, mask), expected, mask)
 
-    # Our save must load in PyTorch cleanly and compute what we compute; perturb the params so that the check does
-    # not depend on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    assert_close_on_tokens(apply({"params": params}, ids, mask), torch_logits(loaded.eval(), ids, mask), mask)
+    # Our save must load in PyTorch cleanly, with the keys of theirs, and compute what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path,
+                                auto=transformers.AutoModelForCausalLM)
+    assert_close(apply({"params": params}, ids, mask), torch_logits(loaded, ids, mask), mask)
 
 
 @pytest.mark.parametrize("name", ["opt", "bloom", "xglm"])
@@ -134,9 +101,7 @@ def test_bare_model_checkpoint_loads(name, tmp_root, tmp_path):
     body = transformers.AutoModel.from_config(reference.config)
     body.load_state_dict(reference.base_model.state_dict())
     body.save_pretrained(tmp_path)
-    family = get_family(reference.config.model_type)
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-    loaded = hf_io.load_pretrained(str(tmp_path), template, model_type=reference.config.model_type)
+    loaded = hf_io.load_pretrained(str(tmp_path), param_shapes(model), model_type=reference.config.model_type)
     for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -196,9 +161,8 @@ def test_every_param_has_one_logical_name_per_dimension(name):
     from flaxtrain import parallel
 
     config = hf_config(name)
-    family = get_family(config.model_type)
-    boxed = jax.eval_shape(functools.partial(family.init_params, family.heads["CausalLM"](
-        family.config.from_hf(config)), unbox=False), jax.random.key(0, impl="rbg"))
+    family, model = create(config, "CausalLM")
+    boxed = jax.eval_shape(functools.partial(family.init_params, model, unbox=False), jax.random.key(0, impl="rbg"))
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     scanned = family.hf.scanned[0].replace(".", "/") + "/"
     for path, leaf in leaves:
@@ -224,13 +188,8 @@ FULL_SIZE = {  # the real configs' values (no network)
 def test_full_size_param_counts_equal_pytorch(name):
     model_type, settings, count = FULL_SIZE[name]
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):  # allocates nothing
-        reference = transformers.AutoModelForCausalLM.from_config(config)
-    expected = sum(p.numel() for p in reference.parameters())  # tied weights are counted once
-    family = get_family(model_type)
-    shapes = jax.eval_shape(functools.partial(family.init_params, family.heads["CausalLM"](
-        family.config.from_hf(config))), jax.random.key(0, impl="rbg"))
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected == count
+    _, model = create(config, "CausalLM")
+    assert param_count(model) == torch_param_count(transformers.AutoModelForCausalLM, config) == count
 
 
 def test_unsupported_settings_are_refused_by_name():

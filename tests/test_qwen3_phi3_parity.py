@@ -14,12 +14,13 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
-from flaxtrain import generate, hf_export, hf_io  # noqa: E402
-from flaxtrain.models import get_family  # noqa: E402
+from flaxtrain import generate  # noqa: E402
+from flaxtrain.models import create, get_family  # noqa: E402
+from tests.parity import (assert_close, decoder_inputs, load_ours, param_count, round_trip, torch_logits,  # noqa: E402
+                          torch_param_count)
 from tests.test_generate import hf_greedy, prompts  # noqa: E402
-from tests.test_rope_parity import assert_cached_steps_equal_generate  # noqa: E402
+from tests.test_rope_parity import assert_cached_steps_equal_generate, fresh_torch  # noqa: E402
 
 COMMON = dict(vocab_size=99, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               intermediate_size=37, num_attention_heads=4, num_key_value_heads=2)
@@ -48,36 +49,14 @@ def checkpoint(name, tmp_root):
     config = hf_config(name)
     path = os.path.join(tmp_root, name)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    family = get_family(config.model_type)
-    model = family.heads["CausalLM"](family.config.from_hf(config))
-    template = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-    return path, model, hf_io.load_pretrained(path, template, model_type=config.model_type)
-
-
-def fresh_torch(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
-def inputs():
-    """[3, 12] ids and mask: row 0 unpadded, row 1 right-padded from 7, row 2 left-padded by 3 (pads hold 0)."""
-    ids = np.random.default_rng(0).integers(3, 99, (3, 12))
-    mask = np.ones_like(ids)
-    mask[1, 7:], mask[2, :3] = 0, 0
-    return ids * mask, mask
+    return (path, *load_ours(config, "CausalLM", path))
 
 
 def assert_same_logits(apply, params, reference):
-    ids, mask = inputs()
-    with torch.no_grad():
-        expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(apply({"params": params}, ids, mask))[real], expected[real],
-                               atol=1e-5, rtol=1e-5)
+    """At the real tokens of [3, 12] ids, longer than Phi-3's 8 original positions: row 0 unpadded, row 1
+    right-padded from 7, row 2 left-padded by 3."""
+    ids, mask = decoder_inputs(length=12, right_from=7)
+    assert_close(apply({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -88,15 +67,10 @@ def test_logits_match_and_checkpoints_round_trip(name, tmp_root, tmp_path):
     apply = jax.jit(model.apply)
     assert_same_logits(apply, params, reference)
 
-    # Our save loads in PyTorch with no missing or unexpected keys and computes what we compute (params perturbed
-    # so that the check does not lean on the load path above).
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(loaded) is type(reference) and {k: v for k, v in info.items() if v} == {}
-    assert_same_logits(apply, params, loaded.eval())
+    # Our save loads in PyTorch cleanly, with the keys of theirs, and computes what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path,
+                                auto=transformers.AutoModelForCausalLM)
+    assert_same_logits(apply, params, loaded)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -126,12 +100,8 @@ REAL = {  # the real configs' values (no network)
 def test_full_size_parameter_count(name):
     model_type, settings, count = REAL[name]
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    family = get_family(model_type)
-    with torch.device("meta"):  # allocates nothing
-        expected = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    model = family.heads["CausalLM"](family.config.from_hf(config))
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected == count
+    _, model = create(config, "CausalLM")
+    assert param_count(model) == torch_param_count(transformers.AutoModelForCausalLM, config) == count
 
 
 def test_refusals():

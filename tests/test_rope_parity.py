@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import generate, hf_io  # noqa: E402
-from flaxtrain.models import get_family, llama, rope  # noqa: E402
+from flaxtrain import generate  # noqa: E402
+from flaxtrain.models import create, llama, rope  # noqa: E402
+from tests.parity import assert_close, load_ours, param_count, torch_logits, torch_param_count  # noqa: E402
 from tests.test_generate import hf_greedy, prompts  # noqa: E402
 
 COMMON = dict(vocab_size=99, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -61,19 +62,12 @@ def checkpoint(name, tmp_root):
     config = hf_config(name)
     path = os.path.join(tmp_root, name)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    model = llama.LlamaForCausalLM(llama.LlamaConfig.from_hf(config))
-    template = jax.eval_shape(functools.partial(llama.init_params, model), jax.random.key(0, impl="rbg"))
-    return path, model, hf_io.load_pretrained(path, template, model_type="llama")
+    return (path, *load_ours(config, "CausalLM", path))
 
 
 def fresh_torch(path):
     """A newly loaded PyTorch model: dynamic RoPE keeps its grown base between calls, so never reuse one."""
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.mark.parametrize("name", ["default", "llama3", "linear", "dynamic", "yarn", "longrope"])
@@ -107,11 +101,7 @@ def test_logits_past_original_context(name, tmp_root):
     reference = fresh_torch(path)
     assert model.config.rope["rope_type"] == name
     ids, mask = ids_and_mask()
-    with torch.no_grad():
-        expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask.astype(bool)
-    got = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))
-    np.testing.assert_allclose(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert_close(jax.jit(model.apply)({"params": params}, ids, mask), torch_logits(reference, ids, mask), mask)
 
 
 def assert_cached_steps_equal_generate(reference, model, params, steps=6):
@@ -163,9 +153,5 @@ def test_llama_3_2_1b_parameter_count():
         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=8192))
-    family = get_family("llama")
-    with torch.device("meta"):
-        expected = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    model = family.heads["CausalLM"](family.config.from_hf(config))
-    shapes = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0, impl="rbg"))
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected == 1_235_814_400
+    _, model = create(config, "CausalLM")
+    assert param_count(model) == torch_param_count(transformers.AutoModelForCausalLM, config) == 1_235_814_400

@@ -16,8 +16,9 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache  # noqa: E402
 
-from flaxtrain import generate_seq2seq, hf_export, hf_io  # noqa: E402
+from flaxtrain import generate_seq2seq, hf_io  # noqa: E402
 from flaxtrain.models import t5  # noqa: E402
+from tests.parity import param_shapes, round_trip, seq2seq_inputs, torch_seq2seq_logits  # noqa: E402
 
 # (model_type, feed_forward_proj, tie_word_embeddings): v1.0, v1.1, mT5.
 VARIANTS = {"v1.0": ("t5", "relu", True), "v1.1": ("t5", "gated-gelu", False), "mt5": ("mt5", "gated-gelu", False)}
@@ -51,28 +52,10 @@ def torch_checkpoint(variant, tmp_root):
     return model, path
 
 
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("checkpoints"))
-
-
 def inputs(seed=0):
     """Encoder ids with right padding (row 1) and left padding (row 2, T5 has no absolute positions); decoder ids
     starting with the start token (0), row 1 right-padded. Pads hold pad_token_id 0."""
-    rng = np.random.default_rng(seed)
-    ids, mask = rng.integers(2, 99, (3, 9)), np.ones((3, 9), np.int64)
-    mask[1, 5:], mask[2, :4] = 0, 0
-    decoder_ids, decoder_mask = rng.integers(2, 99, (3, 7)), np.ones((3, 7), np.int64)
-    decoder_mask[1, 4:] = 0
-    decoder_ids[:, 0] = 0
-    return ids * mask, mask, decoder_ids * decoder_mask, decoder_mask
-
-
-def torch_logits(model, ids, mask, decoder_ids, decoder_mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     decoder_input_ids=torch.tensor(decoder_ids),
-                     decoder_attention_mask=torch.tensor(decoder_mask)).logits.numpy()
+    return seq2seq_inputs(low=2, start_id=0, pad_id=0, seed=seed)
 
 
 @functools.cache
@@ -80,8 +63,7 @@ def flax_model(variant, tmp_root):
     """(our model, params loaded from the PyTorch checkpoint, jitted apply)."""
     reference, path = torch_checkpoint(variant, tmp_root)
     model = t5.T5ForConditionalGeneration(t5.T5Config.from_hf(reference.config))
-    template = jax.eval_shape(functools.partial(t5.init_params, model), jax.random.key(0))
-    params = hf_io.load_pretrained(path, template, model_type=reference.config.model_type)
+    params = hf_io.load_pretrained(path, param_shapes(model), model_type=reference.config.model_type)
     return model, params, jax.jit(model.apply)
 
 
@@ -98,17 +80,11 @@ def test_logits_match_and_checkpoints_round_trip(variant, tmp_root, tmp_path):
     assert model.config.tie_word_embeddings == VARIANTS[variant][2]
     assert ("lm_head" in params) != model.config.tie_word_embeddings
     batch = inputs()
-    assert_logits_close(apply({"params": params}, *batch), torch_logits(reference, *batch))
+    assert_logits_close(apply({"params": params}, *batch), torch_seq2seq_logits(reference, *batch))
 
-    # Our save must load in PyTorch cleanly and compute what we compute; perturb the params so that the check does
-    # not depend on the load path above.
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), params)
-    hf_export.save_pretrained(str(tmp_path), params, reference.config, architecture=model.hf_architecture)
-    assert load_file(str(tmp_path / "model.safetensors")).keys() == load_file(f"{path}/model.safetensors").keys()
-    loaded, info = getattr(transformers, model.hf_architecture).from_pretrained(tmp_path, output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}
-    assert_logits_close(apply({"params": params}, *batch), torch_logits(loaded.eval(), *batch))
+    # Our save must load in PyTorch cleanly, with the keys of theirs, and compute what we compute.
+    params, loaded = round_trip(model, params, reference.config, tmp_path, path)
+    assert_logits_close(apply({"params": params}, *batch), torch_seq2seq_logits(loaded, *batch))
 
 
 @pytest.mark.parametrize("variant", ["v1.0", "mt5"])  # v1.1 runs mT5's code with the same weights
@@ -165,4 +141,4 @@ def test_checkpoint_saved_tied_loads_into_untied_head(tmp_root, tmp_path):
     params = hf_io.load_pretrained(str(tmp_path), template, model_type="mt5")
     np.testing.assert_array_equal(params["lm_head"]["kernel"], params["shared"]["embedding"].T)
     batch = inputs()
-    assert_logits_close(apply({"params": params}, *batch), torch_logits(reference, *batch))
+    assert_logits_close(apply({"params": params}, *batch), torch_seq2seq_logits(reference, *batch))

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxtrain.models import bert
-from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP
@@ -65,11 +64,8 @@ class AlbertAttention(nn.Module):
     def __call__(self, x, mask, deterministic: bool):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]."""
         cfg = self.config
-        split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
-                   for name in ("query", "key", "value"))
-        h = attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic)
-        h = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(h.reshape(x.shape))
+        h = bert.self_attention(cfg, self.dtype, x, mask, deterministic)  # BERT's, its params `query`, `key`, `value`
+        h = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(h)
         h = Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(cfg, self.dtype, "LayerNorm")(x + h)
 

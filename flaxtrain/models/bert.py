@@ -157,6 +157,17 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
+def self_attention(config: BertConfig, dtype, x, mask, deterministic: bool):
+    """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]: the `query`, `key` and `value`
+    projections and the attention over them, before any output projection. Called inside a compact method, whose
+    submodules the projections become (BertSelfAttention's, ALBERT's `attention`)."""
+    split = lambda y: y.reshape(*y.shape[:2], config.num_attention_heads, config.head_dim)  # noqa: E731
+    q, k, v = (split(_dense(config, dtype, config.hidden_size, name, (EMBED, HEADS))(x))
+               for name in ("query", "key", "value"))
+    out = attention(q, k, v, mask, dropout_rate=config.attention_probs_dropout_prob, deterministic=deterministic)
+    return out.reshape(*x.shape[:2], config.hidden_size)
+
+
 class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
@@ -164,12 +175,7 @@ class BertSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]."""
-        cfg = self.config
-        split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
-                   for name in ("query", "key", "value"))
-        out = attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob, deterministic=deterministic)
-        return out.reshape(*x.shape[:2], cfg.hidden_size)
+        return self_attention(self.config, self.dtype, x, mask, deterministic)
 
 
 class BertOutput(nn.Module):

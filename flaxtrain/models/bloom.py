@@ -26,7 +26,7 @@ from flaxtrain.models.alibi import alibi_bias
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.gpt2 import CausalLM, init_params
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, dense_inits, embedding_init, norm_inits
 from flaxtrain.models.stack import scan_layers
 
@@ -171,37 +171,25 @@ class BloomModel(nn.Module):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). position_ids are ignored: ALiBi counts the
         positions from the mask (the cache's, with the new tokens', when generating). See BloomForCausalLM."""
         del position_ids
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
         mask, valid = generate.causal_mask(attention_mask, cache)
         bias = alibi_bias(valid, self.config.n_head)
         x, self_cache = self.h(x, mask, bias, start, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.ln_f(x), cache
+        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""
         return self.word_embeddings.embedding
 
 
-class BloomForCausalLM(nn.Module):
-    """BLOOM with its LM head (tied to `transformer.word_embeddings` unless tie_word_embeddings is False)."""
+class BloomForCausalLM(CausalLM):
+    """BLOOM with its LM head (tied to `transformer.word_embeddings` unless tie_word_embeddings is False).
+    position_ids are ignored (accepted for flaxtrain.generate): ALiBi counts the positions from the mask."""
 
     config: BloomConfig
-    dtype: Any = jnp.float32  # computation dtype; params are always float32
-    gradient_checkpointing: bool = False
-
+    body, body_name = BloomModel, "transformer"
     hf_architecture = "BloomForCausalLM"
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
-        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids ignored
-        (accepted for flaxtrain.generate) -> logits [B, T, V] float32, or (logits, cache) when a cache from
-        `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = BloomModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
@@ -209,16 +197,7 @@ class BloomForCausalLM(nn.Module):
         return init_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim, self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (normal(initializer_range) weights, zero biases, LayerNorms 1 and 0, as transformers).
-    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
-    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
-    return nn.unbox(params) if unbox else params
-
-
-# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Init is GPT-2's.
 FAMILY = Family(
     model_types=("bloom",), config=BloomConfig, heads={"CausalLM": BloomForCausalLM},
     init_params=init_params, max_positions=max_positions,

@@ -296,10 +296,9 @@ class GemmaModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GemmaForCausalLM."""
         cfg = self.config
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         # The scale is a float32 buffer that transformers casts to the weights' dtype before multiplying.
         x = self.embed_tokens(input_ids) * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         full, valid = generate.causal_mask(attention_mask, cache)
@@ -310,9 +309,7 @@ class GemmaModel(nn.Module):
         x, self_cache = self.layers(x, jnp.stack([full, sliding]), jnp.stack([c for c, _ in tables]),
                                     jnp.stack([s for _, s in tables]), start, jnp.array(cfg.kinds, jnp.int32),
                                     None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.norm(x), cache
+        return self.norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.embed_tokens.embedding

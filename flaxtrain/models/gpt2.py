@@ -7,7 +7,8 @@ FAMILY.hf tells `flaxtrain.hf_io` not to transpose them (the untied `lm_head`, a
 usual).
 
 Attention and the key/value cache for generation are models/attention.py's, which every family shares;
-`lm_logits` below is the decoders' shared top (Llama-style models use it too).
+`lm_logits` below is the decoders' shared top, `CausalLM` their shared ...ForCausalLM module and `init_params`
+their shared init (the other decoder families use them too).
 
 GPT-SW3 (AI Sweden) is GPT-2 under another model_type: transformers maps "gpt-sw3" to GPT2Config and
 GPT2LMHeadModel. `AutoConfig.for_model("gpt-sw3")` says model_type "gpt2", but a config.json that says "gpt-sw3"
@@ -20,7 +21,7 @@ H head size, V vocab_size, L layers.
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -182,16 +183,13 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         mask, valid = generate.causal_mask(attention_mask, cache)
         x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.ln_f(x), cache
+        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""
@@ -229,22 +227,34 @@ def lm_logits(module: nn.Module, body: nn.Module, input_ids, attention_mask, pos
     return logits if cache is None else (logits, new_cache)
 
 
-class GPT2ForCausalLM(nn.Module):
-    """GPT-2 with its LM head (transformers' GPT2LMHeadModel)."""
+class CausalLM(nn.Module):
+    """A decoder's body with the LM head on top (`lm_logits`). Each family's ...ForCausalLM subclasses it, naming its
+    config class, `body` (its body module class, built as body(config, dtype, gradient_checkpointing, deterministic)),
+    `body_name` (the body's prefix in the checkpoint keys) and hf_architecture, and defines init_cache."""
 
-    config: GPT2Config
+    config: Any
     dtype: Any = jnp.float32  # computation dtype; params are always float32
     gradient_checkpointing: bool = False
 
-    hf_architecture = "GPT2LMHeadModel"
+    body: ClassVar[type[nn.Module]]
+    body_name: ClassVar[str]
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
-        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = GPT2Model(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
+        (None: 0..T-1, or continuing from the cache, unless the class says otherwise) -> logits [B, T, V] float32,
+        or (logits, cache) when a cache from `init_cache` is given. Dropout needs the "dropout" rng when not
+        deterministic."""
+        body = self.body(self.config, self.dtype, self.gradient_checkpointing, deterministic, name=self.body_name)
         return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
+
+
+class GPT2ForCausalLM(CausalLM):
+    """GPT-2 with its LM head (transformers' GPT2LMHeadModel)."""
+
+    config: GPT2Config
+    body, body_name = GPT2Model, "transformer"
+    hf_architecture = "GPT2LMHeadModel"
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
@@ -255,7 +265,8 @@ class GPT2ForCausalLM(nn.Module):
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (normal(initializer_range) weights, as transformers). Jitted; under
+    """Fresh float32 params of any decoder here, from its modules' own initializers, which follow transformers'
+    (normal(initializer_range) weights, zero biases, norms at 1). Jitted; under
     `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False keeps flax's
     LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
     ids = jnp.zeros((1, 2), jnp.int32)

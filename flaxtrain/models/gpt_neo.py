@@ -27,7 +27,7 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import _layer_norm, init_params, lm_logits
+from flaxtrain.models.gpt2 import CausalLM, _layer_norm, init_params
 from flaxtrain.models.llama import _dense
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
@@ -191,38 +191,25 @@ class GPTNeoModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTNeoForCausalLM."""
         cfg = self.config
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         # The local window counts slots, as transformers' mask buffer does (padding inside the window counts).
         masks, which, valid = generate.layer_masks(attention_mask, cache, cfg.layer_windows)
         x, self_cache = self.h(x, masks, start, which, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.ln_f(x), cache
+        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.wte.embedding
 
 
-class GPTNeoForCausalLM(nn.Module):
+class GPTNeoForCausalLM(CausalLM):
     """GPT-Neo with its LM head (transformers' GPTNeoForCausalLM)."""
 
     config: GPTNeoConfig
-    dtype: Any = jnp.float32  # computation dtype; params are always float32
-    gradient_checkpointing: bool = False
-
+    body, body_name = GPTNeoModel, "transformer"
     hf_architecture = "GPTNeoForCausalLM"
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
-        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
-        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = GPTNeoModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""

@@ -181,17 +181,14 @@ class GPTJModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTJForCausalLM."""
         cfg = self.config
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         x = self.drop(self.wte(input_ids), deterministic=self.deterministic)
         sin, cos = rotary_tables(position_ids, cfg.rotary_dim, self.dtype)
         mask, valid = generate.causal_mask(attention_mask, cache)
         x, self_cache = self.h(x, mask, sin, cos, start, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.ln_f(x), cache
+        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.wte.embedding

@@ -29,7 +29,7 @@ from flaxtrain import generate
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.gpt2 import CausalLM, init_params
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, NORM, dense_inits, embedding_init, named
 from flaxtrain.models.rope import ROPE_TYPES, apply_rope, rope_parameters, rope_tables
 from flaxtrain.models.stack import scan_layers
@@ -258,40 +258,28 @@ class LlamaModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See LlamaForCausalLM."""
         cfg = self.config
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope, cfg.max_position_embeddings, self.dtype)
         masks, which, valid = generate.layer_masks(attention_mask, cache, cfg.layer_windows)
         x, self_cache = self.layers(x, masks, cos, sin, start, which, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.norm(x), cache
+        return self.norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.embed_tokens.embedding
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """A Llama/Mistral/Qwen2/Qwen3 decoder with its LM head; `config.model_type` names the transformers class."""
 
     config: LlamaConfig
-    dtype: Any = jnp.float32  # computation dtype; params are always float32
-    gradient_checkpointing: bool = False
+    body, body_name = LlamaModel, "model"
 
     @property
     def hf_architecture(self) -> str:
         return _HF_ARCHITECTURES[self.config.model_type]
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
-        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
-        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = LlamaModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
@@ -299,16 +287,8 @@ class LlamaForCausalLM(nn.Module):
         return init_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (normal(initializer_range) weights, RMSNorm scales 1, as transformers). Jitted; under
-    `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False keeps flax's
-    LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
-    return nn.unbox(params) if unbox else params
-
-
-# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Init is GPT-2's (the
+# modules' own initializers: normal(initializer_range) weights, RMSNorm scales 1, as transformers).
 FAMILY = Family(
     model_types=tuple(_HF_ARCHITECTURES), config=LlamaConfig, heads={"CausalLM": LlamaForCausalLM},
     init_params=init_params, max_positions=max_positions,

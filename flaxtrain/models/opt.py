@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -29,7 +28,7 @@ from flaxtrain.models.bart import _token_embedding_init
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.gpt2 import CausalLM, init_params
 from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
                                           norm_inits)
 from flaxtrain.models.stack import scan_layers
@@ -241,9 +240,7 @@ class OPTDecoder(nn.Module):
             x = self.final_layer_norm(x)
         if cfg.word_embed_proj_dim != cfg.hidden_size:
             x = self.project_out(x)
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return x, cache
+        return x, generate.next_cache(cache, self_cache, valid, length)
 
     def word_embedding_matrix(self):
         """[V, P] float32: the LM head's weights when tied to the input embeddings."""
@@ -268,22 +265,13 @@ class OPTModel(nn.Module):
         return self.decoder.word_embedding_matrix()
 
 
-class OPTForCausalLM(nn.Module):
-    """OPT with its LM head (tied to `model.decoder.embed_tokens` unless tie_word_embeddings is False)."""
+class OPTForCausalLM(CausalLM):
+    """OPT with its LM head (tied to `model.decoder.embed_tokens` unless tie_word_embeddings is False). position_ids
+    None: counted from the attention mask, continuing from the cache."""
 
     config: OPTConfig
-    dtype: Any = jnp.float32  # computation dtype; params are always float32
-    gradient_checkpointing: bool = False
-
+    body, body_name = OPTModel, "model"
     hf_architecture = "OPTForCausalLM"
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
-        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
-        (None: counted from the attention mask, continuing from the cache) -> logits [B, T, V] float32, or (logits,
-        cache) when a cache from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = OPTModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
@@ -294,16 +282,8 @@ class OPTForCausalLM(nn.Module):
                           self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (normal(init_std) weights, zero biases, the pad embedding row zero, as transformers).
-    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
-    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(module.init)({"params": rng}, ids, jnp.ones_like(ids))["params"]
-    return nn.unbox(params) if unbox else params
-
-
-# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Init is GPT-2's (the
+# modules' own initializers: normal(init_std) weights, zero biases, the pad embedding row zero, as transformers).
 FAMILY = Family(
     model_types=("opt",), config=OPTConfig, heads={"CausalLM": OPTForCausalLM},
     init_params=init_params, max_positions=max_positions,

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from flaxtrain import generate
 from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
@@ -199,7 +200,7 @@ class Phi3ForCausalLM(nn.Module):
 
         index, length = cache["index"], input_ids.shape[1]
         if position_ids is None:
-            position_ids = jnp.broadcast_to(index + jnp.arange(length), input_ids.shape)
+            position_ids = generate.default_positions(input_ids, cache)
         seen = {"tokens": lax.dynamic_update_slice(cache["tokens"], input_ids.astype(jnp.int32), (0, index)),
                 "positions": lax.dynamic_update_slice(cache["positions"], position_ids.astype(jnp.int32),
                                                       (0, index))}

@@ -19,7 +19,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,7 @@ from flaxtrain.models.attention import init_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import lm_logits
+from flaxtrain.models.gpt2 import CausalLM, init_params
 from flaxtrain.models.stack import scan_layers
 
 
@@ -146,10 +145,9 @@ class XGLMModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See XGLMForCausalLM."""
         cfg = self.config
-        length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        if position_ids is None:  # transformers' default: consecutive from the first new token, padding ignored
-            position_ids = jnp.broadcast_to(start + jnp.arange(length), input_ids.shape)
+        if position_ids is None:
+            position_ids = generate.default_positions(input_ids, cache)
         x = self.embed_tokens(input_ids)
         if cfg.scale_embedding:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
@@ -157,31 +155,19 @@ class XGLMModel(nn.Module):
         x = self.drop(x, deterministic=self.deterministic)
         mask, valid = generate.causal_mask(attention_mask, cache)
         x, self_cache = self.layers(x, mask, start, None if cache is None else cache["self"])
-        if cache is not None:
-            cache = {"index": start + length, "self": self_cache, "mask": valid}
-        return self.layer_norm(x), cache
+        return self.layer_norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied (the unscaled embeddings)."""
         return self.embed_tokens.embedding
 
 
-class XGLMForCausalLM(nn.Module):
+class XGLMForCausalLM(CausalLM):
     """XGLM with its LM head (tied to `model.embed_tokens` unless tie_word_embeddings is False)."""
 
     config: XGLMConfig
-    dtype: Any = jnp.float32  # computation dtype; params are always float32
-    gradient_checkpointing: bool = False
-
+    body, body_name = XGLMModel, "model"
     hf_architecture = "XGLMForCausalLM"
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
-        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
-        (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
-        body = XGLMModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
@@ -189,14 +175,8 @@ class XGLMForCausalLM(nn.Module):
         return init_cache(cfg.num_layers, batch_size, max_length, cfg.attention_heads, cfg.head_dim, self.dtype)
 
 
-def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
-    """Fresh float32 params (normal(init_std) weights, zero biases, the pad embedding row zero, as transformers).
-    Jitted; under `jax.eval_shape(functools.partial(init_params, module), rng)` it allocates nothing. unbox=False
-    keeps flax's LogicallyPartitioned boxes (the logical axis names, for parallel.shardings)."""
-    return opt.init_params(module, rng, unbox)
-
-
-# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py).
+# What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Init is GPT-2's (the
+# pad embedding row zero, as OPT's embed_tokens makes it).
 FAMILY = Family(
     model_types=("xglm",), config=XGLMConfig, heads={"CausalLM": XGLMForCausalLM},
     init_params=init_params, max_positions=max_positions,
