@@ -25,9 +25,11 @@ import numpy as np
 from flaxtrain import compilation_cache, data, hf_export, hub, loop, models, parallel, pretrained, resume, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
-from flaxtrain.models import t5
+from flaxtrain.models import longt5, t5
 
 logger = logging.getLogger("run_t5_mlm_flax")
+# Span corruption is T5's pretraining objective: the T5-like encoder-decoders (other seq2seq families are refused).
+MODEL_TYPES = (*t5.T5Config.MODEL_TYPES, *longt5.LongT5Config.MODEL_TYPES)
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -251,6 +253,9 @@ def main(argv=None):
     sentinels = sentinel_token_ids(tokenizer, noise_span_counts(raw_length, density, span)[1])
     hf_config = pretrained.load_config(model_args)
     pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
+    if hf_config.model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {hf_config.model_type!r} is not supported for this task; supported model types: "
+                         f"{', '.join(sorted(MODEL_TYPES))}")
     family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
                                   gradient_checkpointing=training_args.gradient_checkpointing)
     logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,

@@ -22,6 +22,7 @@ exporting (flaxtrain/hf_export.py, with these rules) gathers one leaf at a time 
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -48,7 +49,8 @@ _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 _IGNORED = (r"(^|\.)position_ids$",)
 # TF-era spellings that old checkpoints still use (transformers renames them on load too).
 _OLD_NAMES = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"))
-# In the order they are looked for; the original Flax scripts' msgpack last (flaxtrain/flax_msgpack.py).
+# In the order they are looked for (see _by_preference); the original Flax scripts' msgpack last
+# (flaxtrain/flax_msgpack.py).
 _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json", flax_msgpack.WEIGHTS, flax_msgpack.INDEX)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -309,10 +311,18 @@ def _read_file(path: str) -> dict[str, Any]:
         import torch
     except ImportError:
         raise ImportError(f"{path} is a PyTorch pickle and torch is not installed: install torch (CPU is enough) "
-                          "or use a checkpoint with model.safetensors") from None
+                          f"or use a checkpoint with model.safetensors or {flax_msgpack.WEIGHTS}") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     # numpy has no bfloat16 view of a torch tensor; we load into float32 params anyway.
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def _by_preference(formats: Sequence) -> list:
+    """`formats` (safetensors, PyTorch pickle, msgpack: files or download patterns) in the order to try them: the
+    pickle after the msgpack when torch is not installed (as on a TPU VM), since only torch reads it."""
+    if importlib.util.find_spec("torch") is not None:
+        return list(formats)
+    return sorted(formats, key=lambda f: "pytorch_model" in str(f))
 
 
 def _download(name: str, revision: str | None, **hub) -> str:
@@ -320,10 +330,11 @@ def _download(name: str, revision: str | None, **hub) -> str:
     original Flax scripts' msgpack."""
     from huggingface_hub import snapshot_download
 
-    for patterns in (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
-                     ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"],
-                     # config.json too: the original's Flax models computed some tables that the weights lack.
-                     [flax_msgpack.WEIGHTS, flax_msgpack.INDEX, "flax_model-*-of-*.msgpack", "config.json"]):
+    for patterns in _by_preference((
+            ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
+            ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"],
+            # config.json too: the original's Flax models computed some tables that the weights lack.
+            [flax_msgpack.WEIGHTS, flax_msgpack.INDEX, "flax_model-*-of-*.msgpack", "config.json"])):
         local = snapshot_download(name, revision=revision, allow_patterns=patterns, **hub)
         if any(os.path.exists(os.path.join(local, f)) for f in patterns[:2]):
             return local
@@ -338,7 +349,7 @@ def _checkpoint(model_name_or_path: str, revision: str | None = None, **hub) -> 
     else:
         path = _download(model_name_or_path, revision, **{k: v for k, v in hub.items() if v is not None})
     if os.path.isdir(path):
-        found = [f for f in _CHECKPOINT_FILES if os.path.exists(os.path.join(path, f))]
+        found = [f for f in _by_preference(_CHECKPOINT_FILES) if os.path.exists(os.path.join(path, f))]
         if not found:
             raise FileNotFoundError(f"no {', '.join(_CHECKPOINT_FILES)} in {path}")
         path = os.path.join(path, found[0])

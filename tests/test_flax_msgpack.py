@@ -9,6 +9,7 @@ msgpack, and corrupt files.
 """
 
 import functools
+import importlib.util
 import inspect
 import os
 import shutil
@@ -149,6 +150,19 @@ def test_safetensors_comes_before_msgpack(tmp_path):
     hf_export.save_pretrained(str(tmp_path), other, config, architecture=model.hf_architecture)
     assert {flax_msgpack.WEIGHTS, "model.safetensors"} <= set(os.listdir(tmp_path))
     assert_same_params(load("bert", str(tmp_path)), other)
+
+
+def test_without_torch_msgpack_comes_before_a_pytorch_pickle(tmp_path, monkeypatch):
+    """Many of the original scripts' Hub repos hold pytorch_model.bin and flax_model.msgpack; on a machine without
+    torch (a TPU VM) the msgpack is read."""
+    torch = pytest.importorskip("torch")
+    shutil.copytree(FIXTURES["bert"], tmp_path / "both")
+    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(3, 3)}, tmp_path / "both/pytorch_model.bin")
+    with pytest.raises(ValueError):  # with torch, the (deliberately wrong) pickle is what loads
+        load("bert", str(tmp_path / "both"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    assert_original_logits("bert", load("bert", str(tmp_path / "both")))
 
 
 @pytest.mark.parametrize("content, match", [

@@ -7,6 +7,8 @@ import re
 import pytest
 import transformers
 
+import run_t5_mlm_flax
+
 from flaxtrain.models import FAMILIES, create
 
 # The table's short script names -> the head each script creates.
@@ -15,7 +17,7 @@ SCRIPT_HEADS = {"mlm": "MaskedLM", "clm": "CausalLM", "t5_mlm": "Seq2SeqLM", "su
 
 
 def readme_table() -> dict[str, set[str]]:
-    """{model type: the heads its scripts use} from README.md's "## Models" table."""
+    """{model type: its scripts' short names} from README.md's "## Models" table."""
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     section = text.split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
     table = {}
@@ -23,15 +25,21 @@ def readme_table() -> dict[str, set[str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if not line.startswith("| `"):
             continue
-        heads = {SCRIPT_HEADS[s.strip()] for s in cells[1].split(",")}
+        scripts = {s.strip() for s in cells[1].split(",")}
         for model_type in re.findall(r"`([^`]+)`", cells[0]):
             assert model_type not in table, f"{model_type} is listed twice"
-            table[model_type] = heads
+            table[model_type] = scripts
     return table
 
 
 def test_readme_lists_every_model_type_with_its_scripts():
-    assert readme_table() == {t: set(f.heads) for t, f in FAMILIES.items()}
+    table = readme_table()
+    assert {t: {SCRIPT_HEADS[s] for s in scripts} for t, scripts in table.items()} == {
+        t: set(f.heads) for t, f in FAMILIES.items()}
+    # Of the Seq2SeqLM types, the T5 script takes the T5-like ones (span corruption), summarization all.
+    assert {t for t, scripts in table.items() if "t5_mlm" in scripts} == set(run_t5_mlm_flax.MODEL_TYPES)
+    assert {t for t, scripts in table.items() if "summarization" in scripts} == {
+        t for t, f in FAMILIES.items() if "Seq2SeqLM" in f.heads}
 
 
 @pytest.mark.parametrize("head", sorted(set(SCRIPT_HEADS.values())))

@@ -97,6 +97,13 @@ def test_tokenizer_without_sentinels(setup, tmp_path):
                      f"--tokenizer_name={roberta}", "--max_seq_length=32"], match="extra_id")
 
 
+def test_a_seq2seq_model_that_is_not_t5_like(setup, tmp_path):
+    bart = tiny.make_bart(tmp_path / "bart", setup["train"])
+    fails(tmp_path, [f"--train_file={setup['train']}", f"--config_name={bart}",
+                     f"--tokenizer_name={setup['models']['v1.0']}", "--max_seq_length=32"],
+          match="model_type 'bart' is not supported for this task; supported model types: longt5, mt5, t5")
+
+
 @pytest.mark.parametrize("density", ["0", "1.5"])
 def test_noise_density_outside_zero_one(setup, tmp_path, density):
     fails(tmp_path, [*setup["data"]["v1.0"], f"--noise_density={density}"], match="between 0 and 1")

@@ -7,8 +7,9 @@ FAMILY.hf tells `flaxtrain.hf_io` not to transpose them (the untied `lm_head`, a
 usual).
 
 Attention and the key/value cache for generation are models/attention.py's, which every family shares;
-`lm_logits` below is the decoders' shared top, `CausalLM` their shared ...ForCausalLM module and `init_params`
-their shared init (the other decoder families use them too).
+`lm_logits` below is the decoders' shared top and `init_params` their shared init (every decoder family uses
+them); `CausalLM` is the ...ForCausalLM module of GPT-2, GPT-Neo, OPT, BLOOM, XGLM and the Llama-style ones (GPT-J,
+Phi-3 and Gemma have their own: a biased head, longrope's recompute, soft-capped logits).
 
 GPT-SW3 (AI Sweden) is GPT-2 under another model_type: transformers maps "gpt-sw3" to GPT2Config and
 GPT2LMHeadModel. `AutoConfig.for_model("gpt-sw3")` says model_type "gpt2", but a config.json that says "gpt-sw3"
