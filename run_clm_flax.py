@@ -14,7 +14,6 @@ Run the same command again to resume; `--do_predict --prompt "..."` writes conti
 """
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -26,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtrain import (
-    compilation_cache, data, generate, hf_export, hub, loop, models, parallel, pretrained, resume, storage, training,
+    compilation_cache, data, generate, hf_export, hub, loop, models, parallel, pretrained, resume, storage, streaming,
+    training,
 )
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_clm_flax")
@@ -36,16 +36,12 @@ logger = logging.getLogger("run_clm_flax")
 
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
-class ClmDataArguments(DataArguments):
+class ClmDataArguments(DataArguments, StreamingArguments):
     MAY_CHANGE: ClassVar[tuple] = ("prompt", "prompts_file", "max_new_tokens", "temperature", "top_k", "top_p")
     block_size: Optional[int] = field(
         default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's positions))."}
     )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
-    streaming: bool = field(
-        default=False, metadata={"help": "Read the data as a stream instead of tokenizing it all first "
-                                         "(for corpora larger than memory); needs --max_steps."}
-    )
     prompt: Optional[str] = field(default=None, metadata={"help": "--do_predict: a prompt to continue."})
     prompts_file: Optional[str] = field(default=None, metadata={"help": "--do_predict: prompts, one per line."})
     max_new_tokens: int = field(default=50, metadata={"help": "--do_predict: tokens to generate per prompt."})
@@ -55,46 +51,22 @@ class ClmDataArguments(DataArguments):
 
 
 # ---------------------------------------------------------------------------------------------------- data
+def encode_documents(texts, tokenizer):
+    """Each document's token ids, then EOS: joined, they are cut into blocks (here, or by streaming.Blocks)."""
+    encoded = tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"]
+    return {"input_ids": [[*ids, tokenizer.eos_token_id] for ids in encoded]}
+
+
 def blocks_of(tokenizer, column, block_size):
     """A batched map function: documents -> token ids joined by EOS -> blocks of block_size.
 
     Blocks never straddle two map batches: the tail of each batch of 1000 documents is dropped.
     """
     def encode_and_group(examples):
-        encoded = tokenizer(examples[column], return_attention_mask=False, verbose=False)["input_ids"]
-        flat = [t for ids in encoded for t in (*ids, tokenizer.eos_token_id)]
+        flat = [t for ids in encode_documents(examples[column], tokenizer)["input_ids"] for t in ids]
         usable = len(flat) // block_size * block_size
         return {"input_ids": [flat[i:i + block_size] for i in range(0, usable, block_size)]}
     return encode_and_group
-
-
-def stream_blocks(raw_split, tokenizer, block_size, skip=0, repeat=False):
-    """Blocks of a streamed split as numpy rows, in the stream's order (again from the start at its end when
-    `repeat`), after skipping `skip` of them.
-
-    Resuming replays the stream up to where it stopped: exact, at the cost of re-reading what was trained on."""
-    column = data.text_column(raw_split) if raw_split.features else "text"
-    grouped = raw_split.map(blocks_of(tokenizer, column, block_size), batched=True,
-                            remove_columns=list(raw_split.features or [column]))
-
-    def passes():
-        while True:
-            empty = True
-            for example in grouped:
-                empty = False
-                yield np.asarray(example["input_ids"], np.int32)
-            if empty:
-                raise ValueError(f"The streamed data gives no block of {block_size} tokens: the text is too short.")
-            if not repeat:
-                return
-
-    return itertools.islice(passes(), skip, None)
-
-
-def stream_batches(blocks, global_batch, rows):
-    """Global batches of a block stream; this host keeps its rows."""
-    while len(batch := list(itertools.islice(blocks, global_batch))) == global_batch:
-        yield to_batch(np.stack([batch[i] for i in rows]))
 
 
 def to_batch(ids):
@@ -181,14 +153,15 @@ def main(argv=None):
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
 
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
-    if training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
-        raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
-                                     streaming=data_args.streaming, keep_linebreaks=data_args.keep_linebreaks)
-    if raw is not None and data_args.streaming:
+    if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
+        wanted = {"train": data_args.train_file} if training_args.do_train else {}
         if training_args.do_eval:
-            blocks = stream_blocks(raw["validation"], tokenizer, block_size)
-            eval_blocks = np.array(list(itertools.islice(blocks, data_args.max_eval_samples)), np.int32)
-    elif raw is not None:
+            wanted["validation"] = data_args.validation_file
+        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
+                                          model_args.token, model_args.cache_dir)
+    elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
+        raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+                                     keep_linebreaks=data_args.keep_linebreaks)
         column = data.text_column(next(iter(raw.values())))
         tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
                             num_proc=data_args.preprocessing_num_workers,
@@ -201,9 +174,9 @@ def main(argv=None):
                                  "Use more text or a smaller --block_size.")
         if training_args.do_eval:
             eval_blocks = data.take(tokenized["validation"], data_args.max_eval_samples)["input_ids"]
-    if training_args.do_eval and len(eval_blocks) == 0:
-        raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too short. Use "
-                         "more text or a smaller --block_size.")
+            if len(eval_blocks) == 0:
+                raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too "
+                                 "short. Use more text or a smaller --block_size.")
 
     # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
@@ -216,23 +189,29 @@ def main(argv=None):
     load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
             if model_args.model_name_or_path else None)
     state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    encode = functools.partial(encode_documents, tokenizer=tokenizer)
+    stream_options = dict(encode=encode, length=block_size, pad={"input_ids": tokenizer.pad_token_id},
+                          keep_linebreaks=data_args.keep_linebreaks)
+    if data_args.streaming and training_args.do_eval:  # this host's share of the blocks
+        eval_blocks = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
+                                                  limit=data_args.max_eval_samples)["input_ids"]
 
     def run_eval(state):
-        rows = parallel.host_rows(mesh, eval_batch)
-        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices[rows]]),
-                             len(eval_blocks), mesh, eval_batch, training_args.seed)
+        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices]), len(eval_blocks),
+                             mesh, eval_batch, training_args.seed, per_host=data_args.streaming)
 
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = layout.eval_step(eval_step)
     resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
                         data_args, training_args)
 
     if training_args.do_train:
-        rows = parallel.host_rows(mesh, update_batch)
+        rows, input_iterator = parallel.host_rows(mesh, update_batch), None
         if data_args.streaming:
-            batches = stream_batches(stream_blocks(raw["train"], tokenizer, block_size, start_step * update_batch,
-                                                   repeat=True),
-                                     update_batch, rows)
+            input_iterator = loop.resume_input(run, start_step, streaming.training_batches(
+                stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
+                seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
+            batches = (to_batch(batch["input_ids"]) for batch in input_iterator)
         else:
             batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])
                        for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
@@ -246,7 +225,9 @@ def main(argv=None):
             export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo)
+            meta=meta, hub=repo, input_iterator=input_iterator)
+        if input_iterator is not None:
+            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(train_set)
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})

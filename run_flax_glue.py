@@ -200,12 +200,16 @@ def bucket_lengths(max_len: int, pad_to_max_length: bool) -> list[int]:
     return sorted({min(2 ** k, max_len) for k in range(4, max_len.bit_length() + 1)} | {max_len})
 
 
-def gather(dataset, lengths, indices, rows, buckets, pad_id, is_regression):
-    """This host's `rows` of the global batch `indices`, padded to the smallest bucket that fits the global batch's
-    longest example (the same on every host)."""
-    width = next(b for b in buckets if b >= lengths[indices].max())
-    examples = dataset[indices[rows].tolist()]
-    n = len(rows)
+def bucket_width(buckets: list[int], lengths: np.ndarray) -> int:
+    """The smallest bucket that fits the longest of `lengths`: those of a whole global batch, so that every host
+    pads its rows of the batch to the same width."""
+    return next(b for b in buckets if b >= lengths.max())
+
+
+def gather(dataset, indices, width, pad_id, is_regression):
+    """Examples `indices` (this host's rows of a global batch) as [b, width] arrays, padded (see bucket_width)."""
+    examples = dataset[indices.tolist()]
+    n = len(indices)
     batch = {"input_ids": np.full((n, width), pad_id, np.int32), "attention_mask": np.zeros((n, width), np.int32),
              "token_type_ids": np.zeros((n, width), np.int32)}
     for i, ids in enumerate(examples["input_ids"]):
@@ -347,10 +351,14 @@ def main(argv=None):
 
     def predict(state, split):
         """(loss or None when unlabelled, predictions, labels) over every example of `split` once."""
-        dataset, rows = splits[split], parallel.host_rows(mesh, eval_batch)
+        dataset = splits[split]
+        # The width of each global batch, in the order loop.eval_batches asks for them (make_batch sees only this
+        # host's rows, and the widths must agree between hosts).
+        widths = iter([bucket_width(buckets, lengths[split][indices])
+                       for indices, _ in data.eval_batches(len(dataset), eval_batch)])
 
-        def make_batch(indices, rng):
-            return gather(dataset, lengths[split], indices, rows, buckets, tokenizer.pad_token_id, task.is_regression)
+        def make_batch(indices, _):
+            return gather(dataset, indices, next(widths), tokenizer.pad_token_id, task.is_regression)
 
         # Dispatched batch after batch; read back once at the end, so the host never waits for the devices.
         outputs = [(p_eval_step(state, batch), n_real) for batch, n_real in
@@ -374,8 +382,9 @@ def main(argv=None):
 
     eval_metrics = None
     if training_args.do_train:
-        batches = (gather(splits["train"], lengths["train"], indices, parallel.host_rows(mesh, update_batch),
-                          buckets, tokenizer.pad_token_id, task.is_regression)
+        rows = parallel.host_rows(mesh, update_batch)
+        batches = (gather(splits["train"], indices[rows], bucket_width(buckets, lengths["train"][indices]),
+                          tokenizer.pad_token_id, task.is_regression)
                    for _, _, indices in data.epoch_batches(train_examples, update_batch, training_args.seed,
                                                            start_step, total_steps))
         p_train_step = layout.train_step(

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import compilation_cache, data, hf_export, hub, loop, models, parallel, pretrained, resume, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from flaxtrain import (compilation_cache, data, example_rng, hf_export, hub, loop, models, parallel, pretrained, resume,
+                       streaming, training)
+from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_mlm_flax")
@@ -37,7 +38,7 @@ NOT_MASKED_LM = (r"^cls\.seq_relationship\.", r"^sop_classifier\.",
 
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
-class MlmDataArguments(DataArguments):
+class MlmDataArguments(DataArguments, StreamingArguments):
     max_seq_length: Optional[int] = field(
         default=None, metadata={"help": "Tokens per example after tokenization (default: the model's maximum, "
                                         "at most 512)."}
@@ -55,6 +56,21 @@ class MlmDataArguments(DataArguments):
 
 
 # ---------------------------------------------------------------------------------------------------- data
+def encode_text(texts, tokenizer):
+    """Token ids and special-token masks of texts, to be packed into blocks (here, or by streaming.Blocks)."""
+    # verbose=False: long lines are expected here, they are cut into blocks
+    return dict(tokenizer(texts, return_special_tokens_mask=True, return_attention_mask=False, verbose=False))
+
+
+def encode_lines(texts, tokenizer, max_len):
+    """--line_by_line: each non-blank line, at most max_len tokens, an example of its own."""
+    lines = [line for line in texts if line and not line.isspace()]
+    # The tokenizer fails on an empty list; a batch of blank lines gives empty columns, the same ones.
+    encoded = tokenizer(lines or [""], truncation=True, max_length=max_len, return_special_tokens_mask=True,
+                        return_attention_mask=False)
+    return {key: values[:len(lines)] for key, values in encoded.items()}
+
+
 def tokenize(raw, tokenizer, data_args, max_len):
     """Tokenizes every split: one example per line (--line_by_line), or text packed into max_len blocks."""
     column = data.text_column(next(iter(raw.values())))
@@ -62,21 +78,13 @@ def tokenize(raw, tokenizer, data_args, max_len):
                   load_from_cache_file=not data_args.overwrite_cache)
 
     if data_args.line_by_line:
-        def encode(examples):
-            lines = [line for line in examples[column] if line and not line.isspace()]
-            # The tokenizer fails on an empty list; a batch of blank lines gives empty columns, the same ones.
-            encoded = tokenizer(lines or [""], truncation=True, max_length=max_len, return_special_tokens_mask=True,
-                                return_attention_mask=False)
-            return {key: values[:len(lines)] for key, values in encoded.items()}
-        return raw.map(encode, remove_columns=raw["train" if "train" in raw else "validation"].column_names,
-                       **common)
+        return raw.map(lambda examples: encode_lines(examples[column], tokenizer, max_len),
+                       remove_columns=raw["train" if "train" in raw else "validation"].column_names, **common)
 
     def encode_and_group(examples):
-        encoded = tokenizer(examples[column], return_special_tokens_mask=True, return_attention_mask=False,
-                            verbose=False)  # long lines are expected here: they are cut into blocks below
         # Blocks never straddle two map batches: the tail of each batch of 1000 lines is dropped.
         blocks = {}
-        for key, seqs in encoded.items():
+        for key, seqs in encode_text(examples[column], tokenizer).items():
             flat = [t for seq in seqs for t in seq]
             usable = len(flat) // max_len * max_len
             blocks[key] = [flat[i:i + max_len] for i in range(0, usable, max_len)]
@@ -98,19 +106,21 @@ def max_predictions(length: int, probability: float, tail: float = 1e-9) -> int:
     return min(length, -(-count // 8) * 8)
 
 
-def mask_tokens(batch, rng, rows, tokenizer, probability, predictions):
-    """BERT's 80/10/10 masking of this host's `rows` of a global batch.
+def mask_tokens(batch, keys, tokenizer, probability, predictions):
+    """BERT's 80/10/10 masking of a host's rows.
 
-    batch: {"input_ids", "special_tokens_mask"} [B, T] for the whole global batch (special tokens and padding
-    are never masked). The random draws are made for all B rows, so a row is masked the same way however the
-    batch is split over hosts. At most `predictions` tokens of a row are masked (see max_predictions: the first
-    ones, should a row ever draw more). Returns input_ids, attention_mask [b, T], and the masked tokens' positions,
-    labels and weights [b, predictions] (weight 0 on the slots after a row's last masked token).
+    batch: {"input_ids", "special_tokens_mask"} [b, T], the rows this host builds (special tokens and padding are
+    never masked); keys: uint64 [b], one per row (flaxtrain.example_rng.keys). A row's draws are a function of its
+    key alone, so it is masked the same way however the batch is split over hosts. At most `predictions` tokens of
+    a row are masked (see max_predictions: the first ones, should a row ever draw more). Returns input_ids,
+    attention_mask [b, T], and the masked tokens' positions, labels and weights [b, predictions] (weight 0 on the
+    slots after a row's last masked token).
     """
-    shape = batch["input_ids"].shape
-    chosen, mask_or_not, random_or_not = rng.random((3,) + shape)[:, rows]
-    random_ids = rng.integers(0, tokenizer.vocab_size, shape)[rows]
-    ids, special = batch["input_ids"][rows], batch["special_tokens_mask"][rows].astype(bool)
+    length = batch["input_ids"].shape[1]
+    # One stream per decision, so that each is independent of the others.
+    chosen, mask_or_not, random_or_not = (example_rng.uniform(keys, length, stream) for stream in range(3))
+    random_ids = example_rng.integers(keys, length, 3, tokenizer.vocab_size)
+    ids, special = batch["input_ids"], batch["special_tokens_mask"].astype(bool)
     masked = (chosen < probability) & ~special
     masked &= np.cumsum(masked, axis=1) <= predictions
     to_mask = masked & (mask_or_not < 0.8)
@@ -123,7 +133,7 @@ def mask_tokens(batch, rng, rows, tokenizer, probability, predictions):
 
 
 def gather(dataset, indices, max_len, pad_id):
-    """Rows `indices` of the tokenized dataset as [B, max_len] arrays, padded (special mask 1 on padding)."""
+    """Rows `indices` of the tokenized dataset as [b, max_len] arrays, padded (special mask 1 on padding)."""
     rows = dataset[indices.tolist()]
     out = {"input_ids": np.full((len(indices), max_len), pad_id, np.int64),
            "special_tokens_mask": np.ones((len(indices), max_len), np.int8)}
@@ -131,6 +141,27 @@ def gather(dataset, indices, max_len, pad_id):
         for i, seq in enumerate(rows[key]):
             out[key][i, :len(seq)] = seq
     return out
+
+
+def in_memory_splits(tokenizer, model_args, data_args, training_args, max_len):
+    """{"train", "validation"} as needed: tokenized datasets (cached by datasets, so a rerun does not tokenize
+    again), cut to --max_train_samples / --max_eval_samples."""
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
+    tokenized = tokenize(raw, tokenizer, data_args, max_len)
+    splits = {}
+    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
+                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
+        if wanted:
+            splits[split] = data.take(tokenized[split], limit)
+            if len(splits[split]) == 0 and data_args.line_by_line:
+                path = getattr(data_args, f"{split}_file")
+                where = f"--{split}_file={path}" if path else "it"
+                raise ValueError(f"The {split} data gives no examples: {where} has no non-blank lines "
+                                 "(--line_by_line makes one example of each).")
+            if len(splits[split]) == 0:
+                raise ValueError(f"The {split} data gives no examples: it is shorter than one block of {max_len} "
+                                 "tokens. Use more text, a smaller --max_seq_length or --line_by_line.")
+    return splits
 
 
 # --------------------------------------------------------------------------------------------------- steps
@@ -171,6 +202,8 @@ def main(argv=None):
         logger.warning("--train_ref_file / --validation_ref_file are ignored: there is no whole-word masking.")
     if not 0 < data_args.mlm_probability < 1:
         raise ValueError(f"--mlm_probability must be between 0 and 1, got {data_args.mlm_probability}.")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
     repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
@@ -190,26 +223,20 @@ def main(argv=None):
     if max_len > model_max:
         raise ValueError(f"--max_seq_length={max_len} is more than the model's {model_max} positions.")
 
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
-    tokenized = tokenize(raw, tokenizer, data_args, max_len)
-    splits = {}
-    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
-                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
-        if wanted:
-            splits[split] = data.take(tokenized[split], limit)
-            if len(splits[split]) == 0 and data_args.line_by_line:
-                path = getattr(data_args, f"{split}_file")
-                where = f"--{split}_file={path}" if path else "it"
-                raise ValueError(f"The {split} data gives no examples: {where} has no non-blank lines "
-                                 "(--line_by_line makes one example of each).")
-            if len(splits[split]) == 0:
-                raise ValueError(f"The {split} data gives no examples: it is shorter than one block of {max_len} "
-                                 "tokens. Use more text, a smaller --max_seq_length or --line_by_line.")
+    splits, stream = {}, {}
+    if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
+        wanted = {"train": data_args.train_file} if training_args.do_train else {}
+        if training_args.do_eval:
+            wanted["validation"] = data_args.validation_file
+        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
+                                          model_args.token, model_args.cache_dir)
+    else:
+        splits = in_memory_splits(tokenizer, model_args, data_args, training_args, max_len)
 
     # Optimizer, mesh and the train state split over it.
     global_batch = training_args.per_device_train_batch_size * jax.device_count()
     update_batch = global_batch * training_args.gradient_accumulation_steps
-    train_examples = len(splits["train"]) if training_args.do_train else 0
+    train_examples = None if data_args.streaming else len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
     layout = loop.layout(model, family, tx, training_args)
     mesh = layout.mesh
@@ -221,24 +248,51 @@ def main(argv=None):
 
     predictions = max_predictions(max_len, data_args.mlm_probability)
 
-    def make_batch(dataset, indices, rng):
-        rows = parallel.host_rows(mesh, len(indices))
-        return mask_tokens(gather(dataset, indices, max_len, tokenizer.pad_token_id), rng, rows, tokenizer,
-                           data_args.mlm_probability, predictions)
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    encode = (functools.partial(encode_lines, tokenizer=tokenizer, max_len=max_len) if data_args.line_by_line else
+              functools.partial(encode_text, tokenizer=tokenizer))
+    stream_options = dict(encode=encode, length=max_len, concatenate=not data_args.line_by_line,
+                          pad={"input_ids": tokenizer.pad_token_id, "special_tokens_mask": 1})
+    if data_args.streaming and training_args.do_eval:  # this host's share of the examples, as arrays [n, max_len]
+        splits["validation"] = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
+                                                           limit=data_args.max_eval_samples)
+
+    def mask(rows, keys):
+        return mask_tokens(rows, keys, tokenizer, data_args.mlm_probability, predictions)
+
+    def make_batch(dataset, indices, keys):  # this host's rows: their dataset indices and example_rng keys
+        if data_args.streaming:
+            return mask({k: v[indices] for k, v in dataset.items()}, keys)
+        return mask(gather(dataset, indices, max_len, tokenizer.pad_token_id), keys)
+
+    def examples(split):  # a tokenized dataset, or (streaming) this host's blocks {column: [n, max_len]}
+        return len(splits[split]["input_ids"] if data_args.streaming else splits[split])
 
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
-                             len(splits["validation"]), mesh, eval_batch, training_args.seed)
+                             examples("validation"), mesh, eval_batch, training_args.seed,
+                             per_host=data_args.streaming)
 
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = layout.eval_step(eval_step)
     resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
                         data_args, training_args)
 
     if training_args.do_train:
-        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))
-                   for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
-                                                               training_args.seed, start_step, total_steps))
+        rows, input_iterator = parallel.host_rows(mesh, update_batch), None
+        if data_args.streaming:
+            input_iterator = loop.resume_input(run, start_step, streaming.training_batches(
+                stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
+                seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
+            # A streamed row's mask depends on (seed, share, step, row) (4: see data.RNG_STREAMS).
+            share = parallel.host_share(mesh, update_batch)[0]
+            batches = (mask(batch, example_rng.keys(training_args.seed, 4, share, step, np.arange(len(rows))))
+                       for step, batch in enumerate(input_iterator, start_step))
+        else:
+            # An example's mask depends on (seed, epoch, index) alone (2: see data.RNG_STREAMS), not on the hosts.
+            batches = (make_batch(splits["train"], indices[rows],
+                                  example_rng.keys(training_args.seed, 2, epoch, indices[rows]))
+                       for epoch, _, indices in data.epoch_batches(len(splits["train"]), update_batch,
+                                                                   training_args.seed, start_step, total_steps))
         p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
         plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch, update_batch * max_len)
@@ -248,14 +302,17 @@ def main(argv=None):
             export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo)
+            meta=meta, hub=repo, input_iterator=input_iterator)
+        if input_iterator is not None:
+            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+            samples = total_steps * update_batch if data_args.streaming else len(splits["train"])
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": examples("validation")})
     hub.finish(repo, "fill-mask", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

@@ -336,15 +336,14 @@ def main(argv=None):
         ids = jax.ShapeDtypeStruct((eval_batch, data_args.max_source_length), jnp.int32)
         p_generate.lower(state.params, ids, ids)
 
-    def make_batch(dataset, indices, rng=None):
-        return to_batch(dataset[indices[parallel.host_rows(mesh, len(indices))].tolist()], shift_right)
+    def make_batch(dataset, indices, keys=None):  # this host's rows (nothing here is random: no keys needed)
+        return to_batch(dataset[indices.tolist()], shift_right)
 
     def summarize(params, dataset):
         """Token ids [N, generation_max_length] of every example's summary, in order."""
-        rows = parallel.host_rows(mesh, eval_batch)
 
-        def make_batch(indices, rng):
-            host = dataset[indices[rows].tolist()]
+        def make_batch(indices, _):  # this host's rows
+            host = dataset[indices.tolist()]
             return {k: np.asarray(host[k], np.int32) for k in ("input_ids", "attention_mask")}
 
         outputs = [(p_generate(params, batch["input_ids"], batch["attention_mask"]), n_real) for batch, n_real in
@@ -373,7 +372,8 @@ def main(argv=None):
 
     eval_metrics = None
     if training_args.do_train:
-        batches = (make_batch(splits["train"], indices)
+        rows = parallel.host_rows(mesh, update_batch)
+        batches = (make_batch(splits["train"], indices[rows])
                    for _, _, indices in data.epoch_batches(len(splits["train"]), update_batch, training_args.seed,
                                                            start_step, total_steps))
         p_train_step = layout.train_step(

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import compilation_cache, data, hf_export, hub, loop, models, parallel, pretrained, resume, training
-from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
+from flaxtrain import (compilation_cache, data, example_rng, hf_export, hub, loop, models, parallel, pretrained, resume,
+                       streaming, training)
+from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import longt5, t5
 
@@ -34,7 +35,7 @@ MODEL_TYPES = (*t5.T5Config.MODEL_TYPES, *longt5.LongT5Config.MODEL_TYPES)
 
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
-class T5DataArguments(DataArguments):
+class T5DataArguments(DataArguments, StreamingArguments):
     max_seq_length: int = field(
         default=512, metadata={"help": "Encoder input length after corruption (the raw chunk is longer)."}
     )
@@ -107,25 +108,30 @@ def compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_sp
     return low, corrupted_lengths(low, noise_density, mean_noise_span_length)[1]
 
 
-def random_spans_noise_mask(length, noise_density, mean_noise_span_length, rng, batch_size=None):
-    """T5's noise mask: bool [length] (or [batch_size, length], one independent draw per row), True on noise.
+def random_spans_noise_mask(length, noise_density, mean_noise_span_length, keys):
+    """T5's noise mask: bool [n, length], True on noise, one independent draw per example for keys uint64 [n]
+    (flaxtrain.example_rng.keys: a row depends on its key alone).
 
     The noise and the non-noise tokens are each cut at random into num_spans non-empty spans (see
     `noise_span_counts`), which alternate starting with non-noise, so a mask always ends in noise. Every row has
-    exactly num_noise noise tokens in num_spans spans. `rng` is an np.random.Generator.
+    exactly num_noise noise tokens in num_spans spans.
     """
     num_noise, num_spans = noise_span_counts(length, noise_density, mean_noise_span_length)
-    rows = 1 if batch_size is None else batch_size
 
-    def random_segments(num_items):  # [rows, num_items]: the span (0 .. num_spans-1) of each item, in order
-        starts = np.zeros((rows, num_items), bool)
-        starts[:, 1:] = rng.permuted(np.tile(np.arange(num_items - 1) < num_spans - 1, (rows, 1)), axis=1)
+    def random_segments(num_items, stream):  # [n, num_items]: the span (0 .. num_spans-1) of each item, in order
+        # A new span starts after num_spans - 1 of the num_items - 1 gaps, a uniformly random choice: the gaps
+        # whose uniform draws are the smallest.
+        starts = np.zeros((len(keys), num_items), bool)
+        if num_spans > 1:
+            draws = example_rng.uniform(keys, num_items - 1, stream)
+            np.put_along_axis(starts[:, 1:], np.argpartition(draws, num_spans - 2, axis=1)[:, :num_spans - 1],
+                              True, axis=1)
         return np.cumsum(starts, axis=1)
 
     # Key 2k for the tokens of non-noise span k, 2k+1 for noise span k: sorted, they interleave the spans.
-    keys = np.concatenate([2 * random_segments(length - num_noise), 2 * random_segments(num_noise) + 1], axis=1)
-    mask = np.sort(keys, axis=1) % 2 == 1
-    return mask[0] if batch_size is None else mask
+    order = np.concatenate([2 * random_segments(length - num_noise, 0), 2 * random_segments(num_noise, 1) + 1],
+                           axis=1)
+    return np.sort(order, axis=1) % 2 == 1
 
 
 def sentinel_token_ids(tokenizer, count):
@@ -153,29 +159,28 @@ def _replace_spans(ids, spans, sentinel_ids):
     return replaced[~spans | first].reshape(len(ids), -1)
 
 
-def span_corrupt(input_ids, rng, rows, sentinel_ids, eos_id, pad_id, noise_density, mean_noise_span_length,
+def span_corrupt(input_ids, keys, sentinel_ids, eos_id, pad_id, noise_density, mean_noise_span_length,
                  inputs_length, targets_length, decoder_start_id=None):
-    """Span corruption of this host's `rows` of a global batch.
+    """Span corruption of a host's rows.
 
-    input_ids: int [B, raw_length], the whole global batch of raw chunks (see `compute_input_and_target_lengths`).
-    The noise masks are drawn from `rng` (an np.random.Generator) for all B rows, so a row is corrupted the same way
-    however the batch is split over hosts. sentinel_ids: int [>= num_spans] from `sentinel_token_ids`.
-    Returns int32 arrays for the b rows of `rows`:
+    input_ids: int [b, raw_length], the raw chunks of the rows this host builds (see
+    `compute_input_and_target_lengths`); keys: uint64 [b], one per row (flaxtrain.example_rng.keys). A row's noise
+    mask is a function of its key alone, so it is corrupted the same way however the batch is split over hosts.
+    sentinel_ids: int [>= num_spans] from `sentinel_token_ids`. Returns int32 arrays:
       input_ids, attention_mask [b, inputs_length]: the text with sentinels, then EOS; padded at the end where the
           corruption comes out shorter (attention_mask 0 there).
       labels, decoder_input_ids [b, targets_length]: the noise spans after their sentinels, then EOS; the decoder
           input is the labels shifted right after `decoder_start_id` (default: the pad token, as T5's).
       weights float32 [b, targets_length]: 1 on every real target token (EOS included), 0 on padding.
     """
-    input_ids = np.asarray(input_ids)
-    batch, raw_length = input_ids.shape
+    ids = np.asarray(input_ids)
+    raw_length = ids.shape[1]
     num_spans = noise_span_counts(raw_length, noise_density, mean_noise_span_length)[1]
     sentinel_ids = np.asarray(sentinel_ids)
     if len(sentinel_ids) < num_spans:
         raise ValueError(f"Corrupting {raw_length} tokens makes {num_spans} noise spans, but only "
                          f"{len(sentinel_ids)} sentinel ids were given.")
-    noise = random_spans_noise_mask(raw_length, noise_density, mean_noise_span_length, rng, batch_size=batch)[rows]
-    ids = input_ids[rows]
+    noise = random_spans_noise_mask(raw_length, noise_density, mean_noise_span_length, keys)
 
     def finish(parts, length, name):  # [b, n] -> [b, length]: EOS, then padding; and the mask of real tokens
         if parts.shape[1] + 1 > length:
@@ -204,6 +209,35 @@ def group_texts(examples, raw_length):
     joined = {key: list(itertools.chain.from_iterable(values)) for key, values in examples.items()}
     total = len(next(iter(joined.values()), [])) // raw_length * raw_length
     return {key: [tokens[i:i + raw_length] for i in range(0, total, raw_length)] for key, tokens in joined.items()}
+
+
+def encode_text(texts, tokenizer):
+    """Token ids of texts (each with the </s> the T5 tokenizer appends), to be cut into chunks."""
+    return {"input_ids": tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"]}
+
+
+def in_memory_splits(tokenizer, model_args, data_args, training_args, raw_length):
+    """{"train", "validation"} as needed: chunks of raw_length tokens (cached by datasets, so a rerun does not
+    tokenize again), cut to --max_train_samples / --max_eval_samples."""
+    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
+    column = data.text_column(next(iter(raw.values())))
+    tokenized = raw.map(lambda examples: encode_text(examples[column], tokenizer), batched=True,
+                        num_proc=data_args.preprocessing_num_workers,
+                        remove_columns=next(iter(raw.values())).column_names,
+                        load_from_cache_file=not data_args.overwrite_cache)
+    chunks = tokenized.map(group_texts, batched=True, fn_kwargs={"raw_length": raw_length},
+                           num_proc=data_args.preprocessing_num_workers,
+                           load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+    splits = {}
+    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
+                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
+        if wanted:
+            splits[split] = data.take(chunks[split], limit)
+            if len(splits[split]) == 0:
+                raise ValueError(f"The {split} data gives no chunk of {raw_length} tokens (what --max_seq_length="
+                                 f"{data_args.max_seq_length} needs before corruption): use more text or a smaller "
+                                 "--max_seq_length.")
+    return splits
 
 
 # --------------------------------------------------------------------------------------------------- steps
@@ -244,6 +278,8 @@ def main(argv=None):
         raise ValueError(f"--mlm_probability (--noise_density) must be between 0 and 1, got {density}.")
     if span < 1:
         raise ValueError(f"--mean_noise_span_length must be at least 1, got {span}.")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
     raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
 
     # Cheap checks first: output directory, tokenizer, config.
@@ -261,29 +297,20 @@ def main(argv=None):
     logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,
                 targets_length)
 
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
-    column = data.text_column(next(iter(raw.values())))
-    tokenized = raw.map(lambda examples: tokenizer(examples[column], return_attention_mask=False, verbose=False),
-                        batched=True, num_proc=data_args.preprocessing_num_workers,
-                        remove_columns=next(iter(raw.values())).column_names,
-                        load_from_cache_file=not data_args.overwrite_cache)
-    chunks = tokenized.map(group_texts, batched=True, fn_kwargs={"raw_length": raw_length},
-                           num_proc=data_args.preprocessing_num_workers,
-                           load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
-    splits = {}
-    for split, wanted, limit in (("train", training_args.do_train, data_args.max_train_samples),
-                                 ("validation", training_args.do_eval, data_args.max_eval_samples)):
-        if wanted:
-            splits[split] = data.take(chunks[split], limit)
-            if len(splits[split]) == 0:
-                raise ValueError(f"The {split} data gives no chunk of {raw_length} tokens (what --max_seq_length="
-                                 f"{data_args.max_seq_length} needs before corruption): use more text or a smaller "
-                                 "--max_seq_length.")
+    splits, stream = {}, {}
+    if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
+        wanted = {"train": data_args.train_file} if training_args.do_train else {}
+        if training_args.do_eval:
+            wanted["validation"] = data_args.validation_file
+        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
+                                          model_args.token, model_args.cache_dir)
+    else:
+        splits = in_memory_splits(tokenizer, model_args, data_args, training_args, raw_length)
 
     # Optimizer, mesh and the train state split over it.
     update_batch = (training_args.per_device_train_batch_size * jax.device_count()
                     * training_args.gradient_accumulation_steps)
-    train_examples = len(splits["train"]) if training_args.do_train else 0
+    train_examples = None if data_args.streaming else len(splits["train"]) if training_args.do_train else 0
     steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
     layout = loop.layout(model, family, tx, training_args)
     mesh = layout.mesh
@@ -291,24 +318,50 @@ def main(argv=None):
             if model_args.model_name_or_path else None)
     state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
 
-    def make_batch(dataset, indices, rng):
-        return span_corrupt(dataset[indices.tolist()]["input_ids"], rng, parallel.host_rows(mesh, len(indices)),
-                            sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
+    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    stream_options = dict(encode=functools.partial(encode_text, tokenizer=tokenizer), length=raw_length,
+                          pad={"input_ids": tokenizer.pad_token_id})
+    if data_args.streaming and training_args.do_eval:  # this host's share of the chunks, as arrays [n, raw_length]
+        splits["validation"] = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
+                                                           limit=data_args.max_eval_samples)
+
+    def corrupt(chunks, keys):
+        return span_corrupt(chunks, keys, sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
                             data_args.max_seq_length, targets_length, model.config.decoder_start_token_id)
+
+    def make_batch(dataset, indices, keys):  # this host's rows: their dataset indices and example_rng keys
+        return corrupt(dataset["input_ids"][indices] if data_args.streaming else
+                       dataset[indices.tolist()]["input_ids"], keys)
+
+    def examples(split):  # a dataset of chunks, or (streaming) this host's chunks {"input_ids": [n, raw_length]}
+        return len(splits[split]["input_ids"] if data_args.streaming else splits[split])
 
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
-                             len(splits["validation"]), mesh, eval_batch, training_args.seed)
+                             examples("validation"), mesh, eval_batch, training_args.seed,
+                             per_host=data_args.streaming)
 
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
     p_eval_step = layout.eval_step(eval_step)
     resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
                         data_args, training_args)
 
     if training_args.do_train:
-        batches = (make_batch(splits["train"], indices, np.random.default_rng([training_args.seed, 2, epoch, i]))
-                   for epoch, i, indices in data.epoch_batches(len(splits["train"]), update_batch,
-                                                               training_args.seed, start_step, total_steps))
+        rows, input_iterator = parallel.host_rows(mesh, update_batch), None
+        if data_args.streaming:
+            input_iterator = loop.resume_input(run, start_step, streaming.training_batches(
+                stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
+                seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
+            # A streamed row's noise depends on (seed, share, step, row) (4: see data.RNG_STREAMS).
+            share = parallel.host_share(mesh, update_batch)[0]
+            batches = (corrupt(batch["input_ids"],
+                               example_rng.keys(training_args.seed, 4, share, step, np.arange(len(rows))))
+                       for step, batch in enumerate(input_iterator, start_step))
+        else:
+            # An example's noise depends on (seed, epoch, index) alone (2: see data.RNG_STREAMS), not on the hosts.
+            batches = (make_batch(splits["train"], indices[rows],
+                                  example_rng.keys(training_args.seed, 2, epoch, indices[rows]))
+                       for epoch, _, indices in data.epoch_batches(len(splits["train"]), update_batch,
+                                                                   training_args.seed, start_step, total_steps))
         p_train_step = layout.train_step(
             functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
         plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
@@ -319,14 +372,17 @@ def main(argv=None):
             export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo)
+            meta=meta, hub=repo, input_iterator=input_iterator)
+        if input_iterator is not None:
+            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": len(splits["train"])})
+            samples = total_steps * update_batch if data_args.streaming else len(splits["train"])
+            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": examples("validation")})
     hub.finish(repo, "text2text-generation", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

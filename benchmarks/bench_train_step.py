@@ -42,7 +42,7 @@ import run_clm_flax  # noqa: E402
 import run_mlm_flax  # noqa: E402
 import run_summarization_flax  # noqa: E402
 import run_t5_mlm_flax  # noqa: E402
-from flaxtrain import models, parallel, training  # noqa: E402
+from flaxtrain import example_rng, models, parallel, training  # noqa: E402
 
 CONFIGS = {
     "bert-small": dict(type="bert", seq=128, batch=16, model=dict(
@@ -109,8 +109,9 @@ def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, 
     ones = np.ones((batch, seq), np.int32)
     if script is run_mlm_flax:  # the script's own 15% masking
         tokenizer = types.SimpleNamespace(vocab_size=vocab_size, mask_token_id=4, pad_token_id=1)
-        return run_mlm_flax.mask_tokens({"input_ids": ids, "special_tokens_mask": np.zeros_like(ids)}, rng,
-                                        np.arange(batch), tokenizer, 0.15, run_mlm_flax.max_predictions(seq, 0.15))
+        return run_mlm_flax.mask_tokens({"input_ids": ids, "special_tokens_mask": np.zeros_like(ids)},
+                                        example_rng.keys(0, np.arange(batch)), tokenizer, 0.15,
+                                        run_mlm_flax.max_predictions(seq, 0.15))
     if script in (run_t5_mlm_flax, run_summarization_flax):
         labels = rng.integers(5, vocab_size, (batch, target)).astype(np.int32)
         return {"input_ids": ids, "attention_mask": ones, "labels": labels, "decoder_input_ids": labels,

@@ -95,6 +95,21 @@ class DataArguments:
 
 
 @dataclass
+class StreamingArguments:
+    """--streaming, for the pretraining scripts (masked LM, causal LM, T5 span corruption): flaxtrain/streaming.py."""
+
+    streaming: bool = field(
+        default=False, metadata={"help": "Read, tokenize and pack the text on the fly, each host only its share of "
+                                         "the files or records (for corpora larger than memory); needs --max_steps. "
+                                         "--train_file/--validation_file may be a folder or a glob pattern."}
+    )
+    shuffle_buffer_size: int = field(
+        default=10000, metadata={"help": "--streaming: records shuffled together, a window at a time (seeded by "
+                                         "--seed; 0 or 1: in file order)."}
+    )
+
+
+@dataclass
 class TrainingArguments:
     # Cadence, reporting, evaluation and where things go; the batch size flags are compared as their product, the
     # examples per update (resume.py).

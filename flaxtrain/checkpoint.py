@@ -2,14 +2,17 @@
 
 A checkpoint holds the whole `TrainState` (params, optimizer state, step) and a little JSON metadata: the flags
 that make the run what it is (checked when a run resumes, see `resume.py`), the progress since the last log line
-and the best-model record. Everything else a run needs to continue exactly is a function of the step and the seed
-(data order, masking, dropout rngs). Orbax writes each step under a temporary name and renames it when complete
-(in a bucket: writes a commit marker last), so a killed save is never taken as a checkpoint.
+and the best-model record; a streaming run adds the position of each host's input (`input/process_I-of-N.json`,
+Grain's iterator state). Everything else a run needs to continue exactly is a function of the step and the seed
+(the data order and masks of in-memory data, dropout rngs). Orbax writes each step under a temporary name and
+renames it when complete (in a bucket: writes a commit marker last), so a killed save is never taken as a
+checkpoint.
 """
 
 import logging
 from typing import Optional
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
@@ -50,12 +53,13 @@ class Checkpoints:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         )
 
-    def save(self, step: int, state, meta: dict):
-        """Starts an asynchronous save; training goes on while it is written."""
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(finite_json(meta)))
-        )
+    def save(self, step: int, state, meta: dict, input_iterator=None):
+        """Starts an asynchronous save; training goes on while it is written. `input_iterator`: a Grain iterator
+        whose position (this host's) is saved with the state."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(finite_json(meta)))
+        if input_iterator is not None:
+            items["input"] = grain.checkpoint.CheckpointSave(input_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -76,6 +80,27 @@ def restore(directory: str, step: int, state_like):
     finally:
         manager.close()
     return restored.state, restored.meta
+
+
+def restore_input(directory: str, step: int, input_iterator):
+    """Puts `input_iterator` (a Grain iterator, built as the saving run built it) where this host's input stood
+    at `step`. Each host saved its own position, so the run must resume on as many hosts as saved it."""
+    folder = storage.join(directory, str(step), "input")
+    saved = [name for name in storage.listdir(folder) if name.startswith("process_")]
+    if not saved:
+        raise ValueError(f"The checkpoint {storage.join(directory, str(step))} holds no input position (it was not "
+                         "saved by a --streaming run).")
+    hosts = int(saved[0].rsplit("-of-", 1)[1].split(".")[0])
+    if hosts != jax.process_count():
+        raise ValueError(f"The checkpoint {storage.join(directory, str(step))} was saved by {hosts} hosts and this "
+                         f"run has {jax.process_count()}: a --streaming run resumes on as many hosts as it started "
+                         "on (each host's input position is its own), or starts again with --resume_from_checkpoint"
+                         "=none.")
+    manager = _reader(directory)
+    try:
+        manager.restore(step, args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(input_iterator)))
+    finally:
+        manager.close()
 
 
 def restore_meta(directory: str, step: int) -> dict:

@@ -19,9 +19,15 @@ from flaxtrain import storage
 logger = logging.getLogger(__name__)
 
 # Every random stream is keyed [seed, tag, ...] with its own tag and key length, so that no two coincide (numpy
-# pads a shorter key with zeros: [s, 1] would be the same stream as [s, 1, 0]).
-RNG_STREAMS = {"data order": "[seed, 1, epoch]", "training masks": "[seed, 2, epoch, batch]",
-               "evaluation masks": "[seed, 3, batch]"}
+# pads a shorter key with zeros: [s, 1] would be the same stream as [s, 1, 0]). The masks are keyed per example
+# (flaxtrain.example_rng.keys of these parts, the index being the example's in its split), so that a host draws
+# for its own rows only and an example's mask does not depend on the batch or the hosts that built it.
+RNG_STREAMS = {"data order": "[seed, 1, epoch]", "training masks": "[seed, 2, epoch, example index]",
+               "evaluation masks": "[seed, 3, example index]",
+               # --streaming (flaxtrain/streaming.py): the rows of a host's batch at a step, its evaluation blocks,
+               # and the order of its share's files in each pass
+               "streamed training masks": "[seed, 4, share, step, row]",
+               "streamed evaluation masks": "[seed, 5, share, block index]", "stream file order": "[seed, 6, pass]"}
 
 BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 SCAN_CHUNK = 1 << 20  # bytes read at a time when looking for what datasets could not read in a file

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxtrain import checkpoint, data, parallel, preemption, storage
+from flaxtrain import checkpoint, data, example_rng, parallel, preemption, storage
 from flaxtrain.best import BestModel
 from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
 
@@ -64,29 +64,55 @@ def start_state(layout, run, train_examples: int, *, seed: int, load=None):
     return layout.create(params), 0, meta
 
 
+def resume_input(run, start_step: int, input_iterator):
+    """A stream's iterator put where this host's input stood at the checkpoint that `start_state` resumed from
+    (`run`: resume.start's answer); left at the start for a fresh run."""
+    if start_step:
+        checkpoint.restore_input(run.checkpoint.directory, start_step, input_iterator)
+    return input_iterator
+
+
 def eval_batches(make_batch, num_examples: int, mesh, global_batch: int, seed: int):
     """Yields (global batch, number of real rows) covering every example once, in order.
 
-    make_batch(indices, rng) builds this host's rows of the global batch `indices`; its rng is seeded by the
-    batch's position, so random masks are the same at every evaluation. The last batch is padded (data.eval_batches);
-    where the batch has "weights", the padding rows get weight zero.
+    make_batch(indices, keys) builds this host's rows of a global batch: `indices` int [b] are the rows' example
+    indices, `keys` uint64 [b] their example_rng keys (seed, 3, index), so that random masks are the same at every
+    evaluation and on any number of hosts. The last batch is padded (data.eval_batches); where the batch has
+    "weights", the padding rows get weight zero.
     """
     rows = parallel.host_rows(mesh, global_batch)
-    for i, (indices, n_real) in enumerate(data.eval_batches(num_examples, global_batch)):
-        host = make_batch(indices, np.random.default_rng([seed, 3, i]))  # 3: see data.RNG_STREAMS
+    for indices, n_real in data.eval_batches(num_examples, global_batch):
+        host = make_batch(indices[rows], example_rng.keys(seed, 3, indices[rows]))  # 3: see data.RNG_STREAMS
         if "weights" in host:
             host["weights"][rows >= n_real] = 0
         yield parallel.to_global(host, mesh, global_batch), n_real
 
 
-def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_batch: int, seed: int) -> dict:
+def host_eval_batches(make_batch, host_examples: int, mesh, global_batch: int, seed: int):
+    """Like `eval_batches`, for examples that each host holds its own of (a stream's evaluation blocks: this host's
+    share, `host_examples` of them): make_batch(indices, keys) gets indices into this host's examples. Hosts hold
+    different numbers of them: every host makes as many batches as the host with the most, its rows past its own
+    examples at weight zero. Yields global batches."""
+    rows = len(parallel.host_rows(mesh, global_batch))
+    share = parallel.host_share(mesh, global_batch)[0]
+    for begin in range(0, parallel.agree_max(host_examples), rows):
+        local = np.arange(begin, begin + rows)
+        host = make_batch(np.where(local < host_examples, local, 0), example_rng.keys(seed, 5, share, local))
+        host["weights"][local >= host_examples] = 0  # 5: see data.RNG_STREAMS
+        yield parallel.to_global(host, mesh, global_batch)
+
+
+def evaluate(state, p_eval_step, make_batch, num_examples: int, mesh, global_batch: int, seed: int,
+             per_host: bool = False) -> dict:
     """Loss, accuracy and perplexity over every example once.
 
     p_eval_step(state, batch) returns the global batch's {"loss", "accuracy", "weight"} sums; make_batch builds this
-    host's rows with "weights" (see `eval_batches`).
+    host's rows with "weights" (see `eval_batches`; with `per_host`, `host_eval_batches`).
     """
     totals = None
-    for batch, _ in eval_batches(make_batch, num_examples, mesh, global_batch, seed):
+    batches = (host_eval_batches(make_batch, num_examples, mesh, global_batch, seed) if per_host else
+               (batch for batch, _ in eval_batches(make_batch, num_examples, mesh, global_batch, seed)))
+    for batch in batches:
         sums = p_eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = parallel.fetch(totals)
@@ -120,19 +146,32 @@ def run_steps(state, step_fn, batches, plan: Plan, *, mesh, seed: int, hooks: li
     """The loop: `step_fn(state, batch, dropout_rng)` on each of `batches` (host dicts of this host's rows) for the
     steps after plan.start_step up to plan.total_steps; after each step, the hooks that are due, in order. SIGTERM
     or SIGINT (every host after the same step): `on_signal(step, state, signum)`, which must not return. Returns
-    the state after the last step."""
+    the state after the last step.
+
+    Hosts whose batches end at different steps (a stream's shares differ) stop together: a host without a batch
+    takes part in the step with its last batch at weight zero while all hosts learn of it, then every host raises
+    the same error after the same step."""
     dropout_rng = jax.random.key(seed + 1)  # the step folds its step number in
-    step = plan.start_step
+    step, last, batches = plan.start_step, None, iter(batches)
     with preemption.StopSignal(mesh) as stop:
-        for host_batch in batches:
-            if step >= plan.total_steps:
-                break
+        while step < plan.total_steps:
+            host_batch = next(batches, None)
+            if last is None:
+                parallel.all_hosts_have(host_batch is not None, "no training batch: its share of the data is "
+                                                                "shorter than one batch")
+            if host_batch is None:
+                stop.out_of_data()
+                host_batch = {k: np.zeros_like(v) if k == "weights" else v for k, v in last.items()}
+            last = host_batch
             state, metrics = step_fn(state, parallel.to_global(host_batch, mesh, plan.rows), dropout_rng)
             step += 1
             for hook in hooks:
                 if step % hook.every == 0:
                     hook.run(step, state, metrics)
-            if (signum := stop.should_stop()) and step < plan.total_steps:
+            signum = stop.should_stop()
+            if signum == preemption.OUT_OF_DATA:
+                break
+            if signum and step < plan.total_steps:
                 on_signal(step, state, signum)
     if step < plan.total_steps:
         raise RuntimeError(f"The training data ran out at step {step} of {plan.total_steps}.")
@@ -143,8 +182,9 @@ class Run:
     """What a training run writes besides its steps: log records (TensorBoard, log_history.jsonl, the bar),
     evaluations and the best model, checkpoints with the export and the Hub push. Every host makes one."""
 
-    def __init__(self, args, plan: Plan, *, evaluate, export, meta: dict, hub, best_metric: str):
+    def __init__(self, args, plan: Plan, *, evaluate, export, meta: dict, hub, best_metric: str, input_iterator=None):
         self.args, self.plan, self.evaluate, self.export, self.meta, self.hub = args, plan, evaluate, export, meta, hub
+        self.input_iterator = input_iterator
         resumed = plan.start_step > 0
         self.best = None
         if args.load_best_model_at_end and evaluate:
@@ -205,7 +245,8 @@ class Run:
         # Never save or export weights a NaN loss came from; the progress since the last log line rides along, so
         # that a run resumed from here logs what the uninterrupted run logs.
         saved = {**self.meta, "progress": self.progress.carry(step)}
-        self.checkpoints.save(step, state, saved if self.best is None else self.best.checkpoint_meta(saved))
+        self.checkpoints.save(step, state, saved if self.best is None else self.best.checkpoint_meta(saved),
+                              self.input_iterator)
         self.export(state.params if exported is None else exported)
         if self.hub is not None:
             self.hub.push(step)
@@ -250,14 +291,15 @@ class Run:
 
 
 def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, meta: dict, hub=None,
-          best_metric: str = "eval_loss"):
+          best_metric: str = "eval_loss", input_iterator=None):
     """Trains `state` with the compiled `step_fn(state, batch, dropout_rng)` on `batches` (host dicts of this
     host's rows, from plan.start_step on) until plan.total_steps: logs every --logging_steps (and after the last
     step), evaluates every --eval_steps with `evaluate(state)` (if given), saves a checkpoint and `export(params)`s
     the model every --save_steps, and at the end evaluates once more and saves. Returns (state, train metrics,
     final eval metrics or None); (state, None, None) when the checkpoint resumed from is already the last step,
     leaving that run's results alone. `hub` (hub.connect's answer) is told of every save and pushes in the
-    background.
+    background. `input_iterator`: the Grain iterator `batches` draw from, one batch a step (a stream: see
+    flaxtrain/streaming.py), whose position is saved with every checkpoint (`resume_input` puts it back).
 
     SIGTERM or SIGINT stops the run after the step in flight (on every host after the same step), with a checkpoint
     and export of that step: `preemption.Preempted` is raised, which exits with 128 + the signal number.
@@ -265,7 +307,8 @@ def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, 
     With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
     `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
     model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
-    run = Run(args, plan, evaluate=evaluate, export=export, meta=meta, hub=hub, best_metric=best_metric)
+    run = Run(args, plan, evaluate=evaluate, export=export, meta=meta, hub=hub, best_metric=best_metric,
+              input_iterator=input_iterator)
     if plan.start_step >= plan.total_steps:
         logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.",
                        plan.start_step)

@@ -175,6 +175,41 @@ def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
     return np.array(sorted(rows))
 
 
+def host_share(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """(index, count): which of the distinct row sets of a global batch this host holds, and how many there are.
+    A stream is read in `count` shares, this host's being `index`: hosts holding the same rows (replicas along
+    `tensor`) read the same share. Computed from the mesh alone, the same on every host."""
+    index_map = batch_sharding(mesh).devices_indices_map((global_rows,))
+    by_host = {}
+    for device, index in index_map.items():
+        by_host.setdefault(device.process_index, set()).update(range(*index[0].indices(global_rows)))
+    shares = sorted({frozenset(rows) for rows in by_host.values()}, key=min)
+    return shares.index(frozenset(by_host[jax.process_index()])), len(shares)
+
+
+def all_hosts_have(mine: bool, what: str):
+    """Raises on every host (the same message) unless every host has `mine` True: a check that must not leave
+    some hosts waiting in a collective for others that stopped. `what` says what a host lacks."""
+    if jax.process_count() == 1:
+        if not mine:
+            raise ValueError(f"This host has {what}.")
+        return
+    from jax.experimental import multihost_utils
+
+    have = np.asarray(multihost_utils.process_allgather(np.int32(mine)))
+    if not have.all():
+        raise ValueError(f"Host(s) {', '.join(map(str, np.flatnonzero(have == 0)))} of {len(have)} have {what}.")
+
+
+def agree_max(value: int) -> int:
+    """The largest of every host's `value` (the same answer on every host)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.asarray(multihost_utils.process_allgather(np.int64(value))).max())
+
+
 def to_global(host_batch: dict, mesh: Mesh, global_rows: int) -> dict:
     """The global batch from this host's rows (`host_batch` arrays hold the rows `host_rows` lists, in order)."""
     rows, sharding = host_rows(mesh, global_rows), batch_sharding(mesh)

@@ -9,7 +9,9 @@ a checkpoint, and the previous one stays).
 On several hosts a signal may reach one host, or reach them at different steps, but every host must stop after
 the same step (the save is collective). After each step every host contributes its flag to a one-number max over
 all devices; the loop reads that answer one step late, so the host never waits for the step it just dispatched:
-the answer for step k is the same everywhere, and every host stops after step k + 1.
+the answer for step k is the same everywhere, and every host stops after step k + 1. A host whose input ran out
+raises the same flag with OUT_OF_DATA, larger than any signal's number, so that every host stops after the same
+step then too.
 """
 
 import logging
@@ -23,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+OUT_OF_DATA = 1000  # should_stop's answer when some host's input ran out
 
 
 class Preempted(SystemExit):
@@ -34,6 +37,7 @@ class StopSignal:
 
     def __init__(self, mesh):
         self.signum = 0  # the first signal received on this host
+        self.ran_out = False
         self.previous, self.pending = {}, None
         if jax.process_count() > 1:
             flat = NamedSharding(mesh, P(mesh.axis_names))  # one element per device, over every mesh axis
@@ -59,12 +63,17 @@ class StopSignal:
         self.signum = signum
         logger.warning("%s received: finishing the step in flight, then saving a checkpoint and stopping.", name)
 
+    def out_of_data(self):
+        """This host's input ran out (it trains on a batch of weight zero until every host knows)."""
+        self.ran_out = True
+
     def should_stop(self) -> int:
-        """Called once after every step. The signal number to stop with, after this step, or 0 to go on; the same
-        answer on every host."""
+        """Called once after every step. The signal number to stop with after this step, OUT_OF_DATA, or 0 to go
+        on; the same answer on every host."""
+        flag = OUT_OF_DATA if self.ran_out else self.signum
         if jax.process_count() == 1:
-            return self.signum
-        local = np.full(len(self.sharding.addressable_devices), self.signum, np.int32)
+            return flag
+        local = np.full(len(self.sharding.addressable_devices), flag, np.int32)
         flags = jax.make_array_from_process_local_data(self.sharding, local, (jax.device_count(),))
         answer, self.pending = self.pending, self.agree(flags)
         return 0 if answer is None else int(answer.addressable_data(0))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import run_mlm_flax
+from flaxtrain import example_rng
 from tests import tiny
 
 
@@ -35,15 +36,23 @@ def full_targets(out):
     return labels, weights
 
 
-def mask_tokens(batch, rng, rows, tokenizer, probability, predictions=None):
+def keys(rows, seed=0):
+    """Example keys of rows 0 .. rows-1 as training keys them (seed, 2, epoch 0, index)."""
+    return example_rng.keys(seed, 2, 0, np.arange(rows))
+
+
+def take(batch, rows):
+    return {name: values[rows] for name, values in batch.items()}
+
+
+def mask_tokens(batch, keys, tokenizer, probability, predictions=None):
     """run_mlm_flax.mask_tokens, by default with room for every token of a row."""
-    return run_mlm_flax.mask_tokens(batch, rng, rows, tokenizer, probability,
-                                    predictions or batch["input_ids"].shape[1])
+    return run_mlm_flax.mask_tokens(batch, keys, tokenizer, probability, predictions or batch["input_ids"].shape[1])
 
 
 def test_masking_rate_and_80_10_10_split(tokenizer):
     batch = batch_of(tokenizer, rows=2000)
-    out = mask_tokens(batch, np.random.default_rng(0), slice(None), tokenizer, 0.15)
+    out = mask_tokens(batch, keys(2000), tokenizer, 0.15)
     labels, weights = full_targets(out)
     maskable = batch["special_tokens_mask"] == 0
     chosen = weights > 0
@@ -59,7 +68,7 @@ def test_masking_rate_and_80_10_10_split(tokenizer):
 
 def test_special_and_padding_tokens_are_never_masked(tokenizer):
     batch = batch_of(tokenizer, rows=500)
-    out = mask_tokens(batch, np.random.default_rng(1), slice(None), tokenizer, 0.5)
+    out = mask_tokens(batch, keys(500, seed=1), tokenizer, 0.5)
     special = batch["special_tokens_mask"] == 1
     assert special.any() and (full_targets(out)[1][special] == 0).all()
     padding = batch["input_ids"] == tokenizer.pad_token_id
@@ -67,16 +76,30 @@ def test_special_and_padding_tokens_are_never_masked(tokenizer):
 
 
 def test_masking_is_deterministic_and_independent_of_the_host_split(tokenizer):
-    batch = batch_of(tokenizer, rows=16)
-    whole = mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
-    again = mask_tokens(batch, np.random.default_rng(7), slice(None), tokenizer, 0.15)
-    halves = [mask_tokens(batch, np.random.default_rng(7), rows, tokenizer, 0.15)
-              for rows in (slice(0, 8), slice(8, 16))]
-    other = mask_tokens(batch, np.random.default_rng(8), slice(None), tokenizer, 0.15)
+    batch, row_keys = batch_of(tokenizer, rows=16), keys(16, seed=7)
+    whole = mask_tokens(batch, row_keys, tokenizer, 0.15)
+    again = mask_tokens(batch, row_keys, tokenizer, 0.15)
+    # Three hosts, each masking only its rows with their keys.
+    pieces = [mask_tokens(take(batch, rows), row_keys[rows], tokenizer, 0.15)
+              for rows in (slice(0, 5), slice(5, 11), slice(11, 16))]
+    other = mask_tokens(batch, keys(16, seed=8), tokenizer, 0.15)
     for key in whole:
         assert (whole[key] == again[key]).all()
-        assert (np.concatenate([h[key] for h in halves]) == whole[key]).all()
+        assert (np.concatenate([p[key] for p in pieces]) == whole[key]).all()
     assert (other["weights"] != whole["weights"]).any()
+
+
+def test_a_row_is_masked_by_its_key_alone(tokenizer):
+    """Rows with their keys, put in other places of a batch of other rows (row 3 at position 7...), are masked
+    exactly as before; with other keys, not."""
+    batch, row_keys = batch_of(tokenizer, rows=16), keys(16, seed=7)
+    whole = mask_tokens(batch, row_keys, tokenizer, 0.15)
+    rows = np.array([9, 12, 0, 1, 15, 14, 2, 3, 10])
+    elsewhere = mask_tokens(take(batch, rows), row_keys[rows], tokenizer, 0.15)
+    for key in whole:
+        np.testing.assert_array_equal(elsewhere[key], whole[key][rows])
+    moved = mask_tokens(take(batch, rows), keys(16, seed=9)[rows], tokenizer, 0.15)
+    assert (moved["weights"] != whole["weights"][rows]).any()
 
 
 def test_the_head_sees_every_masked_token_and_a_row_never_more_than_max_predictions(tokenizer):
@@ -84,14 +107,14 @@ def test_the_head_sees_every_masked_token_and_a_row_never_more_than_max_predicti
     assert run_mlm_flax.max_predictions(16, 0.15) == 16  # never more than the length
     batch = batch_of(tokenizer, rows=64)
     limit = run_mlm_flax.max_predictions(32, 0.15)
-    out = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.15, limit)
+    out = mask_tokens(batch, keys(64, seed=3), tokenizer, 0.15, limit)
     assert out["positions"].shape == (64, limit)
     labels, weights = full_targets(out)
     masked = (out["input_ids"] != batch["input_ids"]) | (weights > 0)
     assert (weights[masked] == 1).all() and (labels[masked] == batch["input_ids"][masked]).all()
     # Capped: only the first `predictions` masked tokens of a row are masked; the others keep their ids.
-    capped = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.9, predictions=4)
-    full = mask_tokens(batch, np.random.default_rng(3), slice(None), tokenizer, 0.9)
+    capped = mask_tokens(batch, keys(64, seed=3), tokenizer, 0.9, predictions=4)
+    full = mask_tokens(batch, keys(64, seed=3), tokenizer, 0.9)
     assert (capped["weights"].sum(1) <= 4).all() and (full["weights"].sum(1) > 4).any()
     np.testing.assert_array_equal(capped["positions"], full["positions"][:, :4])
     dropped = (full_targets(full)[1] > 0) & (full_targets(capped)[1] == 0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import run_mlm_flax  # noqa: E402
-from flaxtrain import training  # noqa: E402
+from flaxtrain import example_rng, training  # noqa: E402
 from flaxtrain.models import bert  # noqa: E402
 from tests.test_mlm_collator import full_targets  # noqa: E402
 
@@ -35,7 +35,7 @@ def test_loss_and_gradients_equal_the_head_over_every_token():
                                                  num_attention_heads=4, intermediate_size=37, type_vocab_size=1,
                                                  pad_token_id=1, max_position_embeddings=32, model_type="roberta"))
     params = bert.init_params(model, key(0))
-    batch = run_mlm_flax.mask_tokens(global_batch(), np.random.default_rng(1), np.arange(6), Tokenizer, 0.15,
+    batch = run_mlm_flax.mask_tokens(global_batch(), example_rng.keys(1, np.arange(6)), Tokenizer, 0.15,
                                      run_mlm_flax.max_predictions(16, 0.15))
     labels, weights = full_targets(batch)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import run_t5_mlm_flax as t5mlm
-from flaxtrain import t5_tokenizer
+from flaxtrain import example_rng, t5_tokenizer
 
 GRID = list(itertools.product((0.05, 0.15, 0.3, 0.5), (1, 2, 3, 5, 8), (32, 64, 128, 512)))
 PAD, EOS = 0, 1
@@ -37,9 +37,15 @@ def raw_text(rows, length, seed=0):
     return np.random.default_rng(seed).integers(0, 50, (rows, length))
 
 
-def corrupt(ids, seed, density, mean, inputs_length, targets_length, rows=slice(None), sentinels=SENTINELS):
-    return t5mlm.span_corrupt(ids, np.random.default_rng(seed), rows, sentinels, EOS, PAD, density, mean,
-                              inputs_length, targets_length)
+def keys(rows, seed=0):
+    """Example keys of rows 0 .. rows-1 as training keys them (seed, 2, epoch 0, index)."""
+    return example_rng.keys(seed, 2, 0, np.arange(rows))
+
+
+def corrupt(ids, seed, density, mean, inputs_length, targets_length, sentinels=SENTINELS, row_keys=None):
+    """span_corrupt of `ids` with the keys of rows 0 .. len(ids)-1 of `seed` (or `row_keys`)."""
+    row_keys = keys(len(ids), seed) if row_keys is None else row_keys
+    return t5mlm.span_corrupt(ids, row_keys, sentinels, EOS, PAD, density, mean, inputs_length, targets_length)
 
 
 def reconstruct(out, row, sentinels):
@@ -96,22 +102,32 @@ def test_exact_shapes_sentinels_and_reconstruction(density, mean, inputs_length)
 def test_noise_fraction_and_spans(density, mean, inputs_length):
     raw_length, _ = t5mlm.compute_input_and_target_lengths(inputs_length, density, mean)
     num_noise, num_spans = t5mlm.noise_span_counts(raw_length, density, mean)
-    mask = t5mlm.random_spans_noise_mask(raw_length, density, mean, np.random.default_rng(0), batch_size=200)
+    mask = t5mlm.random_spans_noise_mask(raw_length, density, mean, keys(200))
     assert mask.shape == (200, raw_length) and (mask.sum(1) == num_noise).all()
     assert abs(num_noise / raw_length - density) <= 0.5 / raw_length + 1e-9
     starts = mask & ~np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
     assert (starts.sum(1) == num_spans).all()  # non-empty spans, none merged
     assert (~mask[:, 0]).all() and mask[:, -1].all()  # non-noise first, noise last, as T5
-    single = t5mlm.random_spans_noise_mask(raw_length, density, mean, np.random.default_rng(0))
-    assert single.shape == (raw_length,) and single.sum() == num_noise
+    single = t5mlm.random_spans_noise_mask(raw_length, density, mean, keys(200)[7:8])
+    assert single.shape == (1, raw_length) and (single[0] == mask[7]).all()
 
 
 def test_spans_have_random_lengths_and_places():
-    mask = t5mlm.random_spans_noise_mask(568, 0.15, 3, np.random.default_rng(1), batch_size=400)
+    mask = t5mlm.random_spans_noise_mask(568, 0.15, 3, keys(400, seed=1))
     lengths = [len(list(group)) for row in mask[:100] for noisy, group in itertools.groupby(row) if noisy]
     assert abs(np.mean(lengths) - 85 / 28) < 1e-9 and max(lengths) > 6  # 85 noise tokens in 28 spans of any length
     # Away from the ends (the mask starts with non-noise and ends with noise) any token is noise about as often.
     assert abs(mask[:, 20:-20].mean(0) - 85 / 568).max() < 0.07
+
+
+def test_every_cut_into_spans_is_equally_likely():
+    """10 tokens, 3 of them noise in 2 spans: the 7 non-noise tokens cut in 2 (6 ways) times the noise cut in 2 (2
+    ways) gives 12 masks, each drawn as often (chi-squared, 11 degrees of freedom, below its 99.9% point)."""
+    assert t5mlm.noise_span_counts(10, 0.3, 1.5) == (3, 2)
+    mask = t5mlm.random_spans_noise_mask(10, 0.3, 1.5, keys(12_000))
+    _, counts = np.unique(mask, axis=0, return_counts=True)
+    assert len(counts) == 12
+    assert ((counts - 1000) ** 2 / 1000).sum() < 31.3
 
 
 def test_deterministic_and_independent_of_the_host_split():
@@ -119,12 +135,28 @@ def test_deterministic_and_independent_of_the_host_split():
     ids = raw_text(8, raw_length)
     whole = corrupt(ids, 7, 0.15, 3, 64, targets_length)
     again = corrupt(ids, 7, 0.15, 3, 64, targets_length)
-    halves = [corrupt(ids, 7, 0.15, 3, 64, targets_length, rows=rows) for rows in (slice(0, 4), slice(4, 8))]
+    # Three hosts, each corrupting only its rows with their keys.
+    pieces = [corrupt(ids[rows], 7, 0.15, 3, 64, targets_length, row_keys=keys(8, 7)[rows])
+              for rows in (slice(0, 3), slice(3, 4), slice(4, 8))]
     other = corrupt(ids, 8, 0.15, 3, 64, targets_length)
     for key in whole:
         assert (whole[key] == again[key]).all()
-        assert (np.concatenate([h[key] for h in halves]) == whole[key]).all()
+        assert (np.concatenate([p[key] for p in pieces]) == whole[key]).all()
     assert (other["input_ids"] != whole["input_ids"]).any()
+
+
+def test_a_row_is_corrupted_by_its_key_alone():
+    """Rows with their keys, put in other places of a batch of other rows (row 3 at position 1...), are corrupted
+    exactly as before; with other keys, not."""
+    raw_length, targets_length = t5mlm.compute_input_and_target_lengths(64, 0.15, 3)
+    ids = raw_text(8, raw_length)
+    whole = corrupt(ids, 7, 0.15, 3, 64, targets_length)
+    rows = np.array([6, 3, 0, 7, 2])
+    elsewhere = corrupt(ids[rows], 7, 0.15, 3, 64, targets_length, row_keys=keys(8, 7)[rows])
+    for key in whole:
+        np.testing.assert_array_equal(elsewhere[key], whole[key][rows])
+    moved = corrupt(ids[rows], 9, 0.15, 3, 64, targets_length, row_keys=keys(8, 9)[rows])
+    assert (moved["input_ids"] != whole["input_ids"][rows]).any()
 
 
 def test_text_of_pad_tokens_survives():
@@ -173,8 +205,8 @@ def test_end_to_end_with_the_trained_tokenizer(tokenizer, tmp_path):
     chunks = np.array(t5mlm.group_texts(dict(tokenizer(texts, return_attention_mask=False)), raw_length)["input_ids"])
     assert (chunks == PAD).any() and (chunks == tokenizer.eos_token_id).any()
     sentinels = t5mlm.sentinel_token_ids(tokenizer, t5mlm.noise_span_counts(raw_length, 0.15, 3)[1])
-    out = t5mlm.span_corrupt(chunks, np.random.default_rng(0), slice(None), sentinels, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, 0.15, 3, 64, targets_length)
+    out = t5mlm.span_corrupt(chunks, keys(len(chunks)), sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             0.15, 3, 64, targets_length)
     assert out["input_ids"].shape == (len(chunks), 64) and out["labels"].shape == (len(chunks), targets_length)
     for row in range(len(chunks)):
         assert reconstruct(out, row, set(sentinels.tolist()))[0] == chunks[row].tolist()
