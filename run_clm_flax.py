@@ -131,8 +131,6 @@ def main(argv=None):
     parallel.initialize_distributed()  # before anything else touches JAX
     setup_logging()
     compilation_cache.use(training_args.compilation_cache_dir)
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
     prompts = read_prompts(data_args) if training_args.do_predict else []
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
@@ -154,11 +152,11 @@ def main(argv=None):
 
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        wanted = {"train": data_args.train_file} if training_args.do_train else {}
-        if training_args.do_eval:
-            wanted["validation"] = data_args.validation_file
-        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
-                                          model_args.token, model_args.cache_dir)
+        stream = streaming.files_by_split(
+            {"train": data_args.train_file} if training_args.do_train else {},
+            {"validation": data_args.validation_file} if training_args.do_eval else {},
+            dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,
+            token=model_args.token, cache_dir=model_args.cache_dir)
     elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
         raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
                                      keep_linebreaks=data_args.keep_linebreaks)
@@ -194,11 +192,14 @@ def main(argv=None):
     stream_options = dict(encode=encode, length=block_size, pad={"input_ids": tokenizer.pad_token_id},
                           keep_linebreaks=data_args.keep_linebreaks)
     if data_args.streaming and training_args.do_eval:  # this host's share of the blocks
-        eval_blocks = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
-                                                  limit=data_args.max_eval_samples)["input_ids"]
+        eval_blocks, eval_examples, eval_samples = streaming.evaluation_blocks(
+            stream["validation"], mesh, eval_batch, **stream_options, limit=data_args.max_eval_samples)
+        eval_blocks = eval_blocks["input_ids"]
+    else:
+        eval_examples = eval_samples = len(eval_blocks)
 
     def run_eval(state):
-        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices]), len(eval_blocks),
+        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices]), eval_examples,
                              mesh, eval_batch, training_args.seed, per_host=data_args.streaming)
 
     p_eval_step = layout.eval_step(eval_step)
@@ -226,8 +227,6 @@ def main(argv=None):
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, input_iterator=input_iterator)
-        if input_iterator is not None:
-            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(train_set)
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
@@ -235,7 +234,7 @@ def main(argv=None):
         eval_metrics = run_eval(state)
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(eval_blocks)})
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": eval_samples})
     if prompts:
         path = storage.join(training_args.output_dir, "generations.jsonl")
         write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed)

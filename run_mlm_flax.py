@@ -202,8 +202,6 @@ def main(argv=None):
         logger.warning("--train_ref_file / --validation_ref_file are ignored: there is no whole-word masking.")
     if not 0 < data_args.mlm_probability < 1:
         raise ValueError(f"--mlm_probability must be between 0 and 1, got {data_args.mlm_probability}.")
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
 
     # Cheap checks first: output directory, tokenizer, config, lengths.
     repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
@@ -225,11 +223,11 @@ def main(argv=None):
 
     splits, stream = {}, {}
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        wanted = {"train": data_args.train_file} if training_args.do_train else {}
-        if training_args.do_eval:
-            wanted["validation"] = data_args.validation_file
-        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
-                                          model_args.token, model_args.cache_dir)
+        stream = streaming.files_by_split(
+            {"train": data_args.train_file} if training_args.do_train else {},
+            {"validation": data_args.validation_file} if training_args.do_eval else {},
+            dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,
+            token=model_args.token, cache_dir=model_args.cache_dir)
     else:
         splits = in_memory_splits(tokenizer, model_args, data_args, training_args, max_len)
 
@@ -254,8 +252,10 @@ def main(argv=None):
     stream_options = dict(encode=encode, length=max_len, concatenate=not data_args.line_by_line,
                           pad={"input_ids": tokenizer.pad_token_id, "special_tokens_mask": 1})
     if data_args.streaming and training_args.do_eval:  # this host's share of the examples, as arrays [n, max_len]
-        splits["validation"] = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
-                                                           limit=data_args.max_eval_samples)
+        splits["validation"], eval_examples, eval_samples = streaming.evaluation_blocks(
+            stream["validation"], mesh, eval_batch, **stream_options, limit=data_args.max_eval_samples)
+    elif training_args.do_eval:
+        eval_examples = eval_samples = len(splits["validation"])
 
     def mask(rows, keys):
         return mask_tokens(rows, keys, tokenizer, data_args.mlm_probability, predictions)
@@ -265,12 +265,9 @@ def main(argv=None):
             return mask({k: v[indices] for k, v in dataset.items()}, keys)
         return mask(gather(dataset, indices, max_len, tokenizer.pad_token_id), keys)
 
-    def examples(split):  # a tokenized dataset, or (streaming) this host's blocks {column: [n, max_len]}
-        return len(splits[split]["input_ids"] if data_args.streaming else splits[split])
-
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
-                             examples("validation"), mesh, eval_batch, training_args.seed,
+                             eval_examples, mesh, eval_batch, training_args.seed,
                              per_host=data_args.streaming)
 
     p_eval_step = layout.eval_step(eval_step)
@@ -303,8 +300,6 @@ def main(argv=None):
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, input_iterator=input_iterator)
-        if input_iterator is not None:
-            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(splits["train"])
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
@@ -312,7 +307,7 @@ def main(argv=None):
         eval_metrics = run_eval(state)
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": examples("validation")})
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": eval_samples})
     hub.finish(repo, "fill-mask", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

@@ -278,8 +278,6 @@ def main(argv=None):
         raise ValueError(f"--mlm_probability (--noise_density) must be between 0 and 1, got {density}.")
     if span < 1:
         raise ValueError(f"--mean_noise_span_length must be at least 1, got {span}.")
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
     raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
 
     # Cheap checks first: output directory, tokenizer, config.
@@ -299,11 +297,11 @@ def main(argv=None):
 
     splits, stream = {}, {}
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        wanted = {"train": data_args.train_file} if training_args.do_train else {}
-        if training_args.do_eval:
-            wanted["validation"] = data_args.validation_file
-        stream = streaming.files_by_split(wanted, data_args.dataset_name, data_args.dataset_config_name,
-                                          model_args.token, model_args.cache_dir)
+        stream = streaming.files_by_split(
+            {"train": data_args.train_file} if training_args.do_train else {},
+            {"validation": data_args.validation_file} if training_args.do_eval else {},
+            dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,
+            token=model_args.token, cache_dir=model_args.cache_dir)
     else:
         splits = in_memory_splits(tokenizer, model_args, data_args, training_args, raw_length)
 
@@ -322,8 +320,10 @@ def main(argv=None):
     stream_options = dict(encode=functools.partial(encode_text, tokenizer=tokenizer), length=raw_length,
                           pad={"input_ids": tokenizer.pad_token_id})
     if data_args.streaming and training_args.do_eval:  # this host's share of the chunks, as arrays [n, raw_length]
-        splits["validation"] = streaming.evaluation_blocks(stream["validation"], mesh, eval_batch, **stream_options,
-                                                           limit=data_args.max_eval_samples)
+        splits["validation"], eval_examples, eval_samples = streaming.evaluation_blocks(
+            stream["validation"], mesh, eval_batch, **stream_options, limit=data_args.max_eval_samples)
+    elif training_args.do_eval:
+        eval_examples = eval_samples = len(splits["validation"])
 
     def corrupt(chunks, keys):
         return span_corrupt(chunks, keys, sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id, density, span,
@@ -333,12 +333,9 @@ def main(argv=None):
         return corrupt(dataset["input_ids"][indices] if data_args.streaming else
                        dataset[indices.tolist()]["input_ids"], keys)
 
-    def examples(split):  # a dataset of chunks, or (streaming) this host's chunks {"input_ids": [n, raw_length]}
-        return len(splits[split]["input_ids"] if data_args.streaming else splits[split])
-
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
-                             examples("validation"), mesh, eval_batch, training_args.seed,
+                             eval_examples, mesh, eval_batch, training_args.seed,
                              per_host=data_args.streaming)
 
     p_eval_step = layout.eval_step(eval_step)
@@ -373,8 +370,6 @@ def main(argv=None):
                                                         architecture=model.hf_architecture,
                                                         save_dtype=training_args.save_dtype),
             meta=meta, hub=repo, input_iterator=input_iterator)
-        if input_iterator is not None:
-            input_iterator.close()  # its worker processes
         if train_metrics:  # None: the run had already finished
             samples = total_steps * update_batch if data_args.streaming else len(splits["train"])
             write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
@@ -382,7 +377,7 @@ def main(argv=None):
         eval_metrics = run_eval(state)
     if training_args.do_eval and eval_metrics:
         logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": examples("validation")})
+        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": eval_samples})
     hub.finish(repo, "text2text-generation", model_args, data_args, training_args)
     logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
 

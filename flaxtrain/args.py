@@ -92,6 +92,8 @@ class DataArguments:
 
     def __post_init__(self):
         expand_home(self)
+        if hasattr(super(), "__post_init__"):  # a script's flags that add StreamingArguments
+            super().__post_init__()
 
 
 @dataclass
@@ -107,6 +109,10 @@ class StreamingArguments:
         default=10000, metadata={"help": "--streaming: records shuffled together, a window at a time (seeded by "
                                          "--seed; 0 or 1: in file order)."}
     )
+
+    def __post_init__(self):
+        if self.streaming and getattr(self, "max_train_samples", None) is not None:
+            raise ValueError("--max_train_samples does not apply to --streaming: a stream trains for --max_steps.")
 
 
 @dataclass

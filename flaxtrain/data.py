@@ -49,16 +49,16 @@ def _check_file(flag: str, path: str) -> str:
     return BUILDERS[extension]
 
 
-def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, streaming: bool = False,
+def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool,
                       need_test: bool = False, eval_splits: tuple[str, ...] = ("validation",), **builder_kwargs):
-    """Returns a DatasetDict (IterableDatasetDict when streaming) with "train", "validation" and "test" as needed
+    """Returns a DatasetDict with "train", "validation" and "test" as needed
     (local files: --train_file, --validation_file and, where the script has it, --test_file).
 
     Without any of `eval_splits` (a Hub dataset may name them otherwise, e.g. MNLI's "validation_matched"), the
     first `validation_split_percentage` percent of the training data becomes the validation set (and is removed
     from training). `builder_kwargs` go to the text builder only (e.g. keep_linebreaks).
     """
-    common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=streaming)
+    common = dict(cache_dir=model_args.cache_dir, token=model_args.token)
     files = {}
     if data_args.dataset_name:
         source = dict(path=data_args.dataset_name, name=data_args.dataset_config_name, **common)
@@ -97,12 +97,12 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
     if need_test and not any(split.startswith("test") for split in raw):
         raise ValueError("Prediction (--do_predict) needs --test_file or a dataset with a test split.")
     has_eval = any(split in raw for split in eval_splits)
-    if need_eval and not has_eval and (streaming or not 0 < data_args.validation_split_percentage < 100):
+    if need_eval and not has_eval and not 0 < data_args.validation_split_percentage < 100:
         raise ValueError("Evaluation needs --validation_file or a dataset with a validation split"
-                         + ("." if streaming else ", or --validation_split_percentage between 1 and 99."))
+                         ", or --validation_split_percentage between 1 and 99.")
     # Held out whether or not this run evaluates, so the training data (and a resumed run's order) do not depend
     # on --do_eval.
-    if not has_eval and "train" in raw and not streaming and 0 < data_args.validation_split_percentage < 100:
+    if not has_eval and "train" in raw and 0 < data_args.validation_split_percentage < 100:
         held_out = round(len(raw["train"]) * data_args.validation_split_percentage / 100)
         if held_out == 0 and need_eval:
             raise ValueError(f"The training data has {len(raw['train'])} rows: too few to hold out "
@@ -110,7 +110,7 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool, 
         if held_out:
             raw = datasets.DatasetDict({**raw, "validation": raw["train"].select(range(held_out)),
                                         "train": raw["train"].select(range(held_out, len(raw["train"])))})
-    for split in () if streaming else raw:
+    for split in raw:
         if split in raw and len(raw[split]) == 0:
             raise ValueError(f"The {split} data has no rows.")
     return raw

@@ -148,17 +148,26 @@ def run_steps(state, step_fn, batches, plan: Plan, *, mesh, seed: int, hooks: li
     or SIGINT (every host after the same step): `on_signal(step, state, signum)`, which must not return. Returns
     the state after the last step.
 
-    Hosts whose batches end at different steps (a stream's shares differ) stop together: a host without a batch
-    takes part in the step with its last batch at weight zero while all hosts learn of it, then every host raises
-    the same error after the same step."""
+    A host whose input ends or fails (a bad record in its share of a stream) never leaves the others waiting in a
+    step: it takes part in the step with its last batch at weight zero while all hosts learn of it, then every
+    host stops after the same step, that host with its own error; before the first step, every host stops at once.
+    """
     dropout_rng = jax.random.key(seed + 1)  # the step folds its step number in
-    step, last, batches = plan.start_step, None, iter(batches)
+    step, last, failure, batches = plan.start_step, None, None, iter(batches)
     with preemption.StopSignal(mesh) as stop:
         while step < plan.total_steps:
-            host_batch = next(batches, None)
+            try:
+                host_batch = next(batches, None)
+            except Exception as error:  # noqa: BLE001  (raised below, once every host knows)
+                failure, host_batch = error, None
             if last is None:
-                parallel.all_hosts_have(host_batch is not None, "no training batch: its share of the data is "
-                                                                "shorter than one batch")
+                try:
+                    parallel.all_hosts_have(host_batch is not None, "no training batch: its share of the data is "
+                                                                    "shorter than one batch, or it failed")
+                except ValueError:
+                    if failure is not None:  # this host's own reason, rather than that it has no batch
+                        raise failure from None
+                    raise
             if host_batch is None:
                 stop.out_of_data()
                 host_batch = {k: np.zeros_like(v) if k == "weights" else v for k, v in last.items()}
@@ -173,8 +182,11 @@ def run_steps(state, step_fn, batches, plan: Plan, *, mesh, seed: int, hooks: li
                 break
             if signum and step < plan.total_steps:
                 on_signal(step, state, signum)
+    if failure is not None:
+        raise failure
     if step < plan.total_steps:
-        raise RuntimeError(f"The training data ran out at step {step} of {plan.total_steps}.")
+        raise RuntimeError(f"The training data ran out at step {step} of {plan.total_steps} (on this host or "
+                           "another: see each host's log).")
     return state
 
 
@@ -309,16 +321,20 @@ def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, 
     model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
     run = Run(args, plan, evaluate=evaluate, export=export, meta=meta, hub=hub, best_metric=best_metric,
               input_iterator=input_iterator)
-    if plan.start_step >= plan.total_steps:
-        logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.",
-                       plan.start_step)
-        if run.best is not None:
-            if run.best.record is not None:  # what follows (e.g. --do_predict) uses the best model
-                state = run.best.restore(state)
-                export(state.params)
-            run.best.close()
-        return state, None, None
-    run.open()
-    state = run_steps(state, step_fn, batches, plan, mesh=mesh, seed=args.seed, hooks=run.hooks(),
-                      on_signal=run.stop)
-    return run.finish(state)
+    try:
+        if plan.start_step >= plan.total_steps:
+            logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.",
+                           plan.start_step)
+            if run.best is not None:
+                if run.best.record is not None:  # what follows (e.g. --do_predict) uses the best model
+                    state = run.best.restore(state)
+                    export(state.params)
+                run.best.close()
+            return state, None, None
+        run.open()
+        state = run_steps(state, step_fn, batches, plan, mesh=mesh, seed=args.seed, hooks=run.hooks(),
+                          on_signal=run.stop)
+        return run.finish(state)
+    finally:
+        if input_iterator is not None:
+            input_iterator.close()  # its worker processes

@@ -167,47 +167,56 @@ def on_every_device(array: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
 
 
+def _rows_by_host(mesh: Mesh, global_rows: int) -> dict[int, frozenset]:
+    """{process index: the rows of a global batch of `global_rows` that its devices hold}, from the mesh alone."""
+    rows = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((global_rows,)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(global_rows)))
+    return {process: frozenset(held) for process, held in rows.items()}
+
+
 @functools.lru_cache(maxsize=None)  # asked for every batch; the answer depends only on the mesh and the size
 def host_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
     """The rows of a global batch of `global_rows` that this host's devices hold, in order (int array)."""
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    rows = {i for index in index_map.values() for i in range(*index[0].indices(global_rows))}
-    return np.array(sorted(rows))
+    return np.array(sorted(_rows_by_host(mesh, global_rows)[jax.process_index()]))
 
 
+@functools.lru_cache(maxsize=None)
 def host_share(mesh: Mesh, global_rows: int) -> tuple[int, int]:
     """(index, count): which of the distinct row sets of a global batch this host holds, and how many there are.
     A stream is read in `count` shares, this host's being `index`: hosts holding the same rows (replicas along
     `tensor`) read the same share. Computed from the mesh alone, the same on every host."""
-    index_map = batch_sharding(mesh).devices_indices_map((global_rows,))
-    by_host = {}
-    for device, index in index_map.items():
-        by_host.setdefault(device.process_index, set()).update(range(*index[0].indices(global_rows)))
-    shares = sorted({frozenset(rows) for rows in by_host.values()}, key=min)
-    return shares.index(frozenset(by_host[jax.process_index()])), len(shares)
+    by_host = _rows_by_host(mesh, global_rows)
+    shares = sorted(set(by_host.values()), key=min)
+    if sum(map(len, shares)) != global_rows:  # (the batch axes split the rows; any host holds all of a part or none)
+        raise ValueError(f"The hosts' rows of a global batch overlap in part: {shares}")
+    return shares.index(by_host[jax.process_index()]), len(shares)
 
 
 def all_hosts_have(mine: bool, what: str):
     """Raises on every host (the same message) unless every host has `mine` True: a check that must not leave
     some hosts waiting in a collective for others that stopped. `what` says what a host lacks."""
-    if jax.process_count() == 1:
-        if not mine:
-            raise ValueError(f"This host has {what}.")
+    have = host_values(int(mine))
+    if have.all():
         return
+    if len(have) == 1:
+        raise ValueError(f"This host has {what}.")
+    raise ValueError(f"Host(s) {', '.join(map(str, np.flatnonzero(have == 0)))} of {len(have)} have {what}.")
+
+
+def host_values(values) -> np.ndarray:
+    """Every host's `values` (ints), stacked [hosts, ...] in process order, the same on every host."""
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values[None]
     from jax.experimental import multihost_utils
 
-    have = np.asarray(multihost_utils.process_allgather(np.int32(mine)))
-    if not have.all():
-        raise ValueError(f"Host(s) {', '.join(map(str, np.flatnonzero(have == 0)))} of {len(have)} have {what}.")
+    return np.asarray(multihost_utils.process_allgather(values))
 
 
 def agree_max(value: int) -> int:
     """The largest of every host's `value` (the same answer on every host)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.asarray(multihost_utils.process_allgather(np.int64(value))).max())
+    return int(host_values(value).max())
 
 
 def to_global(host_batch: dict, mesh: Mesh, global_rows: int) -> dict:

@@ -56,7 +56,7 @@ def resolve_files(flag: str, pattern: str) -> list[str]:
     """The files of --train_file/--validation_file when streaming: a file, a folder (its files), or a glob pattern
     (`data/*.jsonl.gz`, `gs://bucket/c4/train-*.json`), sorted, so every host lists them in one order."""
     if storage.isdir(pattern):
-        pattern = storage.join(pattern, "*")
+        pattern = storage.join(pattern, "[!._]*")  # not hidden files, nor markers such as _SUCCESS
     if any(c in pattern for c in "*?["):
         fs, _, _ = fsspec.get_fs_token_paths(pattern)
         protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
@@ -81,14 +81,17 @@ def hub_data_files(name: str, config: str | None, split: str, token=None, cache_
     if not files:
         raise ValueError(f"--dataset_name={name}: no data files for the {split!r} split to stream (a dataset made by "
                          "a loading script cannot be streamed here; give --train_file/--validation_file).")
+    for path in files:
+        file_format(path)
     return sorted(files)
 
 
-def files_by_split(wanted: dict, dataset_name: str | None, dataset_config: str | None = None, token=None,
+def files_by_split(*wanted: dict, dataset_name: str | None, dataset_config: str | None = None, token=None,
                    cache_dir=None) -> dict[str, list[str]]:
-    """{split: its files} for each split of `wanted` ({split: --{split}_file's pattern, or None}): see split_files."""
+    """{split: its files} for each split of the `wanted` dicts ({split: --{split}_file's pattern, or None}): see
+    split_files."""
     return {split: split_files(split, pattern, dataset_name, dataset_config, token, cache_dir)
-            for split, pattern in wanted.items()}
+            for splits in wanted for split, pattern in splits.items()}
 
 
 def split_files(split: str, file_pattern: str | None, dataset_name: str | None, dataset_config: str | None = None,
@@ -126,13 +129,14 @@ class TextRecords(grain.IterDataset):
     `column`: the field holding the text in json/csv/parquet files (None: "text", else the first string field).
     `passes`: how many passes (None: without end). From the second pass on (and in the first, with `seed` set), the
     share's files come in an order drawn from (seed, pass). Text files keep their line breaks with `keep_linebreaks`.
+    `skip_blank`: blank texts are no records (one example per line: a share of blank lines ends rather than loops).
     """
 
     def __init__(self, files: Sequence[str], *, column: str | None = None, passes: int | None = 1,
-                 seed: int | None = None, keep_linebreaks: bool = False):
+                 seed: int | None = None, keep_linebreaks: bool = False, skip_blank: bool = False):
         super().__init__()
         self.share, self.column, self.passes, self.seed = Share(files), column, passes, seed
-        self.keep_linebreaks = keep_linebreaks
+        self.keep_linebreaks, self.skip_blank = keep_linebreaks, skip_blank
 
     def shard(self, index: int, count: int) -> "TextRecords":
         """This dataset reading only the index-th of `count` shares (one per host)."""
@@ -194,7 +198,7 @@ class _TextRecordsIterator(grain.DatasetIterator):
                 # Only this share's records are decoded and parsed: the others are passed over as bytes.
                 if (position["record"] - 1) % share.record_stride == share.record_offset:
                     text = self._decode(raw, position["record"])
-                    if text is not None:
+                    if text is not None and not (self.source.skip_blank and not text.strip()):
                         self.records_read += 1
                         self._found_in_pass += 1
                         return text
@@ -370,7 +374,7 @@ class _BlocksIterator(grain.DatasetIterator):
         return [{k: v[i:i + length] for k, v in joined.items()} for i in range(0, usable, length)]
 
     def get_state(self) -> dict:
-        return {"parent": self._before, "carry": self._carry_in, "given": self._given}
+        return {"parent": self._before, "carry": self._carry_in, "given": self._given + self._skip}
 
     def set_state(self, state: dict):
         self._parent.set_state(state["parent"])
@@ -397,14 +401,16 @@ def host_blocks(records: TextRecords, encode: Callable, *, length: int, pad: dic
 
 
 def host_batches(records: TextRecords, encode: Callable, *, length: int, rows: int, pad: dict,
-                 concatenate: bool = True, shuffle_buffer: int = 0, seed: int = 0, workers: int = 0):
+                 concatenate: bool = True, shuffle_buffer: int = 0, seed: int = 0, workers: int = 0,
+                 identity: dict | None = None):
     """This host's batches of a stream: {column: int32 [rows, length]} (blocks shorter than `length` padded with
     pad[column]), as a checkpointable Grain iterator (get_state / set_state). The records are shuffled in windows
     of `shuffle_buffer` (0 or 1: in file order), tokenized TEXTS_PER_ENCODE at a time, packed (see Blocks) and
     batched in `workers` processes (0: in a thread of this one), each working on its slice of the records; the
     batches come back in a fixed order, so a run gives the same batches whatever the machine's speed.
 
-    The iterator ends when the records do (the last incomplete batch is dropped)."""
+    The iterator ends when the records do (the last incomplete batch is dropped). Its state carries `identity`
+    (JSON values: what else must match for it to be restored) and the number of workers."""
     dataset = records
     if shuffle_buffer > 1:
         dataset = WindowShuffleIterDataset(dataset, window_size=shuffle_buffer, seed=seed)
@@ -418,27 +424,33 @@ def host_batches(records: TextRecords, encode: Callable, *, length: int, rows: i
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     else:
         dataset = ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=2)
-    return _WithWorkers(iter(dataset), workers)
+    return _Labelled(iter(dataset), {"workers": workers, **(identity or {})})
 
 
-class _WithWorkers(grain.DatasetIterator):
-    """The pipeline's iterator, its state labelled with the number of worker processes: a state is the workers'
-    own, and restoring it into another number of them is refused in one line."""
+class _Labelled(grain.DatasetIterator):
+    """The pipeline's iterator, its state labelled with what it is the state of (the number of worker processes,
+    this host's share and the files): restoring a state into another pipeline is refused in one line."""
 
-    def __init__(self, parent, workers: int):
+    def __init__(self, parent, label: dict):
         super().__init__(parent)
-        self.workers = workers
+        self.label = label
 
     def __next__(self):
         return next(self._parent)
 
     def get_state(self) -> dict:
-        return {"workers": self.workers, "pipeline": self._parent.get_state()}
+        return {**self.label, "pipeline": self._parent.get_state()}
 
     def set_state(self, state: dict):
-        if state["workers"] != self.workers:
+        if state["workers"] != self.label["workers"]:
             raise ValueError(f"The input position was saved with --preprocessing_num_workers={state['workers']} and "
-                             f"this run has {self.workers}: a stream resumes with as many workers as it saved with.")
+                             f"this run has {self.label['workers']}: a stream resumes with as many workers as it "
+                             "saved with.")
+        saved = {key: state.get(key) for key in self.label}
+        if saved != self.label:
+            raise ValueError(f"The input position was saved for {saved} and this run reads {self.label} (share: "
+                             "this host's of how many; files: how many): a stream resumes with the same hosts, "
+                             "--tensor_parallel and files.")
         self._parent.set_state(state["pipeline"])
 
     def close(self):
@@ -451,20 +463,27 @@ def training_batches(files: Sequence[str], mesh, global_rows: int, encode: Calla
                      keep_linebreaks: bool = False):
     """This host's rows of every global batch of `global_rows` from a stream of `files`, passing over this host's
     share again and again (in another file order each pass): `host_batches`' checkpointable iterator."""
-    records = TextRecords(files, passes=None, seed=seed, keep_linebreaks=keep_linebreaks)
-    return host_batches(records.shard(*parallel.host_share(mesh, global_rows)), encode, length=length,
-                        rows=len(parallel.host_rows(mesh, global_rows)), pad=pad, concatenate=concatenate,
-                        shuffle_buffer=shuffle_buffer, seed=seed, workers=workers)
+    share = parallel.host_share(mesh, global_rows)
+    records = TextRecords(files, passes=None, seed=seed, keep_linebreaks=keep_linebreaks, skip_blank=not concatenate)
+    return host_batches(records.shard(*share), encode, length=length, rows=len(parallel.host_rows(mesh, global_rows)),
+                        pad=pad, concatenate=concatenate, shuffle_buffer=shuffle_buffer, seed=seed, workers=workers,
+                        identity={"share": list(share), "files": len(files)})
 
 
 def evaluation_blocks(files: Sequence[str], mesh, global_rows: int, encode: Callable, *, length: int, pad: dict,
-                      concatenate: bool = True, limit: int | None = None, keep_linebreaks: bool = False) -> dict:
+                      concatenate: bool = True, limit: int | None = None,
+                      keep_linebreaks: bool = False) -> tuple[dict, int, int]:
     """This host's share of the evaluation blocks of `files` (at most its part of `limit`), for
-    loop.evaluate(per_host=True). Raises on every host if no host has any."""
+    loop.evaluate(per_host=True): (blocks {column: [max(n, 1), length]}, n, the blocks of every share). A host with
+    none gets one padding row to make its batches of (at weight zero). Raises on every host if no host has any."""
     index, count = parallel.host_share(mesh, global_rows)
-    records = TextRecords(files, keep_linebreaks=keep_linebreaks).shard(index, count)
+    records = TextRecords(files, keep_linebreaks=keep_linebreaks, skip_blank=not concatenate).shard(index, count)
     blocks = host_blocks(records, encode, length=length, pad=pad, concatenate=concatenate,
                          limit=None if limit is None else -(-limit // count))
-    if parallel.agree_max(len(next(iter(blocks.values())))) == 0:
+    mine = len(next(iter(blocks.values())))
+    by_share = dict(parallel.host_values([index, mine]).tolist())  # (replicas along `tensor` share a share)
+    if sum(by_share.values()) == 0:
         raise ValueError(f"The validation data gives no example of {length} tokens: the text is too short.")
-    return blocks
+    if mine == 0:
+        blocks = padded_batch(pad, length)([{}])
+    return blocks, mine, sum(by_share.values())

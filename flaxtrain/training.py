@@ -37,6 +37,8 @@ def plan(args, train_examples, update_batch: int):
     if not args.do_train:
         return 0, 0, None, optax.identity()
     if train_examples is None:
+        if args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
         steps_per_epoch = total_steps = args.max_steps
     else:
         steps_per_epoch, total_steps = plan_steps(train_examples, update_batch, args.max_steps, args.num_train_epochs)

@@ -467,3 +467,36 @@ def test_a_state_saved_with_another_number_of_workers_is_refused_in_one_line(tmp
             other.set_state(state)
     finally:
         other.close()
+
+
+def test_a_state_of_another_share_or_file_list_is_refused_in_one_line(tmp_path):
+    """A run that changed --tensor_parallel across hosts (another number of shares) or whose glob matches other
+    files would read a saved position into another list of files: refused."""
+    paths = corpus(tmp_path, 2, 50)
+
+    def stream(share):
+        return host_batches(TextRecords(paths, passes=None), encode, length=LENGTH, rows=ROWS, pad=PAD,
+                            identity={"share": share, "files": len(paths)})
+
+    saved, other = stream([0, 2]), stream([0, 1])
+    state = round_trip(saved.get_state())
+    try:
+        with pytest.raises(ValueError, match=r"^The input position was saved for \{'workers': 0, 'share': \[0, 2\], "
+                                             r"'files': 2\} and this run reads \{'workers': 0, 'share': \[0, 1\], "
+                                             r"'files': 2\} .*same hosts, --tensor_parallel and files\.$"):
+            other.set_state(state)
+        same = stream([0, 2])
+        same.set_state(state)  # the same pipeline: restored
+        same.close()
+    finally:
+        saved.close()
+        other.close()
+
+
+def test_blank_lines_are_no_records_when_each_line_is_an_example(tmp_path):
+    """(--line_by_line) A share of blank lines ends, rather than passing over them for ever."""
+    (tmp_path / "blank.txt").write_text("\n  \nword\n\n")
+    assert read(TextRecords([str(tmp_path / "blank.txt")], skip_blank=True))[0] == ["word"]
+    (tmp_path / "blanks.txt").write_text("\n \n\n")
+    with deadline(10):
+        assert read(TextRecords([str(tmp_path / "blanks.txt")], passes=None, skip_blank=True))[0] == []

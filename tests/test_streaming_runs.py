@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+from transformers import AutoTokenizer
 
 from tests import tiny
 
@@ -53,13 +54,14 @@ def test_sigterm_then_the_same_command_continues_the_stream_where_it_stopped(wor
 
 
 def test_two_hosts_with_uneven_shares_stop_together_resume_and_refuse_another_host_count(work):
-    """Two hosts read 2 and 1 of 3 files (training and evaluation): SIGTERM to host 1 stops both after the same
-    step; one host cannot resume their input positions (refused in one line); the two hosts resume and finish,
-    evaluating shares of different lengths without waiting on each other."""
+    """Two hosts read 2 and 1 of 3 files: SIGTERM to host 1 stops both after the same step; one host cannot resume
+    their input positions (refused in one line); the two hosts resume and finish. The evaluation file is one line:
+    host 0's share (every second record) has all its blocks, host 1's none, and neither waits for the other."""
+    (work / "valid_line.txt").write_text((work / "valid.txt").read_text().replace("\n", " ") + "\n")
     script, flags = SCRIPTS["clm"]
     # (No compilation cache on several processes: see tests/test_host_split.py.)
-    flags = [*flags, *FLAGS, "--train_file=shards", "--validation_file=shards/part-*.txt", "--do_train", "--do_eval",
-             "--max_eval_samples=10", "--compilation_cache_dir=none"]
+    flags = [*flags, *FLAGS, "--train_file=shards", "--validation_file=valid_line.txt", "--do_train", "--do_eval",
+             "--compilation_cache_dir=none"]
     stopped = tiny.run_script(script, ["--output_dir=hosts", *flags], devices=2, processes=2, cwd=work,
                               signal={"SIGNAL_AT_STEP": 12, "SIGNAL_PROCESS": 1}, returncode=143)
     tiny.stopped_by_signal(stopped, work / "hosts", step=13)
@@ -71,6 +73,8 @@ def test_two_hosts_with_uneven_shares_stop_together_resume_and_refuse_another_ho
     assert [s for s, _, _ in tiny.loss_curve(work / "hosts")] == [20, 40, 60, 80]
     results = tiny.read_json(work / "hosts" / "all_results.json")
     assert results["eval_perplexity"] < 100  # untrained: about 400
+    tokens = len(AutoTokenizer.from_pretrained(work / "gpt2")((work / "valid_line.txt").read_text())["input_ids"])
+    assert results["eval_samples"] == (tokens + 1) // 32  # every block of the line (+ EOS), all on host 0
 
 
 def test_a_host_without_data_stops_every_host_with_one_message(work):
