@@ -10,10 +10,10 @@ from transformers import AutoTokenizer
 
 from tests import tiny
 
-# 32 rows a step: by step 67 the stream is well past its first 256 records (what the tokenizer takes at a time: the
+# 64 rows a step: by step 35 the stream is well past its first 256 records (what the tokenizer takes at a time: the
 # tiny T5 tokenizer makes 7 chunks of a line), so a resume starts inside the file.
-FLAGS = ["--streaming", "--learning_rate=3e-3", "--warmup_steps=5", "--max_steps=80", "--logging_steps=20",
-         "--save_steps=20", "--eval_steps=1000", "--per_device_train_batch_size=32", "--shuffle_buffer_size=40"]
+FLAGS = ["--streaming", "--learning_rate=3e-3", "--warmup_steps=5", "--max_steps=40", "--logging_steps=10",
+         "--save_steps=10", "--eval_steps=1000", "--per_device_train_batch_size=64", "--shuffle_buffer_size=40"]
 SCRIPTS = {"mlm": ("run_mlm_flax.py", ["--max_seq_length=32", "--config_name=roberta", "--tokenizer_name=roberta"]),
            "t5": ("run_t5_mlm_flax.py", ["--max_seq_length=32", "--config_name=t5", "--tokenizer_name=t5"]),
            "clm": ("run_clm_flax.py", ["--block_size=32", "--config_name=gpt2", "--tokenizer_name=gpt2"])}
@@ -41,13 +41,13 @@ def test_sigterm_then_the_same_command_continues_the_stream_where_it_stopped(wor
     flags = [*flags, *FLAGS, "--train_file=train.txt", "--validation_file=valid.txt", "--do_train", "--do_eval"]
     tiny.run_script(script, [f"--output_dir={task}-whole", *flags], devices=1, cwd=work)
     stopped = tiny.run_script(script, [f"--output_dir={task}-run", *flags], devices=1, cwd=work,
-                              signal={"SIGNAL_AT_STEP": 67}, returncode=143)
-    tiny.stopped_by_signal(stopped, work / f"{task}-run", step=67)
+                              signal={"SIGNAL_AT_STEP": 35}, returncode=143)
+    tiny.stopped_by_signal(stopped, work / f"{task}-run", step=35)
     resumed = tiny.run_script(script, [f"--output_dir={task}-run", *flags], devices=1, cwd=work)
-    # The reader reopens train.txt where the records in hand at step 67 began (their shuffle window): past its start.
+    # The reader reopens train.txt where the records in hand at step 35 began (their shuffle window): past its start.
     record = int(re.search(r"Streaming train.txt from record (\d+)", resumed.stderr)[1])
     assert record > 100, resumed.stderr[-3000:]
-    assert [s for s, _, _ in tiny.loss_curve(work / f"{task}-run")] == [20, 40, 60, 80]
+    assert [s for s, _, _ in tiny.loss_curve(work / f"{task}-run")] == [10, 20, 30, 40]
     tiny.assert_same_run(work / f"{task}-run", work / f"{task}-whole")
     losses = [loss for _, loss, _ in tiny.loss_curve(work / f"{task}-whole")]
     assert losses[-1] < losses[0]
@@ -70,7 +70,7 @@ def test_two_hosts_with_uneven_shares_stop_together_resume_and_refuse_another_ho
     assert "was saved by 2 hosts and this run has 1" in alone.stderr
 
     tiny.run_script(script, ["--output_dir=hosts", *flags], devices=2, processes=2, cwd=work)
-    assert [s for s, _, _ in tiny.loss_curve(work / "hosts")] == [20, 40, 60, 80]
+    assert [s for s, _, _ in tiny.loss_curve(work / "hosts")] == [10, 20, 30, 40]
     results = tiny.read_json(work / "hosts" / "all_results.json")
     assert results["eval_perplexity"] < 100  # untrained: about 400
     tokens = len(AutoTokenizer.from_pretrained(work / "gpt2")((work / "valid_line.txt").read_text())["input_ids"])
