@@ -26,7 +26,7 @@ import numpy as np
 
 from flaxtrain import (
     compilation_cache, data, generate, hf_export, hub, loop, models, parallel, pretrained, resume, storage, streaming,
-    training,
+    text_files, training,
 )
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
@@ -152,7 +152,7 @@ def main(argv=None):
 
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        stream = streaming.files_by_split(
+        stream = text_files.files_by_split(
             {"train": data_args.train_file} if training_args.do_train else {},
             {"validation": data_args.validation_file} if training_args.do_eval else {},
             dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtrain import (compilation_cache, data, example_rng, hf_export, hub, loop, models, parallel, pretrained, resume,
-                       streaming, training)
+                       streaming, text_files, training)
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import longt5, t5
@@ -297,7 +297,7 @@ def main(argv=None):
 
     splits, stream = {}, {}
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        stream = streaming.files_by_split(
+        stream = text_files.files_by_split(
             {"train": data_args.train_file} if training_args.do_train else {},
             {"validation": data_args.validation_file} if training_args.do_eval else {},
             dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,

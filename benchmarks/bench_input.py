@@ -12,7 +12,7 @@ What is timed, with the scripts' own functions (imported from run_mlm_flax, run_
   CLM the blocks + `to_batch`. "in-memory, old" is the per-host cost before the per-example keys
   (flaxtrain/example_rng.py), for MLM and T5: the whole global batch gathered and its random draws made for all B
   rows (copies of the old functions below; CLM gathered only its own rows already).
-- streaming: `streaming.TextRecords(files, passes=None, seed=0).shard(0, N)` -> `streaming.host_batches` (window
+- streaming: `text_files.TextRecords(files, passes=None, seed=0).shard(0, N)` -> `streaming.host_batches` (window
   shuffle of 10,000 records, the script's tokenizer, packing, batches of B/N rows) in `--workers` Grain worker
   processes (0: one background thread), then the script's collate on each batch in this process. The wait for the
   first batch (start-up: the worker processes import the script, the shuffle window fills, the first batch is
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_clm_flax  # noqa: E402
 import run_mlm_flax  # noqa: E402
 import run_t5_mlm_flax  # noqa: E402
-from flaxtrain import data, example_rng, streaming  # noqa: E402
+from flaxtrain import data, example_rng, streaming, text_files  # noqa: E402
 from flaxtrain.models import t5  # noqa: E402
 
 # The README recipes at pod scale: 32 rows a device on 256 devices (bert-base/roberta-base at 128 tokens, t5-base
@@ -322,7 +322,7 @@ def time_streaming(script: Script, files: list[str], global_batch: int, n: int, 
     one tokenizer call, or another worker's buffer), so single steps come in bursts. At least `steps` steps are
     timed, more until `seconds` pass. CPU: this process's (collate; without workers the pipeline's thread and the
     tokenizer's) and the workers'."""
-    records = streaming.TextRecords(files, passes=None, seed=SEED).shard(0, n)
+    records = text_files.TextRecords(files, passes=None, seed=SEED).shard(0, n)
     start = time.perf_counter()
     batches = streaming.host_batches(records, script.encode, length=script.raw_length, rows=global_batch // n,
                                      pad=script.pad, shuffle_buffer=SHUFFLE_BUFFER, seed=SEED, workers=workers)

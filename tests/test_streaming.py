@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flaxtrain import streaming
-from flaxtrain.streaming import TEXTS_PER_ENCODE, Blocks, TextRecords, file_format, host_batches, resolve_files
+from flaxtrain import text_files
+from flaxtrain.streaming import TEXTS_PER_ENCODE, Blocks, host_batches
+from flaxtrain.text_files import TextRecords, file_format, resolve_files
 
 PAD = {"input_ids": 0}
 LENGTH, ROWS = 16, 4
@@ -55,7 +56,7 @@ def read(records):
 
 def reader_of(iterator):
     """The _TextRecordsIterator at the root of a chain of Grain iterators (host_batches' in-process pipeline)."""
-    while not isinstance(iterator, streaming._TextRecordsIterator):
+    while not isinstance(iterator, text_files._TextRecordsIterator):
         (iterator,) = iterator._parents
     return iterator
 
