@@ -24,10 +24,10 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from flaxtrain.models import marian, roformer
+from flaxtrain.models.family import LEAF_TO_HF
 
 WEIGHTS = "flax_model.msgpack"
 INDEX = "flax_model.msgpack.index.json"
-_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
 
 def _pegasus_positions(config: dict) -> dict[str, np.ndarray]:
@@ -62,7 +62,7 @@ def to_state_dict(params: dict) -> dict[str, np.ndarray]:
             if array.ndim not in (2, 4):
                 raise ValueError(f"{path}: no PyTorch layout rule for a {array.ndim}-D kernel")
             array = array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
-        state[".".join((*names, _LEAF_TO_HF.get(leaf, leaf)))] = array
+        state[".".join((*names, LEAF_TO_HF.get(leaf, leaf)))] = array
     return state
 
 

@@ -20,7 +20,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from flaxtrain import storage
-from flaxtrain.hf_io import _SHARD_FILE, _Tensor, _arrays, _tensors
+from flaxtrain.hf_io import SHARD_FILE, Tensor, gather_arrays, list_tensors
 from flaxtrain.models import get_family
 
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -40,7 +40,7 @@ def _size_in_bytes(size: int | str) -> int:
     raise ValueError(f"max_shard_size={size!r}: give a number of bytes or a size like '5GB', '200KB' or '2GiB'")
 
 
-def _plan_shards(tensors: Sequence[_Tensor], max_shard_size: int) -> dict[str, list[_Tensor]]:
+def _plan_shards(tensors: Sequence[Tensor], max_shard_size: int) -> dict[str, list[Tensor]]:
     """{file name: its tensors}: tensors in order, a new shard when the next would pass `max_shard_size` (a tensor
     larger than that gets a shard of its own). One shard is model.safetensors, several model-0000i-of-0000N."""
     shards, size = [[]], 0
@@ -74,7 +74,7 @@ def _remove_stale_weights(output_dir: str, keep: Iterable[str]) -> None:
     keep = set(keep)
     for name in storage.listdir(output_dir):
         if name not in keep and (name in ("model.safetensors", "model.safetensors.index.json")
-                                 or _SHARD_FILE.fullmatch(name)):
+                                 or SHARD_FILE.fullmatch(name)):
             storage.remove(storage.join(output_dir, name))
 
 
@@ -106,7 +106,7 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
     rules = get_family(hf_config.model_type).hf
     dtype = np.dtype(save_dtype or "float32")
     flat = traverse_util.flatten_dict(params)
-    tensors = _tensors(flat, scanned=rules.scanned, untransposed=rules.untransposed, renamed=rules.renamed,
+    tensors = list_tensors(flat, scanned=rules.scanned, untransposed=rules.untransposed, renamed=rules.renamed,
                        dtype=dtype)
     shards = _plan_shards(tensors, _size_in_bytes(max_shard_size))
     writer = jax.process_index() == 0
@@ -119,7 +119,7 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
         for stale in glob.glob(os.path.join(output_dir, ".model*.tmp")):  # left by a killed save
             os.remove(stale)
 
-    arrays = _arrays(flat, [t for shard in shards.values() for t in shard])
+    arrays = gather_arrays(flat, [t for shard in shards.values() for t in shard])
     for name, shard in shards.items():
         state = dict(itertools.islice(arrays, len(shard)))  # every process gathers: it may be a collective
         if writer:

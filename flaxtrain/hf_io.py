@@ -41,10 +41,10 @@ from jax.experimental import multihost_utils
 
 from flaxtrain import flax_msgpack
 from flaxtrain.models import get_family
+from flaxtrain.models.family import LEAF_TO_HF
 
 logger = logging.getLogger(__name__)
 
-_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 # Keys transformers itself ignores: the position_ids buffer older checkpoints saved.
 _IGNORED = (r"(^|\.)position_ids$",)
 # TF-era spellings that old checkpoints still use (transformers renames them on load too).
@@ -53,7 +53,7 @@ _OLD_NAMES = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"))
 # (flaxtrain/flax_msgpack.py).
 _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json", flax_msgpack.WEIGHTS, flax_msgpack.INDEX)
-_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # max_shard_size units as transformers reads them: KB/MB/GB/TB in powers of 10 (huggingface_hub's parse_size_to_int,
 # which its save_pretrained uses), KiB/MiB/GiB in powers of 2 (its convert_file_size_to_int).
 
@@ -67,7 +67,7 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 def _hf_keys(path: tuple[str, ...], num_layers: int, scanned: Sequence[str],
              renamed: Mapping[str, str] | None = None) -> tuple[list[str], bool]:
     """Checkpoint key(s) of one params leaf, and whether the leaf is stacked over layers."""
-    key = ".".join((*path[:-1], _LEAF_TO_HF.get(path[-1], path[-1])))
+    key = ".".join((*path[:-1], LEAF_TO_HF.get(path[-1], path[-1])))
     for ours, theirs in (renamed or {}).items():
         if key.startswith(ours + "."):
             return [theirs + key[len(ours):]], False
@@ -97,7 +97,7 @@ def _transposed(path: tuple[str, ...], key: str, untransposed: Sequence[str]) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     """One checkpoint tensor of a params tree: which leaf (and layer of a stacked leaf) it is, and how it is written."""
     key: str
     path: tuple[str, ...]
@@ -111,8 +111,8 @@ class _Tensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _tensors(flat: Mapping[tuple[str, ...], Any], *, scanned: Sequence[str], untransposed: Sequence[str],
-             renamed: Mapping[str, str] | None, dtype: np.dtype | None = None) -> list[_Tensor]:
+def list_tensors(flat: Mapping[tuple[str, ...], Any], *, scanned: Sequence[str], untransposed: Sequence[str],
+                 renamed: Mapping[str, str] | None, dtype: np.dtype | None = None) -> list[Tensor]:
     """The checkpoint tensors of flattened params, from the leaves' shapes alone, leaf by leaf (in sorted path order,
     the same on every process, since gathering a leaf split across processes is a collective). Floating-point
     leaves are written in `dtype` (default: their own)."""
@@ -126,8 +126,8 @@ def _tensors(flat: Mapping[tuple[str, ...], Any], *, scanned: Sequence[str], unt
             transposed = _transposed(path, key, untransposed)
             if transposed and len(shape) != 2:
                 raise ValueError(f"{'/'.join(path)}: no checkpoint layout rule for a {len(shape)}-D kernel")
-            tensors.append(_Tensor(key, path, layer if stacked else None, transposed,
-                                   shape[::-1] if transposed else shape, out))
+            tensors.append(Tensor(key, path, layer if stacked else None, transposed,
+                                  shape[::-1] if transposed else shape, out))
     return tensors
 
 
@@ -141,7 +141,7 @@ def _gather(leaf) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
-def _arrays(flat: Mapping[tuple[str, ...], Any], tensors: Sequence[_Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+def gather_arrays(flat: Mapping[tuple[str, ...], Any], tensors: Sequence[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
     """(key, array in PyTorch layout and the tensor's dtype) for each of `tensors`, gathering each leaf once and
     keeping only the leaf in hand."""
     path = leaf = None
@@ -161,7 +161,7 @@ def params_to_state_dict(params: Mapping, *, scanned: Sequence[str] = (), untran
     kernels whose key matches an `untransposed` regex are written as they are. Leaves split across processes are
     gathered: then every process must call it."""
     flat = traverse_util.flatten_dict(params)
-    return dict(_arrays(flat, _tensors(flat, scanned=scanned, untransposed=untransposed, renamed=renamed)))
+    return dict(gather_arrays(flat, list_tensors(flat, scanned=scanned, untransposed=untransposed, renamed=renamed)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

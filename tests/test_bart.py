@@ -15,7 +15,7 @@ import transformers  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from flaxtrain import generate_seq2seq, hf_io, models  # noqa: E402
-from flaxtrain.models import bart, get_family  # noqa: E402
+from flaxtrain.models import bart, get_family, layers  # noqa: E402
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU (see test_bert.py).
 key = functools.partial(jax.random.key, impl="rbg")
@@ -207,7 +207,7 @@ def test_shift_tokens_right_cache_layout_length_limit_and_pad_row():
     assert int(cache["index"]) == 0 and cache["cross"] == {}
     with pytest.raises(ValueError, match="21 tokens is longer than the 20 learned positions"):
         model.init_cache(1, 21)
-    embedding = bart._token_embedding_init(0.02, 1)(key(0), (5, 4))  # transformers zeros the pad row at init
+    embedding = layers.token_embedding_init(0.02, 1)(key(0), (5, 4))  # transformers zeros the pad row at init
     assert not np.any(embedding[1]) and np.all(np.delete(embedding, 1, axis=0) != 0)
 
 

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 from flaxtrain.models import bert
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import dense, layer_norm, tied_decoder
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP
 from flaxtrain.parallel import split_batch
-
-_dense, _layer_norm = bert._dense, bert._layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +64,9 @@ class AlbertAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]."""
         cfg = self.config
         h = bert.self_attention(cfg, self.dtype, x, mask, deterministic)  # BERT's, its params `query`, `key`, `value`
-        h = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(h)
+        h = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(h)
         h = Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        return _layer_norm(cfg, self.dtype, "LayerNorm")(x + h)
+        return layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x + h)
 
 
 class AlbertLayer(nn.Module):
@@ -82,10 +81,11 @@ class AlbertLayer(nn.Module):
     def __call__(self, x, mask):
         cfg = self.config
         x = AlbertAttention(cfg, self.dtype, name="attention")(split_batch(x), mask, self.deterministic)
-        h = bert.ACT_FNS[cfg.hidden_act](_dense(cfg, self.dtype, cfg.intermediate_size, "ffn", (EMBED, MLP))(x))
-        h = _dense(cfg, self.dtype, cfg.hidden_size, "ffn_output", (MLP, EMBED))(h)
+        h = dense(cfg.initializer_range, self.dtype, cfg.intermediate_size, "ffn", (EMBED, MLP))(x)
+        h = bert.ACT_FNS[cfg.hidden_act](h)
+        h = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "ffn_output", (MLP, EMBED))(h)
         # transformers' AlbertLayer has a dropout module but never applies it to the ffn output.
-        return _layer_norm(cfg, self.dtype, "full_layer_layer_norm")(x + h), None
+        return layer_norm(cfg.layer_norm_eps, self.dtype, "full_layer_layer_norm")(x + h), None
 
 
 class AlbertTransformer(nn.Module):
@@ -98,7 +98,7 @@ class AlbertTransformer(nn.Module):
         """x [B, T, E] embeddings, mask [B, 1, 1, T] -> [B, T, D]: mapped up to D, then the one shared layer
         applied num_hidden_layers times (each time with its own dropout rng)."""
         cfg = self.config
-        x = _dense(cfg, self.dtype, cfg.hidden_size, "embedding_hidden_mapping_in", (None, EMBED))(x)
+        x = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "embedding_hidden_mapping_in", (None, EMBED))(x)
         layer = nn.remat(AlbertLayer, prevent_cse=False) if self.gradient_checkpointing else AlbertLayer
         shared = nn.scan(layer, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
                          in_axes=(nn.broadcast,), length=cfg.num_hidden_layers)
@@ -128,7 +128,7 @@ class AlbertModel(nn.Module):
         x = AlbertTransformer(cfg, self.dtype, self.gradient_checkpointing, name="encoder")(x, mask, deterministic)
         pooled = None
         if self.add_pooling_layer:
-            pooled = jnp.tanh(_dense(cfg, self.dtype, cfg.hidden_size, "pooler")(x[:, 0]))
+            pooled = jnp.tanh(dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "pooler")(x[:, 0]))
         return x, pooled, embeddings.word_embeddings.embedding
 
 
@@ -142,8 +142,9 @@ class AlbertMLMHead(nn.Module):
     @nn.compact
     def __call__(self, x, embedding):
         cfg = self.config
-        x = bert.ACT_FNS[cfg.hidden_act](_dense(cfg, self.dtype, cfg.embedding_size, "dense", (EMBED, None))(x))
-        return bert._tied_decoder(self, _layer_norm(cfg, self.dtype, "LayerNorm")(x), embedding)
+        x = dense(cfg.initializer_range, self.dtype, cfg.embedding_size, "dense", (EMBED, None))(x)
+        x = bert.ACT_FNS[cfg.hidden_act](x)
+        return tied_decoder(self, layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x), embedding)
 
 
 class AlbertForMaskedLM(nn.Module):
@@ -183,7 +184,8 @@ class AlbertForSequenceClassification(nn.Module):
         body = AlbertModel(cfg, self.dtype, self.gradient_checkpointing, add_pooling_layer=True, name="albert")
         _, pooled, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
         pooled = Dropout(cfg.classifier_dropout_prob)(pooled, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled).astype(jnp.float32)
+        logits = dense(cfg.initializer_range, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled)
+        return logits.astype(jnp.float32)
 
 
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Init and the position

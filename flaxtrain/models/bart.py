@@ -31,27 +31,9 @@ from flaxtrain.models.bart_config import (HF_ARCHITECTURES, BartConfig, max_posi
 from flaxtrain.models.bert import ACT_FNS, at_positions
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
-                                          named, norm_inits)
+from flaxtrain.models.layers import dense, layer_norm, token_embedding_init
+from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
-
-
-def _dense(config: BartConfig, dtype, features: int, name: str, axes: tuple) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **dense_inits(config.init_std, axes))
-
-
-def _layer_norm(config: BartConfig, dtype, name: str) -> nn.LayerNorm:
-    # Statistics in float32 (flax upcasts); the two-pass variance matches torch on large residual streams.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name, **norm_inits())
-
-
-def _token_embedding_init(std: float, pad_token_id: int):
-    """normal(std) with the pad row zeroed, as transformers initialises an nn.Embedding with padding_idx."""
-    def init(rng, shape, dtype=jnp.float32):
-        return nn.initializers.normal(std)(rng, shape, dtype).at[pad_token_id].set(0)
-    return init
 
 
 class BartAttention(nn.Module):
@@ -66,8 +48,9 @@ class BartAttention(nn.Module):
     def setup(self):
         cfg = self.config
         self.q_proj, self.k_proj, self.v_proj = (
-            _dense(cfg, self.dtype, cfg.d_model, name, (EMBED, HEADS)) for name in ("q_proj", "k_proj", "v_proj"))
-        self.out_proj = _dense(cfg, self.dtype, cfg.d_model, "out_proj", (HEADS, EMBED))
+            dense(cfg.init_std, self.dtype, cfg.d_model, name, (EMBED, HEADS))
+            for name in ("q_proj", "k_proj", "v_proj"))
+        self.out_proj = dense(cfg.init_std, self.dtype, cfg.d_model, "out_proj", (HEADS, EMBED))
 
     def _split(self, y):
         return y.reshape(*y.shape[:2], self.num_heads, self.config.d_model // self.num_heads)
@@ -95,7 +78,7 @@ class BartLayer(nn.Module):
 
     def _residual(self, x, name, fn):
         """Post-norm norm(x + dropout(fn(x))) or pre-norm x + dropout(fn(norm(x))); fn may also return a cache."""
-        norm = _layer_norm(self.config, self.dtype, name)
+        norm = layer_norm(self.config.layer_norm_eps, self.dtype, name)
         h, cache = fn(norm(x) if self.config.normalize_before else x)
         x = x + Dropout(self.config.dropout)(h, deterministic=self.deterministic)
         return (x if self.config.normalize_before else norm(x)), cache
@@ -128,9 +111,9 @@ class BartLayer(nn.Module):
 
         def feed_forward(h):
             ffn_dim = cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim
-            h = ACT_FNS[cfg.activation_function](_dense(cfg, self.dtype, ffn_dim, "fc1", (EMBED, MLP))(h))
+            h = ACT_FNS[cfg.activation_function](dense(cfg.init_std, self.dtype, ffn_dim, "fc1", (EMBED, MLP))(h))
             h = Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-            return _dense(cfg, self.dtype, cfg.d_model, "fc2", (MLP, EMBED))(h), None
+            return dense(cfg.init_std, self.dtype, cfg.d_model, "fc2", (MLP, EMBED))(h), None
 
         x, self_cache = self._residual(x, "self_attn_layer_norm", self_attention)
         if self.is_decoder:
@@ -170,9 +153,9 @@ class BartStack(nn.Module):
         if not cfg.layernorm_embedding:
             x = x + positions
         elif self.is_decoder and cfg.decoder_norms_tokens:
-            x = _layer_norm(cfg, self.dtype, "layernorm_embedding")(x) + positions
+            x = layer_norm(cfg.layer_norm_eps, self.dtype, "layernorm_embedding")(x) + positions
         else:
-            x = _layer_norm(cfg, self.dtype, "layernorm_embedding")(x + positions)
+            x = layer_norm(cfg.layer_norm_eps, self.dtype, "layernorm_embedding")(x + positions)
         x = Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         self_mask = jnp.ones((1, 1, 1, 1), bool) if mask is None else mask.astype(bool)[:, None, None, :]
@@ -187,7 +170,7 @@ class BartStack(nn.Module):
         x, layer_caches = layers(cfg, self.dtype, self.is_decoder, deterministic, name="layers")(
             x, self_mask, encoder_hidden, encoder_mask, index, layer_caches)
         if cfg.add_final_layer_norm:
-            x = _layer_norm(cfg, self.dtype, "layer_norm")(x)
+            x = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm")(x)
         return x, (None if cache is None else {"index": index + length, **layer_caches})
 
 
@@ -200,7 +183,7 @@ class BartModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        init = named(_token_embedding_init(cfg.init_std, cfg.pad_token_id), VOCAB, EMBED)
+        init = named(token_embedding_init(cfg.init_std, cfg.pad_token_id), VOCAB, EMBED)
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
                                embedding_init=init)
         self.encoder = BartStack(cfg, self.dtype, False, self.gradient_checkpointing)
@@ -361,8 +344,9 @@ class BartClassificationHead(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         dropout = Dropout(cfg.classifier_dropout, deterministic=deterministic)
-        x = jnp.tanh(_dense(cfg, self.dtype, cfg.d_model, "dense", (EMBED, EMBED))(dropout(x)))
-        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x)).astype(jnp.float32)
+        x = jnp.tanh(dense(cfg.init_std, self.dtype, cfg.d_model, "dense", (EMBED, EMBED))(dropout(x)))
+        logits = dense(cfg.init_std, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x))
+        return logits.astype(jnp.float32)
 
 
 def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.partitioning import (CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init,
-                                          named, norm_inits)
+from flaxtrain.models.layers import dense, layer_norm, tied_decoder
+from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 ACT_FNS = {
@@ -107,18 +107,6 @@ class BertConfig:
         return self.model_type in ROBERTA_TYPES
 
 
-def _dense(config: BertConfig, dtype, features: int, name: str, axes: tuple = (EMBED, EMBED)) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    **dense_inits(config.initializer_range, axes))
-
-
-def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
-    # Statistics are computed in float32 by flax; the two-pass variance matches torch on large residual streams.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name, **norm_inits())
-
-
 def max_positions(config: BertConfig) -> int:
     """The longest input the position embeddings cover (RoBERTa's positions start after the padding index)."""
     return config.max_position_embeddings - (config.pad_token_id + 1 if config.is_roberta else 0)
@@ -147,7 +135,7 @@ class BertEmbeddings(nn.Module):
                                          embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
         self.token_type_embeddings = embed(cfg.type_vocab_size,
                                            embedding_init=embedding_init(cfg.initializer_range, (None, EMBED)))
-        self.LayerNorm = _layer_norm(cfg, self.dtype, None)
+        self.LayerNorm = layer_norm(cfg.layer_norm_eps, self.dtype, None)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
@@ -162,7 +150,7 @@ def self_attention(config: BertConfig, dtype, x, mask, deterministic: bool):
     projections and the attention over them, before any output projection. Called inside a compact method, whose
     submodules the projections become (BertSelfAttention's, ALBERT's `attention`)."""
     split = lambda y: y.reshape(*y.shape[:2], config.num_attention_heads, config.head_dim)  # noqa: E731
-    q, k, v = (split(_dense(config, dtype, config.hidden_size, name, (EMBED, HEADS))(x))
+    q, k, v = (split(dense(config.initializer_range, dtype, config.hidden_size, name, (EMBED, HEADS))(x))
                for name in ("query", "key", "value"))
     out = attention(q, k, v, mask, dropout_rate=config.attention_probs_dropout_prob, deterministic=deterministic)
     return out.reshape(*x.shape[:2], config.hidden_size)
@@ -187,9 +175,9 @@ class BertOutput(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
-        x = _dense(self.config, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
+        x = dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
         x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _layer_norm(self.config, self.dtype, "LayerNorm")(x + residual)
+        return layer_norm(self.config.layer_norm_eps, self.dtype, "LayerNorm")(x + residual)
 
 
 class BertAttention(nn.Module):
@@ -208,7 +196,7 @@ class BertIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.config, self.dtype, self.config.intermediate_size, "dense", (EMBED, MLP))(x)
+        x = dense(self.config.initializer_range, self.dtype, self.config.intermediate_size, "dense", (EMBED, MLP))(x)
         return ACT_FNS[self.config.hidden_act](x)
 
 
@@ -247,7 +235,7 @@ class BertPooler(nn.Module):
     @nn.compact
     def __call__(self, x):
         """[B, T, D] -> [B, D]: tanh(dense) of the first ([CLS]) token."""
-        return jnp.tanh(_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x[:, 0]))
+        return jnp.tanh(dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense")(x[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -263,7 +251,8 @@ class BertModel(nn.Module):
     def setup(self):
         self.embeddings = BertEmbeddings(self.config, self.dtype, features=self.embedding_size)
         if self.embedding_size not in (None, self.config.hidden_size):
-            self.embeddings_project = _dense(self.config, self.dtype, self.config.hidden_size, None, (None, EMBED))
+            self.embeddings_project = dense(self.config.initializer_range, self.dtype, self.config.hidden_size, None,
+                                            (None, EMBED))
         self.encoder = BertEncoder(self.config, self.dtype, self.gradient_checkpointing)
         if self.add_pooling_layer:
             self.pooler = BertPooler(self.config, self.dtype)
@@ -285,24 +274,6 @@ class BertModel(nn.Module):
         return self.embeddings.word_embeddings.embedding
 
 
-def _tied_decoder(module: nn.Module, x, embedding):
-    """x [B, T, D] -> logits [B, T, V] float32 = x @ embedding.T + bias. Only the bias is the decoder's own param;
-    the matmul runs in x's dtype with float32 accumulation and output (bf16 logits would cost the loss precision)."""
-    bias = module.param("bias", named(nn.initializers.zeros_init(), VOCAB), (embedding.shape[0],), jnp.float32)
-    logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
-    return logits + bias
-
-
-class TiedDecoder(nn.Module):
-    """A decoder whose weights are the input embeddings and whose only param is its `bias` [V] (ELECTRA's
-    `generator_lm_head`, DistilBERT's `vocab_projector`)."""
-
-    @nn.compact
-    def __call__(self, x, embedding):
-        """x [B, T, E], embedding [V, E] -> logits [B, T, V] float32."""
-        return _tied_decoder(self, x, embedding)
-
-
 def at_positions(hidden, positions):
     """hidden [B, T, D] -> [B, K, D] at `positions` [B, K] (the masked tokens, where an MLM head need only run), or
     hidden itself when positions is None."""
@@ -315,8 +286,9 @@ class BertPredictionHeadTransform(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = ACT_FNS[self.config.hidden_act](_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x))
-        return _layer_norm(self.config, self.dtype, "LayerNorm")(x)
+        x = dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense")(x)
+        x = ACT_FNS[self.config.hidden_act](x)
+        return layer_norm(self.config.layer_norm_eps, self.dtype, "LayerNorm")(x)
 
 
 class BertLMPredictionHead(nn.Module):
@@ -325,7 +297,7 @@ class BertLMPredictionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x, embedding):
-        return _tied_decoder(self, BertPredictionHeadTransform(self.config, self.dtype, name="transform")(x), embedding)
+        return tied_decoder(self, BertPredictionHeadTransform(self.config, self.dtype, name="transform")(x), embedding)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -347,8 +319,8 @@ class RobertaLMHead(nn.Module):
 
     @nn.compact
     def __call__(self, x, embedding):
-        x = ACT_FNS["gelu"](_dense(self.config, self.dtype, self.config.hidden_size, "dense")(x))
-        return _tied_decoder(self, _layer_norm(self.config, self.dtype, "layer_norm")(x), embedding)
+        x = ACT_FNS["gelu"](dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense")(x))
+        return tied_decoder(self, layer_norm(self.config.layer_norm_eps, self.dtype, "layer_norm")(x), embedding)
 
 
 class RobertaClassificationHead(nn.Module):
@@ -364,8 +336,8 @@ class RobertaClassificationHead(nn.Module):
         """[B, T, D] -> [B, num_labels]."""
         cfg = self.config
         dropout = Dropout(_classifier_dropout(cfg), deterministic=deterministic)
-        x = self.activation(_dense(cfg, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
-        return _dense(cfg, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x))
+        x = self.activation(dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "dense")(dropout(x[:, 0])))
+        return dense(cfg.initializer_range, self.dtype, cfg.num_labels, "out_proj", (EMBED, CLASSES))(dropout(x))
 
 
 def _classifier_dropout(config: BertConfig) -> float:
@@ -419,7 +391,7 @@ class BertForSequenceClassification(nn.Module):
             logits = RobertaClassificationHead(cfg, self.dtype, name="classifier")(hidden, deterministic)
         else:
             pooled = Dropout(_classifier_dropout(cfg))(pooled, deterministic=deterministic)
-            logits = _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled)
+            logits = dense(cfg.initializer_range, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(pooled)
         return logits.astype(jnp.float32)
 
 

@@ -27,7 +27,8 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
-from flaxtrain.models.partitioning import EMBED, HEADS, MLP, dense_inits, embedding_init, norm_inits
+from flaxtrain.models.layers import dense, layer_norm
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 # BLOOM's training length: ALiBi sets no hard limit and config.json has no field for it (`seq_length` where present).
@@ -83,17 +84,6 @@ def max_positions(config: BloomConfig) -> int:
     return config.seq_length
 
 
-def _dense(config: BloomConfig, dtype, features: int, name: str, axes: tuple) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    **dense_inits(config.initializer_range, axes))
-
-
-def _layer_norm(config: BloomConfig, dtype, name: str | None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name, **norm_inits())
-
-
 class BloomAttention(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
@@ -103,14 +93,14 @@ class BloomAttention(nn.Module):
         """x [B, T, D], mask [B, 1, T, S], bias (ALiBi) [B, N, 1, S], layer_cache None or {"key", "value"}
         [B, S, N, H] -> ([B, T, D] before the residual's dropout, this layer's updated cache or None)."""
         cfg = self.config
-        qkv = _dense(cfg, self.dtype, 3 * cfg.hidden_size, "query_key_value", (EMBED, HEADS))(x)
+        qkv = dense(cfg.initializer_range, self.dtype, 3 * cfg.hidden_size, "query_key_value", (EMBED, HEADS))(x)
         qkv = qkv.reshape(*x.shape[:2], cfg.n_head, 3, cfg.head_dim)  # [B, T, N, 3, H]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, bias=bias, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(out.reshape(x.shape))
+        out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "dense", (HEADS, EMBED))(out.reshape(x.shape))
         return out, layer_cache
 
 
@@ -122,9 +112,9 @@ class BloomMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         # Megatron's tanh GELU; its constant 0.79788456 is sqrt(2/pi) to float32 precision.
-        h = jax.nn.gelu(_dense(cfg, self.dtype, 4 * cfg.hidden_size, "dense_h_to_4h", (EMBED, MLP))(x),
+        h = jax.nn.gelu(dense(cfg.initializer_range, self.dtype, 4 * cfg.hidden_size, "dense_h_to_4h", (EMBED, MLP))(x),
                         approximate=True)
-        return _dense(cfg, self.dtype, cfg.hidden_size, "dense_4h_to_h", (MLP, EMBED))(h)
+        return dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "dense_4h_to_h", (MLP, EMBED))(h)
 
 
 class BloomBlock(nn.Module):
@@ -140,11 +130,11 @@ class BloomBlock(nn.Module):
     def __call__(self, x, mask, bias, index, layer_cache):
         cfg = self.config
         dropout = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=self.deterministic)  # noqa: E731
-        normed = _layer_norm(cfg, self.dtype, "input_layernorm")(x)
+        normed = layer_norm(cfg.layer_norm_epsilon, self.dtype, "input_layernorm")(x)
         h, layer_cache = BloomAttention(cfg, self.dtype, name="self_attention")(
             normed, mask, bias, index, layer_cache, self.deterministic)
         x = (normed if cfg.apply_residual_connection_post_layernorm else x) + dropout(h)
-        normed = _layer_norm(cfg, self.dtype, "post_attention_layernorm")(x)
+        normed = layer_norm(cfg.layer_norm_epsilon, self.dtype, "post_attention_layernorm")(x)
         h = BloomMLP(cfg, self.dtype, name="mlp")(normed)
         return (normed if cfg.apply_residual_connection_post_layernorm else x) + dropout(h), layer_cache
 
@@ -162,10 +152,10 @@ class BloomModel(nn.Module):
         cfg = self.config
         self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                         embedding_init=embedding_init(cfg.initializer_range))
-        self.word_embeddings_layernorm = _layer_norm(cfg, self.dtype, None)
+        self.word_embeddings_layernorm = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
         self.h = scan_layers(BloomBlock, cfg.n_layer, self.gradient_checkpointing,
                              in_axes=(nn.broadcast,) * 3 + (0,))(cfg, self.dtype, self.deterministic)
-        self.ln_f = _layer_norm(cfg, self.dtype, None)
+        self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). position_ids are ignored: ALiBi counts the

@@ -31,10 +31,10 @@ from flaxtrain.models import bert
 from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import dense, layer_norm, tied_decoder
 from flaxtrain.models.partitioning import BUCKETS, CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init
 from flaxtrain.models.stack import scan_layers
 
-_dense, _layer_norm = bert._dense, bert._layer_norm
 POS_ATT_TYPES = ("c2p", "p2c")
 
 
@@ -170,7 +170,7 @@ class DebertaV2Embeddings(nn.Module):
         if cfg.embedding_width != cfg.hidden_size:
             x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="embed_proj",
                          **bert.dense_inits(cfg.initializer_range, (None, EMBED)))(x)
-        x = _layer_norm(cfg, self.dtype, "LayerNorm")(x) * attention_mask[..., None].astype(self.dtype)
+        x = layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x) * attention_mask[..., None].astype(self.dtype)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic), words.embedding
 
 
@@ -183,7 +183,7 @@ class DisentangledSelfAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool, rel_embeddings [2P, D] (normed) -> [B, T, D]."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:-1], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        proj = {name: _dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))
+        proj = {name: dense(cfg.initializer_range, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))
                 for name in ("query_proj", "key_proj", "value_proj")}
         q, k, v = (split(proj[name](x)) for name in proj)
         bias = None
@@ -193,13 +193,13 @@ class DisentangledSelfAttention(nn.Module):
             relative, span, rows = relative_positions(x.shape[1], cfg), cfg.span, np.arange(x.shape[1])
             bias = 0.0
             if "c2p" in cfg.pos_att_type:  # q_i · Kr[i - j]
-                pos_key = proj["key_proj"] if cfg.share_att_key else _dense(
-                    cfg, self.dtype, cfg.hidden_size, "pos_key_proj", (EMBED, HEADS))
+                pos_key = proj["key_proj"] if cfg.share_att_key else dense(
+                    cfg.initializer_range, self.dtype, cfg.hidden_size, "pos_key_proj", (EMBED, HEADS))
                 scores = jnp.einsum("btnh,rnh->bntr", q, split(pos_key(rel)), preferred_element_type=jnp.float32)
                 bias = bias + scores[:, :, rows[:, None], np.clip(relative + span, 0, 2 * span - 1)]
             if "p2c" in cfg.pos_att_type:  # k_j · Qr[-(j - i)], as transformers indexes it
-                pos_query = proj["query_proj"] if cfg.share_att_key else _dense(
-                    cfg, self.dtype, cfg.hidden_size, "pos_query_proj", (EMBED, HEADS))
+                pos_query = proj["query_proj"] if cfg.share_att_key else dense(
+                    cfg.initializer_range, self.dtype, cfg.hidden_size, "pos_query_proj", (EMBED, HEADS))
                 scores = jnp.einsum("bsnh,rnh->bnsr", k, split(pos_query(rel)), preferred_element_type=jnp.float32)
                 bias = bias + scores[:, :, rows[None, :], np.clip(-relative.T + span, 0, 2 * span - 1)]
             bias = bias / cfg.scale
@@ -247,7 +247,7 @@ class DebertaV2Encoder(nn.Module):
                                       embedding_init=embedding_init(cfg.initializer_range, (BUCKETS, EMBED))).embedding
         if "layer_norm" in cfg.norm_rel_ebd_parts:
             # (transformers has this LayerNorm even without relative attention; then it is never used)
-            rel_embeddings = _layer_norm(cfg, jnp.float32, "LayerNorm")(rel_embeddings)
+            rel_embeddings = layer_norm(cfg.layer_norm_eps, jnp.float32, "LayerNorm")(rel_embeddings)
         mask = attention_mask.astype(bool)[:, None, None, :]  # pad queries' rows are never read by real tokens
         layers = scan_layers(DebertaV2Layer, cfg.num_hidden_layers, self.gradient_checkpointing,
                              in_axes=(nn.broadcast, nn.broadcast))
@@ -281,8 +281,8 @@ class DebertaV2LMHead(nn.Module):
     @nn.compact
     def __call__(self, x, embedding):
         cfg = self.config
-        x = bert.ACT_FNS[cfg.hidden_act](_dense(cfg, self.dtype, cfg.hidden_size, "dense")(x))
-        return bert._tied_decoder(self, _layer_norm(cfg, self.dtype, "LayerNorm")(x), embedding)
+        x = bert.ACT_FNS[cfg.hidden_act](dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "dense")(x))
+        return tied_decoder(self, layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x), embedding)
 
 
 class DebertaV2OnlyMLMHead(nn.Module):
@@ -344,7 +344,8 @@ class DebertaV2ForSequenceClassification(nn.Module):
         x = bert.ACT_FNS[cfg.pooler_hidden_act](_ContextPooler(cfg, self.dtype, name="pooler")(x))
         dropout = cfg.hidden_dropout_prob if cfg.cls_dropout is None else cfg.cls_dropout
         x = Dropout(dropout)(x, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x).astype(jnp.float32)
+        logits = dense(cfg.initializer_range, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x)
+        return logits.astype(jnp.float32)
 
 
 class _ContextPooler(nn.Module):
@@ -355,7 +356,7 @@ class _ContextPooler(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return _dense(self.config, self.dtype, self.config.hidden_size, "dense")(x)
+        return dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense")(x)
 
 
 def max_positions(config: DebertaV2Config) -> int:

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 
 from flaxtrain.models import bert
 from flaxtrain.models.attention import attention
-from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import TiedDecoder, dense, layer_norm
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
@@ -102,7 +103,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.dim, dtype=self.dtype,
                                             param_dtype=jnp.float32,
                                             embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
-        self.LayerNorm = _layer_norm(cfg, self.dtype, None)
+        self.LayerNorm = layer_norm(cfg.layer_norm_eps, self.dtype, None)
         self.dropout = Dropout(cfg.dropout)
 
     def __call__(self, input_ids, deterministic: bool):
@@ -120,10 +121,11 @@ class MultiHeadSelfAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]; no dropout after out_lin."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.dim, name, (EMBED, HEADS))(x))
+        q, k, v = (split(dense(cfg.initializer_range, self.dtype, cfg.dim, name, (EMBED, HEADS))(x))
                    for name in ("q_lin", "k_lin", "v_lin"))
         out = attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.dim, "out_lin", (HEADS, EMBED))(out.reshape(*x.shape[:2], cfg.dim))
+        out = out.reshape(*x.shape[:2], cfg.dim)
+        return dense(cfg.initializer_range, self.dtype, cfg.dim, "out_lin", (HEADS, EMBED))(out)
 
 
 class FFN(nn.Module):
@@ -134,8 +136,8 @@ class FFN(nn.Module):
     def __call__(self, x, deterministic: bool):
         """[B, T, D] -> [B, T, D]: lin1 [D, F], activation, lin2 [F, D], dropout."""
         cfg = self.config
-        x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.hidden_dim, "lin1", (EMBED, MLP))(x))
-        x = _dense(cfg, self.dtype, cfg.dim, "lin2", (MLP, EMBED))(x)
+        x = ACT_FNS[cfg.activation](dense(cfg.initializer_range, self.dtype, cfg.hidden_dim, "lin1", (EMBED, MLP))(x))
+        x = dense(cfg.initializer_range, self.dtype, cfg.dim, "lin2", (MLP, EMBED))(x)
         return Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
@@ -149,9 +151,9 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         h = MultiHeadSelfAttention(self.config, self.dtype, name="attention")(x, mask, self.deterministic)
-        x = _layer_norm(self.config, self.dtype, "sa_layer_norm")(h + x)
+        x = layer_norm(self.config.layer_norm_eps, self.dtype, "sa_layer_norm")(h + x)
         h = FFN(self.config, self.dtype, name="ffn")(x, self.deterministic)
-        return _layer_norm(self.config, self.dtype, "output_layer_norm")(h + x), None
+        return layer_norm(self.config.layer_norm_eps, self.dtype, "output_layer_norm")(h + x), None
 
 
 class Transformer(nn.Module):
@@ -208,9 +210,9 @@ class DistilBertForMaskedLM(nn.Module):
         body = DistilBertModel(cfg, self.dtype, self.gradient_checkpointing, name="distilbert")
         hidden = bert.at_positions(body(input_ids, attention_mask, deterministic), positions)
         # The activation is the config's (BERT's and RoBERTa's heads have their own fixed ones).
-        x = ACT_FNS[cfg.activation](_dense(cfg, self.dtype, cfg.dim, "vocab_transform")(hidden))
-        x = _layer_norm(cfg, self.dtype, "vocab_layer_norm")(x)
-        return bert.TiedDecoder(name="vocab_projector")(x, body.word_embedding_matrix())
+        x = ACT_FNS[cfg.activation](dense(cfg.initializer_range, self.dtype, cfg.dim, "vocab_transform")(hidden))
+        x = layer_norm(cfg.layer_norm_eps, self.dtype, "vocab_layer_norm")(x)
+        return TiedDecoder(name="vocab_projector")(x, body.word_embedding_matrix())
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -230,9 +232,10 @@ class DistilBertForSequenceClassification(nn.Module):
         cfg = self.config
         hidden = DistilBertModel(cfg, self.dtype, self.gradient_checkpointing, name="distilbert")(
             input_ids, attention_mask, deterministic)
-        x = jax.nn.relu(_dense(cfg, self.dtype, cfg.dim, "pre_classifier")(hidden[:, 0]))
+        x = jax.nn.relu(dense(cfg.initializer_range, self.dtype, cfg.dim, "pre_classifier")(hidden[:, 0]))
         x = Dropout(cfg.seq_classif_dropout)(x, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x).astype(jnp.float32)
+        logits = dense(cfg.initializer_range, self.dtype, cfg.num_labels, "classifier", (EMBED, CLASSES))(x)
+        return logits.astype(jnp.float32)
 
 
 def max_positions(config: DistilBertConfig) -> int:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from flaxtrain.models import bert
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import TiedDecoder, dense, layer_norm
 from flaxtrain.models.partitioning import EMBED
 
 
@@ -68,8 +69,9 @@ class ElectraGeneratorPredictions(nn.Module):
     def __call__(self, x):
         """[B, T, D] -> [B, T, E]."""
         cfg = self.config
-        x = bert.ACT_FNS["gelu"](bert._dense(cfg, self.dtype, cfg.embedding_size, "dense", (EMBED, None))(x))
-        return bert._layer_norm(cfg, self.dtype, "LayerNorm")(x)
+        x = dense(cfg.initializer_range, self.dtype, cfg.embedding_size, "dense", (EMBED, None))(x)
+        x = bert.ACT_FNS["gelu"](x)
+        return layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x)
 
 
 class ElectraForMaskedLM(nn.Module):
@@ -94,7 +96,7 @@ class ElectraForMaskedLM(nn.Module):
         hidden, _ = body(input_ids, attention_mask, token_type_ids, deterministic)
         x = ElectraGeneratorPredictions(cfg, self.dtype, name="generator_predictions")(
             bert.at_positions(hidden, positions))
-        return bert.TiedDecoder(name="generator_lm_head")(x, body.word_embedding_matrix())
+        return TiedDecoder(name="generator_lm_head")(x, body.word_embedding_matrix())
 
 
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). The body is BERT's, so

@@ -9,6 +9,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+# The generic rule for a param's last name: flax's `kernel` (a Dense, transposed), `embedding` and `scale` are the
+# checkpoint's `weight`; every other leaf keeps its name (`bias`, ...).
+LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
 
 @dataclasses.dataclass(frozen=True)
 class HfRules:

@@ -38,7 +38,8 @@ from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import lm_logits
-from flaxtrain.models.llama import LlamaMLP, _dense, init_params
+from flaxtrain.models.layers import dense
+from flaxtrain.models.llama import LlamaMLP, init_params
 from flaxtrain.models.partitioning import EMBED, HEADS, KV, NORM, embedding_init, named
 from flaxtrain.models.rope import ROPE_TYPES, apply_rope, rope_parameters, rope_tables
 from flaxtrain.models.stack import scan_layers
@@ -232,8 +233,9 @@ class GemmaAttention(nn.Module):
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def project(heads, name, norm=None):  # -> [B, T, heads, H]
-            dense = _dense(cfg, self.dtype, heads * h, cfg.attention_bias, name, (EMBED, HEADS))
-            out = dense(x).reshape(*x.shape[:2], heads, h)
+            layer = dense(cfg.initializer_range, self.dtype, heads * h, name, (EMBED, HEADS),
+                          use_bias=cfg.attention_bias)
+            out = layer(x).reshape(*x.shape[:2], heads, h)
             if norm and cfg.qk_norm:  # gemma3_text: an RMSNorm over each head, before RoPE
                 out = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype, KV, name=norm)(out)
             return out
@@ -247,7 +249,8 @@ class GemmaAttention(nn.Module):
         out = capped_attention(q, key, value, mask, scale=(cfg.query_pre_attn_scalar or h)**-0.5,
                                softcap=cfg.attn_logit_softcapping, dropout_rate=cfg.attention_dropout,
                                deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.attention_bias, "o_proj", (HEADS, EMBED))(
+        out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED),
+                    use_bias=cfg.attention_bias)(
             out.reshape(*x.shape[:2], n * h))
         return out, layer_cache
 

@@ -33,8 +33,8 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
-                                          norm_inits)
+from flaxtrain.models.layers import LMHead, dense, layer_norm, tied_logits
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 _MODEL_TYPES = ("gpt2", "gpt-sw3")  # GPT-SW3's configs are GPT2Configs (see above)
@@ -94,20 +94,9 @@ def max_positions(config: GPT2Config) -> int:
     return config.n_positions
 
 
-def _dense(config: GPT2Config, dtype, features: int, name: str, axes: tuple, std: float | None = None) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    **dense_inits(std or config.initializer_range, axes))
-
-
 def _residual_std(config: GPT2Config) -> float:
     # GPT-2's init scales the projections into the residual stream by 1/sqrt(2 * layers), as transformers does.
     return config.initializer_range / math.sqrt(2 * config.n_layer)
-
-
-def _layer_norm(config: GPT2Config, dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name, **norm_inits())
 
 
 class GPT2Attention(nn.Module):
@@ -120,14 +109,14 @@ class GPT2Attention(nn.Module):
         layer's updated cache or None)."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_head, cfg.head_dim)  # noqa: E731
-        qkv = _dense(cfg, self.dtype, 3 * cfg.n_embd, "c_attn", (EMBED, HEADS))(x)  # [B, T, 3D]
+        qkv = dense(cfg.initializer_range, self.dtype, 3 * cfg.n_embd, "c_attn", (EMBED, HEADS))(x)  # [B, T, 3D]
         q, k, v = map(split, jnp.split(qkv, 3, axis=-1))
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
                         deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED), _residual_std(cfg))(
+        out = dense(_residual_std(cfg), self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED))(
             out.reshape(x.shape))
         return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
 
@@ -139,8 +128,8 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = _dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc", (EMBED, MLP))(x)
-        h = _dense(cfg, self.dtype, cfg.n_embd, "c_proj", (MLP, EMBED), _residual_std(cfg))(
+        h = dense(cfg.initializer_range, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "c_fc", (EMBED, MLP))(x)
+        h = dense(_residual_std(cfg), self.dtype, cfg.n_embd, "c_proj", (MLP, EMBED))(
             ACT_FNS[cfg.activation_function](h))
         return Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
@@ -157,9 +146,10 @@ class GPT2Block(nn.Module):
     def __call__(self, x, mask, index, layer_cache):
         cfg = self.config
         h, layer_cache = GPT2Attention(cfg, self.dtype, name="attn")(
-            _layer_norm(cfg, self.dtype, "ln_1")(x), mask, index, layer_cache, self.deterministic)
+            layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_1")(x), mask, index, layer_cache, self.deterministic)
         x = x + h
-        x = x + GPT2MLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, self.dtype, "ln_2")(x), self.deterministic)
+        x = x + GPT2MLP(cfg, self.dtype, name="mlp")(layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_2")(x),
+                                                     self.deterministic)
         return x, layer_cache
 
 
@@ -180,7 +170,7 @@ class GPT2Model(nn.Module):
         self.drop = Dropout(cfg.embd_pdrop)
         self.h = scan_layers(GPT2Block, cfg.n_layer, self.gradient_checkpointing,
                              in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
-        self.ln_f = _layer_norm(cfg, self.dtype, None)
+        self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
@@ -195,24 +185,6 @@ class GPT2Model(nn.Module):
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""
         return self.wte.embedding
-
-
-class LMHead(nn.Module):
-    """An untied output projection, `lm_head.weight` (no bias) in transformers."""
-
-    vocab_size: int
-    initializer_range: float
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", named(nn.initializers.normal(self.initializer_range), EMBED, VOCAB),
-                            (x.shape[-1], self.vocab_size), jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
-def tied_logits(x, embedding):
-    """x [B, T, D] -> [B, T, V] float32 = x @ embedding.T, in x's dtype with float32 accumulation and output."""
-    return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def lm_logits(module: nn.Module, body: nn.Module, input_ids, attention_mask, position_ids, cache):

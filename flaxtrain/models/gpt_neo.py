@@ -27,8 +27,8 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import CausalLM, _layer_norm, init_params
-from flaxtrain.models.llama import _dense
+from flaxtrain.models.gpt2 import CausalLM, init_params
+from flaxtrain.models.layers import dense, layer_norm
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, POSITIONS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
@@ -114,8 +114,8 @@ class GPTNeoSelfAttention(nn.Module):
         cfg = self.config
 
         def project(name):  # -> [B, T, N, H]
-            dense = _dense(cfg, self.dtype, cfg.hidden_size, False, name, (EMBED, HEADS))
-            return dense(x).reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+            layer = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, name, (EMBED, HEADS), use_bias=False)
+            return layer(x).reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         if layer_cache is not None:
@@ -123,7 +123,8 @@ class GPTNeoSelfAttention(nn.Module):
             k, v = layer_cache["key"], layer_cache["value"]
         # scale 1: GPT-Neo's logits are q.k, unscaled.
         out = attention(q, k, v, mask, scale=1.0, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, True, "out_proj", (HEADS, EMBED))(out.reshape(x.shape))
+        out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "out_proj", (HEADS, EMBED),
+                    use_bias=True)(out.reshape(x.shape))
         return Dropout(cfg.resid_dropout)(out, deterministic=deterministic), layer_cache
 
 
@@ -145,8 +146,10 @@ class GPTNeoMLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = _dense(cfg, self.dtype, cfg.intermediate_size or 4 * cfg.hidden_size, True, "c_fc", (EMBED, MLP))(x)
-        h = _dense(cfg, self.dtype, cfg.hidden_size, True, "c_proj", (MLP, EMBED))(ACT_FNS[cfg.activation_function](h))
+        h = dense(cfg.initializer_range, self.dtype, cfg.intermediate_size or 4 * cfg.hidden_size, "c_fc", (EMBED, MLP),
+                  use_bias=True)(x)
+        h = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "c_proj", (MLP, EMBED),
+                  use_bias=True)(ACT_FNS[cfg.activation_function](h))
         return Dropout(cfg.resid_dropout)(h, deterministic=deterministic)
 
 
@@ -162,9 +165,11 @@ class GPTNeoBlock(nn.Module):
     def __call__(self, x, masks, index, which, layer_cache):
         cfg = self.config
         h, layer_cache = GPTNeoAttention(cfg, self.dtype, name="attn")(
-            _layer_norm(cfg, self.dtype, "ln_1")(x), masks[which], index, layer_cache, self.deterministic)
+            layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_1")(x), masks[which], index, layer_cache,
+            self.deterministic)
         x = x + h
-        x = x + GPTNeoMLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, self.dtype, "ln_2")(x), self.deterministic)
+        x = x + GPTNeoMLP(cfg, self.dtype, name="mlp")(layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_2")(x),
+                                                       self.deterministic)
         return x, layer_cache
 
 
@@ -186,7 +191,7 @@ class GPTNeoModel(nn.Module):
         self.drop = Dropout(cfg.embed_dropout)
         self.h = scan_layers(GPTNeoBlock, cfg.num_layers, self.gradient_checkpointing,
                              in_axes=(nn.broadcast, nn.broadcast, 0, 0))(cfg, self.dtype, self.deterministic)
-        self.ln_f = _layer_norm(cfg, self.dtype, None)
+        self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTNeoForCausalLM."""

@@ -26,8 +26,8 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.gpt2 import _layer_norm, init_params, tied_logits
-from flaxtrain.models.llama import _dense
+from flaxtrain.models.gpt2 import init_params, tied_logits
+from flaxtrain.models.layers import dense, layer_norm
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
@@ -116,8 +116,8 @@ class GPTJAttention(nn.Module):
         cfg = self.config
 
         def project(name):  # -> [B, T, N, H]
-            dense = _dense(cfg, self.dtype, cfg.n_embd, False, name, (EMBED, HEADS))
-            return dense(x).reshape(*x.shape[:2], cfg.n_head, cfg.head_dim)
+            layer = dense(cfg.initializer_range, self.dtype, cfg.n_embd, name, (EMBED, HEADS), use_bias=False)
+            return layer(x).reshape(*x.shape[:2], cfg.n_head, cfg.head_dim)
 
         q = apply_rotary_every_two(project("q_proj"), sin, cos)
         k = apply_rotary_every_two(project("k_proj"), sin, cos)
@@ -126,7 +126,8 @@ class GPTJAttention(nn.Module):
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, dropout_rate=cfg.attn_pdrop, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.n_embd, False, "out_proj", (HEADS, EMBED))(out.reshape(x.shape))
+        out = dense(cfg.initializer_range, self.dtype, cfg.n_embd, "out_proj", (HEADS, EMBED),
+                    use_bias=False)(out.reshape(x.shape))
         return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
 
 
@@ -137,8 +138,10 @@ class GPTJMLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = _dense(cfg, self.dtype, cfg.n_inner or 4 * cfg.n_embd, True, "fc_in", (EMBED, MLP))(x)
-        h = _dense(cfg, self.dtype, cfg.n_embd, True, "fc_out", (MLP, EMBED))(ACT_FNS[cfg.activation_function](h))
+        h = dense(cfg.initializer_range, self.dtype, cfg.n_inner or 4 * cfg.n_embd, "fc_in", (EMBED, MLP),
+                  use_bias=True)(x)
+        h = dense(cfg.initializer_range, self.dtype, cfg.n_embd, "fc_out", (MLP, EMBED),
+                  use_bias=True)(ACT_FNS[cfg.activation_function](h))
         return Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
@@ -154,7 +157,7 @@ class GPTJBlock(nn.Module):
     @nn.compact
     def __call__(self, x, mask, sin, cos, index, layer_cache):
         cfg = self.config
-        h = _layer_norm(cfg, self.dtype, "ln_1")(x)
+        h = layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_1")(x)
         attn, layer_cache = GPTJAttention(cfg, self.dtype, name="attn")(h, mask, sin, cos, index, layer_cache,
                                                                         self.deterministic)
         return x + attn + GPTJMLP(cfg, self.dtype, name="mlp")(h, self.deterministic), layer_cache
@@ -176,7 +179,7 @@ class GPTJModel(nn.Module):
         self.drop = Dropout(cfg.embd_pdrop)
         self.h = scan_layers(GPTJBlock, cfg.n_layer, self.gradient_checkpointing,
                              in_axes=(nn.broadcast,) * 4 + (0,))(cfg, self.dtype, self.deterministic)
-        self.ln_f = _layer_norm(cfg, self.dtype, None)
+        self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTJForCausalLM."""

@@ -22,7 +22,6 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flaxtrain import generate
@@ -30,7 +29,8 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
-from flaxtrain.models.partitioning import EMBED, HEADS, MLP, NORM, dense_inits, embedding_init, named
+from flaxtrain.models.layers import RMSNorm, dense
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, embedding_init
 from flaxtrain.models.rope import ROPE_TYPES, apply_rope, rope_parameters, rope_tables
 from flaxtrain.models.stack import scan_layers
 
@@ -154,26 +154,6 @@ def max_positions(config: LlamaConfig) -> int:
     return config.max_position_embeddings
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * scale, the statistics in float32 (as transformers), the result in `dtype`."""
-
-    eps: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", named(nn.initializers.ones_init(), NORM), (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
-def _dense(config: LlamaConfig, dtype, features: int, use_bias: bool, name: str, axes: tuple) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    **dense_inits(config.initializer_range, axes))
-
-
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
@@ -186,8 +166,8 @@ class LlamaAttention(nn.Module):
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
 
         def project(heads, name):  # -> [B, T, heads, H]
-            dense = _dense(cfg, self.dtype, heads * h, cfg.qkv_bias, name, (EMBED, HEADS))
-            return dense(x).reshape(*x.shape[:2], heads, h)
+            layer = dense(cfg.initializer_range, self.dtype, heads * h, name, (EMBED, HEADS), use_bias=cfg.qkv_bias)
+            return layer(x).reshape(*x.shape[:2], heads, h)
 
         q, key = project(n, "q_proj"), project(k, "k_proj")
         if cfg.model_type == "qwen3":  # normalized over each head's H features, before RoPE
@@ -199,7 +179,7 @@ class LlamaAttention(nn.Module):
             layer_cache = write_cache(layer_cache, key, value, index)
             key, value = layer_cache["key"], layer_cache["value"]
         out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, cfg.o_bias, "o_proj", (HEADS, EMBED))(
+        out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED), use_bias=cfg.o_bias)(
             out.reshape(*x.shape[:2], n * h))
         return out, layer_cache
 
@@ -212,10 +192,10 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         """SwiGLU: down(act(gate(x)) * up(x)), [B, T, D] -> [B, T, D] through F."""
         cfg = self.config
-        dense = functools.partial(_dense, cfg, self.dtype, use_bias=cfg.mlp_bias)
-        gate = ACT_FNS[cfg.hidden_act](dense(cfg.intermediate_size, name="gate_proj", axes=(EMBED, MLP))(x))
-        up = dense(cfg.intermediate_size, name="up_proj", axes=(EMBED, MLP))(x)
-        return dense(cfg.hidden_size, name="down_proj", axes=(MLP, EMBED))(gate * up)
+        mlp_dense = functools.partial(dense, cfg.initializer_range, self.dtype, use_bias=cfg.mlp_bias)
+        gate = ACT_FNS[cfg.hidden_act](mlp_dense(cfg.intermediate_size, name="gate_proj", axes=(EMBED, MLP))(x))
+        up = mlp_dense(cfg.intermediate_size, name="up_proj", axes=(EMBED, MLP))(x)
+        return mlp_dense(cfg.hidden_size, name="down_proj", axes=(MLP, EMBED))(gate * up)
 
 
 class LlamaDecoderLayer(nn.Module):

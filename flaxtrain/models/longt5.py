@@ -28,6 +28,7 @@ import numpy as np
 from flaxtrain.models import t5
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import RMSNorm
 from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
@@ -120,7 +121,7 @@ class LongT5EncoderAttention(t5.T5Attention):
     def setup(self):
         super().setup()
         if self.config.is_transient_global:
-            self.global_input_layer_norm = t5._layer_norm(self.config, self.dtype, None)
+            self.global_input_layer_norm = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name=None)
 
     def attend(self, h, bias, block_ids, deterministic: bool):
         """h [B, S, D] (normed); bias [B, nb, N, W, K] float32; block_ids [B, S] (transient-global) -> [B, S, D]."""
@@ -149,7 +150,7 @@ class _SelfAttentionLayer(nn.Module):
     @nn.compact
     def __call__(self, x, bias, block_ids):
         cfg = self.config
-        h = t5._layer_norm(cfg, self.dtype, "layer_norm")(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         attn = LongT5EncoderAttention(cfg, self.dtype, name=ATTENTION_TYPES[cfg.encoder_attention_type])
         h = attn.attend(h, bias, block_ids, self.deterministic)
         return x + Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
@@ -217,7 +218,7 @@ class LongT5EncoderStack(nn.Module):
                              in_axes=(nn.broadcast, nn.broadcast))
         dropout = Dropout(cfg.dropout_rate, deterministic=deterministic)
         x, _ = blocks(cfg, self.dtype, deterministic, name="block")(dropout(x), bias, block_ids)
-        return dropout(t5._layer_norm(cfg, self.dtype, "final_layer_norm")(x)), None
+        return dropout(RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_layer_norm")(x)), None
 
 
 class LongT5ForConditionalGeneration(t5.T5ForConditionalGeneration):

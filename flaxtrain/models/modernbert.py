@@ -31,7 +31,8 @@ from flaxtrain.models import bert
 from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, NORM, embedding_init, named, norm_inits
+from flaxtrain.models.layers import layer_norm
+from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, NORM, embedding_init, named
 from flaxtrain.models.rope import apply_rope, rope_parameters, rope_tables
 from flaxtrain.models.stack import scan_layers
 
@@ -133,11 +134,6 @@ def _out_std(config: ModernBertConfig) -> float:
     return config.initializer_range / (2.0 * config.num_hidden_layers) ** 0.5
 
 
-def _layer_norm(config: ModernBertConfig, dtype, name: str | None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.norm_eps, use_bias=config.norm_bias, dtype=dtype, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name, **norm_inits())
-
-
 class ModernBertAttention(nn.Module):
     config: ModernBertConfig
     dtype: Any = jnp.float32
@@ -190,7 +186,7 @@ class ModernBertEncoderLayer(nn.Module):
         normed = (normed * norm[0] + norm[1]).astype(normed.dtype)
         h = jnp.where(is_first, x, normed)  # layer 0's attn_norm is an Identity
         x = x + ModernBertAttention(cfg, self.dtype, name="attn")(h, mask, cos, sin, self.deterministic)
-        h = _layer_norm(cfg, self.dtype, "mlp_norm")(x)
+        h = layer_norm(cfg.norm_eps, self.dtype, "mlp_norm", use_bias=cfg.norm_bias)(x)
         return x + ModernBertMLP(cfg, self.dtype, name="mlp")(h, self.deterministic), None
 
 
@@ -202,7 +198,7 @@ class ModernBertEmbeddings(nn.Module):
         cfg = self.config
         self.tok_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                        embedding_init=embedding_init(cfg.initializer_range))
-        self.norm = _layer_norm(cfg, self.dtype, None)
+        self.norm = layer_norm(cfg.norm_eps, self.dtype, None, use_bias=cfg.norm_bias)
         self.drop = Dropout(cfg.embedding_dropout)
 
     def __call__(self, input_ids, deterministic: bool):
@@ -255,7 +251,8 @@ class ModernBertModel(nn.Module):
                              in_axes=(nn.broadcast, nn.broadcast, 0, 0, 0))
         x, _ = layers(cfg, self.dtype, deterministic, name="layers")(
             x, masks, rope, norm, jnp.asarray(cfg.is_global), jnp.arange(cfg.num_hidden_layers) == 0)
-        return _layer_norm(cfg, self.dtype, "final_norm")(x), embeddings.tok_embeddings.embedding
+        return layer_norm(cfg.norm_eps, self.dtype, "final_norm",
+                          use_bias=cfg.norm_bias)(x), embeddings.tok_embeddings.embedding
 
 
 class ModernBertPredictionHead(nn.Module):
@@ -268,7 +265,8 @@ class ModernBertPredictionHead(nn.Module):
     def __call__(self, x):
         cfg = self.config
         x = _dense(cfg, self.dtype, cfg.hidden_size, "dense", (EMBED, EMBED), cfg.classifier_bias, _out_std(cfg))(x)
-        return _layer_norm(cfg, self.dtype, "norm")(ACT_FNS[cfg.classifier_activation](x))
+        return layer_norm(cfg.norm_eps, self.dtype, "norm",
+                          use_bias=cfg.norm_bias)(ACT_FNS[cfg.classifier_activation](x))
 
 
 class ModernBertForMaskedLM(nn.Module):

@@ -16,6 +16,7 @@ N heads, H head size, F ffn_dim, V vocab_size, L layers.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,13 +25,13 @@ from jax import lax
 
 from flaxtrain import generate
 from flaxtrain.models.attention import attention, init_cache, write_cache
-from flaxtrain.models.bart import _token_embedding_init
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models import layers
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
-from flaxtrain.models.partitioning import (EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits, embedding_init, named,
-                                          norm_inits)
+from flaxtrain.models.layers import dense, token_embedding_init
+from flaxtrain.models.partitioning import EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
 # Offset of OPT's learned positions (fairseq reserved the first two rows): position p reads row p + 2.
@@ -108,24 +109,16 @@ def max_positions(config: OPTConfig) -> int:
     return config.max_position_embeddings
 
 
-def _dense(config, dtype, features: int, name: str, axes: tuple, use_bias: bool = True) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] has the logical axis names `axes` (see models/partitioning.py)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    **dense_inits(config.init_std, axes))
-
-
 def layer_norm(config, dtype, name: str | None) -> nn.LayerNorm:
-    """torch.nn.LayerNorm over D, without params when `layer_norm_elementwise_affine` is False. Statistics in float32;
-    the two-pass variance matches torch on large residual streams."""
+    """torch.nn.LayerNorm over D, without params when `layer_norm_elementwise_affine` is False."""
     affine = config.layer_norm_elementwise_affine
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, use_bias=affine,
-                        use_scale=affine, use_fast_variance=False, name=name, **norm_inits())
+    return layers.layer_norm(config.layer_norm_eps, dtype, name, use_bias=affine, use_scale=affine)
 
 
 def token_embedding(config, dtype, features: int, name: str | None = None) -> nn.Embed:
     """`embed_tokens` [V, features], its pad row zero at init as transformers' nn.Embedding(padding_idx)."""
     init = (nn.initializers.normal(config.init_std) if config.pad_token_id is None
-            else _token_embedding_init(config.init_std, config.pad_token_id))
+            else token_embedding_init(config.init_std, config.pad_token_id))
     return nn.Embed(config.vocab_size, features, dtype=dtype, param_dtype=jnp.float32, name=name,
                     embedding_init=named(init, VOCAB, EMBED))
 
@@ -142,7 +135,7 @@ class OPTAttention(nn.Module):
         n, h = cfg.num_attention_heads, cfg.head_dim
 
         def project(name):  # -> [B, T, N, H]
-            return _dense(cfg, self.dtype, n * h, name, (EMBED, HEADS), cfg.enable_bias)(x).reshape(
+            return dense(cfg.init_std, self.dtype, n * h, name, (EMBED, HEADS), use_bias=cfg.enable_bias)(x).reshape(
                 *x.shape[:2], n, h)
 
         # fairseq's order: the query scaled by H**-0.5 after its projection (bias included), the logits unscaled.
@@ -152,7 +145,7 @@ class OPTAttention(nn.Module):
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, scale=1.0, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        out = _dense(cfg, self.dtype, cfg.hidden_size, "out_proj", (HEADS, EMBED), cfg.enable_bias)(
+        out = dense(cfg.init_std, self.dtype, cfg.hidden_size, "out_proj", (HEADS, EMBED), use_bias=cfg.enable_bias)(
             out.reshape(*x.shape[:2], n * h))
         return out, layer_cache
 
@@ -182,9 +175,10 @@ class OPTDecoderLayer(nn.Module):
 
         def feed_forward(h):
             h = ACT_FNS[cfg.activation_function](
-                _dense(cfg, self.dtype, cfg.ffn_dim, "fc1", (EMBED, MLP), cfg.enable_bias)(h))
+                dense(cfg.init_std, self.dtype, cfg.ffn_dim, "fc1", (EMBED, MLP), use_bias=cfg.enable_bias)(h))
             h = Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-            return _dense(cfg, self.dtype, cfg.hidden_size, "fc2", (MLP, EMBED), cfg.enable_bias)(h), None
+            h = dense(cfg.init_std, self.dtype, cfg.hidden_size, "fc2", (MLP, EMBED), use_bias=cfg.enable_bias)(h)
+            return h, None
 
         x, layer_cache = self._residual(x, "self_attn_layer_norm", self_attention)
         x, _ = self._residual(x, "final_layer_norm", feed_forward)
@@ -216,8 +210,9 @@ class OPTDecoder(nn.Module):
                                         dtype=self.dtype, param_dtype=jnp.float32,
                                         embedding_init=embedding_init(cfg.init_std, (POSITIONS, EMBED)))
         if cfg.word_embed_proj_dim != cfg.hidden_size:
-            self.project_in = _dense(cfg, self.dtype, cfg.hidden_size, "project_in", (EMBED, EMBED), False)
-            self.project_out = _dense(cfg, self.dtype, cfg.word_embed_proj_dim, "project_out", (EMBED, EMBED), False)
+            project = functools.partial(dense, cfg.init_std, self.dtype, axes=(EMBED, EMBED), use_bias=False)
+            self.project_in = project(cfg.hidden_size, "project_in")
+            self.project_out = project(cfg.word_embed_proj_dim, "project_out")
         self.layers = scan_layers(OPTDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
                                   in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
         if cfg.final_layer_norm:

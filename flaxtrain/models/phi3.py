@@ -32,7 +32,8 @@ from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import LMHead, tied_logits
-from flaxtrain.models.llama import LlamaModel, RMSNorm, _dense, init_params, max_positions
+from flaxtrain.models.layers import dense
+from flaxtrain.models.llama import LlamaModel, RMSNorm, init_params, max_positions
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP
 from flaxtrain.models.rope import apply_rope, rope_parameters
 
@@ -113,7 +114,8 @@ class Phi3Attention(nn.Module):
         cfg = self.config
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
         shape = x.shape[:2]
-        qkv = _dense(cfg, self.dtype, (n + 2 * k) * h, False, "qkv_proj", (EMBED, HEADS))(x)  # [B, T, (N+2K)H]
+        qkv = dense(cfg.initializer_range, self.dtype, (n + 2 * k) * h, "qkv_proj", (EMBED, HEADS),
+                    use_bias=False)(x)  # [B, T, (N+2K)H]
         q, key, value = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
         q, key = apply_rope(q.reshape(*shape, n, h), cos, sin), apply_rope(key.reshape(*shape, k, h), cos, sin)
         value = value.reshape(*shape, k, h)
@@ -121,7 +123,7 @@ class Phi3Attention(nn.Module):
             layer_cache = write_cache(layer_cache, key, value, index)
             key, value = layer_cache["key"], layer_cache["value"]
         out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
-        return _dense(cfg, self.dtype, cfg.hidden_size, False, "o_proj", (HEADS, EMBED))(
+        return dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED), use_bias=False)(
             out.reshape(*shape, n * h)), layer_cache
 
 
@@ -133,9 +135,10 @@ class Phi3MLP(nn.Module):
     def __call__(self, x):
         """SwiGLU through one fused projection: [B, T, D] -> gate, up [B, T, F] -> [B, T, D]."""
         cfg = self.config
-        gate_up = _dense(cfg, self.dtype, 2 * cfg.intermediate_size, False, "gate_up_proj", (EMBED, MLP))(x)
+        gate_up = dense(cfg.initializer_range, self.dtype, 2 * cfg.intermediate_size, "gate_up_proj", (EMBED, MLP),
+                        use_bias=False)(x)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        return _dense(cfg, self.dtype, cfg.hidden_size, False, "down_proj", (MLP, EMBED))(
+        return dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "down_proj", (MLP, EMBED), use_bias=False)(
             ACT_FNS[cfg.hidden_act](gate) * up)
 
 

@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxtrain.models import bert
-from flaxtrain.models.bert import ACT_FNS, _dense, _layer_norm
+from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import dense, layer_norm
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP
 from flaxtrain.models.stack import scan_layers
 
@@ -48,7 +49,7 @@ class ResidualOutput(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
-        x = _dense(self.config, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
+        x = dense(self.config.initializer_range, self.dtype, self.config.hidden_size, "dense", (self.inner, EMBED))(x)
         return Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic) + residual
 
 
@@ -60,7 +61,7 @@ class PreLayerNormAttention(nn.Module):
     def __call__(self, x, mask, deterministic: bool):
         """x [B, T, D], mask [B, 1, 1, T] -> [B, T, D]: params `LayerNorm`, `self.{query,key,value}`,
         `output.dense`."""
-        h = _layer_norm(self.config, self.dtype, "LayerNorm")(x)
+        h = layer_norm(self.config.layer_norm_eps, self.dtype, "LayerNorm")(x)
         h = bert.BertSelfAttention(self.config, self.dtype, name="self")(h, mask, deterministic)
         return ResidualOutput(self.config, self.dtype, name="output")(h, x, deterministic)
 
@@ -73,8 +74,9 @@ class PreLayerNormIntermediate(nn.Module):
     def __call__(self, x):
         """[B, T, D] -> [B, T, F]: LayerNorm, dense, activation."""
         cfg = self.config
-        x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
-        return ACT_FNS[cfg.hidden_act](_dense(cfg, self.dtype, cfg.intermediate_size, "dense", (EMBED, MLP))(x))
+        x = layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x)
+        x = dense(cfg.initializer_range, self.dtype, cfg.intermediate_size, "dense", (EMBED, MLP))(x)
+        return ACT_FNS[cfg.hidden_act](x)
 
 
 class PreLayerNormLayer(nn.Module):
@@ -115,7 +117,7 @@ class RobertaPreLayerNormModel(nn.Module):
     def setup(self):
         self.embeddings = bert.BertEmbeddings(self.config, self.dtype)
         self.encoder = PreLayerNormEncoder(self.config, self.dtype, self.gradient_checkpointing)
-        self.LayerNorm = _layer_norm(self.config, self.dtype, None)
+        self.LayerNorm = layer_norm(self.config.layer_norm_eps, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         """input_ids, attention_mask (1 = token, 0 = pad), token_type_ids: [B, T] ints -> hidden [B, T, D]."""

@@ -29,10 +29,9 @@ from flaxtrain.models import bert
 from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import dense, layer_norm, tied_decoder
 from flaxtrain.models.partitioning import EMBED, HEADS, KV, MLP, POSITIONS, embedding_init, named
 from flaxtrain.models.stack import scan_layers
-
-_dense, _layer_norm = bert._dense, bert._layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ class RoFormerEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.embedding_width, dtype=self.dtype,
                                               param_dtype=jnp.float32,
                                               embedding_init=embedding_init(cfg.initializer_range, (None, EMBED)))
-        self.LayerNorm = _layer_norm(cfg, self.dtype, None)
+        self.LayerNorm = layer_norm(cfg.layer_norm_eps, self.dtype, None)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
@@ -126,7 +125,7 @@ class RoFormerSelfAttention(nn.Module):
         """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key), sin, cos [T, H / 2] -> [B, T, D]."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
-        q, k, v = (split(_dense(cfg, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
+        q, k, v = (split(dense(cfg.initializer_range, self.dtype, cfg.hidden_size, name, (EMBED, HEADS))(x))
                    for name in ("query", "key", "value"))
         q, k = rotate(q, sin, cos), rotate(k, sin, cos)
         if cfg.rotary_value:
@@ -189,7 +188,7 @@ class RoFormerModel(nn.Module):
         embeddings = RoFormerEmbeddings(cfg, self.dtype, name="embeddings")
         x = embeddings(input_ids, token_type_ids, deterministic)
         if cfg.embedding_width != cfg.hidden_size:  # as transformers: the projection only when the widths differ
-            x = _dense(cfg, self.dtype, cfg.hidden_size, "embeddings_project", (None, EMBED))(x)
+            x = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "embeddings_project", (None, EMBED))(x)
         mask = attention_mask.astype(bool)[:, None, None, :]  # every query, pads included, sees the non-pad keys
         x = RoFormerEncoder(cfg, self.dtype, self.gradient_checkpointing, name="encoder")(x, mask, deterministic)
         return x, embeddings.word_embeddings.embedding
@@ -203,8 +202,9 @@ class RoFormerPredictionHeadTransform(nn.Module):
     def __call__(self, x):
         """[B, T, D] -> [B, T, E]: dense, hidden_act, LayerNorm."""
         cfg = self.config
-        x = bert.ACT_FNS[cfg.hidden_act](_dense(cfg, self.dtype, cfg.embedding_width, "dense", (EMBED, None))(x))
-        return _layer_norm(cfg, self.dtype, "LayerNorm")(x)
+        x = dense(cfg.initializer_range, self.dtype, cfg.embedding_width, "dense", (EMBED, None))(x)
+        x = bert.ACT_FNS[cfg.hidden_act](x)
+        return layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x)
 
 
 class RoFormerLMPredictionHead(nn.Module):
@@ -214,7 +214,7 @@ class RoFormerLMPredictionHead(nn.Module):
     @nn.compact
     def __call__(self, x, embedding):
         x = RoFormerPredictionHeadTransform(self.config, self.dtype, name="transform")(x)
-        return bert._tied_decoder(self, x, embedding)
+        return tied_decoder(self, x, embedding)
 
 
 class RoFormerOnlyMLMHead(nn.Module):

@@ -27,6 +27,7 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.layers import dense
 from flaxtrain.models.llama import RMSNorm
 from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
@@ -139,22 +140,6 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
     return offset + table[jnp.minimum(distance, max_distance)]
 
 
-def _normal(std: float):
-    return nn.initializers.normal(std)
-
-
-def _dense(dtype, features: int, std: float, name: str, axes: tuple) -> nn.Dense:
-    """A bias-free Dense layer whose kernel [in, out] has the logical axis names `axes` (models/partitioning.py)."""
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=named(_normal(std), *axes), name=name)
-
-
-def _layer_norm(config: T5Config, dtype, name: str) -> RMSNorm:
-    """T5's layer norm is an RMS norm: no mean subtraction, no bias, statistics in float32 (Llama's, shared; its
-    scale is named NORM there)."""
-    return RMSNorm(config.layer_norm_epsilon, dtype, name=name)
-
-
 class T5Attention(nn.Module):
     """Multi-head attention without bias terms or logit scaling. `kv` projects keys and values (cacheable),
     `__call__` attends to them. The projections are made in setup, for both methods; __call__ is compact because
@@ -166,10 +151,11 @@ class T5Attention(nn.Module):
     def setup(self):
         cfg, inner = self.config, self.config.num_heads * self.config.d_kv
         factor = cfg.initializer_factor  # transformers' init; q's std folds in the missing H**-0.5
-        self.q = _dense(self.dtype, inner, factor * (cfg.d_model * cfg.d_kv) ** -0.5, "q", (EMBED, HEADS))
-        self.k = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "k", (EMBED, HEADS))
-        self.v = _dense(self.dtype, inner, factor * cfg.d_model**-0.5, "v", (EMBED, HEADS))
-        self.o = _dense(self.dtype, cfg.d_model, factor * inner**-0.5, "o", (HEADS, EMBED))
+        self.q = dense(factor * (cfg.d_model * cfg.d_kv) ** -0.5, self.dtype, inner, "q", (EMBED, HEADS),
+                       use_bias=False)
+        self.k = dense(factor * cfg.d_model**-0.5, self.dtype, inner, "k", (EMBED, HEADS), use_bias=False)
+        self.v = dense(factor * cfg.d_model**-0.5, self.dtype, inner, "v", (EMBED, HEADS), use_bias=False)
+        self.o = dense(factor * inner**-0.5, self.dtype, cfg.d_model, "o", (HEADS, EMBED), use_bias=False)
 
     def _split(self, y):
         return y.reshape(*y.shape[:2], self.config.num_heads, self.config.d_kv)
@@ -199,7 +185,7 @@ class T5LayerSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, bias, index=None, cache=None):
         """x [B, T, D]; cache None or this layer's {"key", "value"} [B, T_max, N, H] -> (x, updated cache or None)."""
-        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
+        h = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         attn = T5Attention(self.config, self.dtype, name="SelfAttention")
         k, v = attn.kv(h)
         if cache is not None:
@@ -221,7 +207,7 @@ class T5LayerCrossAttention(nn.Module):
     def __call__(self, x, encoder_hidden, encoder_mask, cache=None):
         """x [B, T, D]; encoder_hidden [B, S, D] (may be None when the cache holds keys/values); encoder_mask
         [B, 1, 1, S] -> (x, cache)."""
-        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
+        h = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         attn = T5Attention(self.config, self.dtype, name="EncDecAttention")
         if cache is not None and "key" in cache:
             k, v = cache["key"], cache["value"]
@@ -244,7 +230,7 @@ class T5DenseReluDense(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act, std_in = ACT_FNS[cfg.dense_act_fn], cfg.initializer_factor * cfg.d_model**-0.5
-        wi = functools.partial(_dense, self.dtype, cfg.d_ff, std_in, axes=(EMBED, MLP))
+        wi = functools.partial(dense, std_in, self.dtype, cfg.d_ff, axes=(EMBED, MLP), use_bias=False)
         if cfg.is_gated_act:
             h = act(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
         else:
@@ -252,7 +238,8 @@ class T5DenseReluDense(nn.Module):
         h = Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         # transformers keeps `wo` in float32 because v1.1's FFN output overflows float16; bfloat16 has float32's
         # range, so `wo` runs in the computation dtype like the rest.
-        return _dense(self.dtype, cfg.d_model, cfg.initializer_factor * cfg.d_ff**-0.5, "wo", (MLP, EMBED))(h)
+        return dense(cfg.initializer_factor * cfg.d_ff**-0.5, self.dtype, cfg.d_model, "wo", (MLP, EMBED),
+                     use_bias=False)(h)
 
 
 class T5LayerFF(nn.Module):
@@ -262,7 +249,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = _layer_norm(self.config, self.dtype, "layer_norm")(x)
+        h = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         h = T5DenseReluDense(self.config, self.dtype, self.deterministic, name="DenseReluDense")(h)
         return x + Dropout(self.config.dropout_rate)(h, deterministic=self.deterministic)
 
@@ -341,7 +328,7 @@ class T5Stack(nn.Module):
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = blocks(cfg, self.dtype, self.is_decoder, deterministic, name="block")(
             dropout(x), self_mask, bias, encoder_hidden, encoder_mask, index, layer_caches)
-        x = dropout(_layer_norm(cfg, self.dtype, "final_layer_norm")(x))
+        x = dropout(RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_layer_norm")(x))
         return x, (None if cache is None else {"index": index + length, **layer_caches})
 
 
@@ -365,7 +352,8 @@ class T5ForConditionalGeneration(nn.Module):
         self.decoder = T5Stack(cfg, self.dtype, True, self.gradient_checkpointing)
         if not cfg.tie_word_embeddings:  # float32 output, as the tied head below
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                    kernel_init=named(_normal(cfg.initializer_factor), EMBED, VOCAB), name="lm_head",
+                                    kernel_init=named(nn.initializers.normal(cfg.initializer_factor), EMBED, VOCAB),
+                                    name="lm_head",
                                     dot_general=functools.partial(jax.lax.dot_general,
                                                                   preferred_element_type=jnp.float32))
 

@@ -1,0 +1,87 @@
+"""The layers the families share, each written once: dense and norm layers whose params carry logical axis names
+(models/partitioning.py), the tied and untied output projections, and the token-embedding init with a zero pad row.
+
+Params are float32 whatever the computation `dtype`; a family passes its own config values (its init std, its norm
+epsilon), so one helper serves configs that name them differently. Module names (`name=`) are the checkpoint's.
+
+Shapes: B batch, T length, D width, V vocabulary.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxtrain.models.partitioning import EMBED, NORM, VOCAB, dense_inits, named, norm_inits
+
+
+def dense(std: float, dtype, features: int, name: str | None, axes: tuple = (EMBED, EMBED), *,
+          use_bias: bool = True) -> nn.Dense:
+    """A Dense layer with a normal(std) kernel [in, out] whose logical axis names are `axes`, and a zero bias."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    **dense_inits(std, axes))
+
+
+def layer_norm(eps: float, dtype, name: str | None, *, use_bias: bool = True, use_scale: bool = True) -> nn.LayerNorm:
+    """torch.nn.LayerNorm over D. Statistics in float32 (flax upcasts); the two-pass variance matches torch on large
+    residual streams."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, use_scale=use_scale,
+                        use_fast_variance=False, name=name, **norm_inits())
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, the statistics in float32 (as transformers), the result in `dtype` (Llama's and T5's)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", named(nn.initializers.ones_init(), NORM), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def tied_logits(x, embedding):
+    """x [B, T, D] -> [B, T, V] float32 = x @ embedding.T, in x's dtype with float32 accumulation and output (bf16
+    logits would cost the loss precision)."""
+    return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def tied_decoder(module: nn.Module, x, embedding):
+    """tied_logits + a `bias` [V], the only param of the decoder, created in `module` (an MLM head's decoder)."""
+    bias = module.param("bias", named(nn.initializers.zeros_init(), VOCAB), (embedding.shape[0],), jnp.float32)
+    return tied_logits(x, embedding) + bias
+
+
+class TiedDecoder(nn.Module):
+    """A decoder whose weights are the input embeddings and whose only param is its `bias` [V] (ELECTRA's
+    `generator_lm_head`, DistilBERT's `vocab_projector`)."""
+
+    @nn.compact
+    def __call__(self, x, embedding):
+        """x [B, T, E], embedding [V, E] -> logits [B, T, V] float32."""
+        return tied_decoder(self, x, embedding)
+
+
+class LMHead(nn.Module):
+    """An untied output projection, `lm_head.weight` (no bias) in transformers."""
+
+    vocab_size: int
+    initializer_range: float
+
+    @nn.compact
+    def __call__(self, x):
+        """x [B, T, D] -> logits [B, T, V] float32."""
+        kernel = self.param("kernel", named(nn.initializers.normal(self.initializer_range), EMBED, VOCAB),
+                            (x.shape[-1], self.vocab_size), jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def token_embedding_init(std: float, pad_token_id: int):
+    """normal(std) with the pad row zeroed, as transformers initialises an nn.Embedding with padding_idx."""
+    def init(rng, shape, dtype=jnp.float32):
+        return nn.initializers.normal(std)(rng, shape, dtype).at[pad_token_id].set(0)
+    return init
