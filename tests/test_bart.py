@@ -80,11 +80,11 @@ def test_greedy_search_matches_transformers_generate(tmp_path):
     and an end-of-sequence token that one row reaches early; then with the config's forced BOS (from a generation
     config, as transformers 5 keeps it) and forced EOS (BART's config default) through `generate`."""
     torch = pytest.importorskip("torch")
-    from tests.test_bart_parity import randomize_
+    from tests.test_parity import bart_weights
 
     torch.manual_seed(0)
     hf_config = transformers.AutoConfig.for_model("bart", **TINY)
-    reference = randomize_(transformers.BartForConditionalGeneration(hf_config)).eval()
+    reference = bart_weights(transformers.BartForConditionalGeneration(hf_config)).eval()
     reference.save_pretrained(tmp_path)
     config = bart.BartConfig.from_hf(hf_config, transformers.GenerationConfig(forced_bos_token_id=0))
     assert (config.decoder_start_token_id, config.pad_token_id, config.forced_bos_token_id,

@@ -1,6 +1,6 @@
 """generate_seq2seq.generate against transformers' generate on tiny T5 and BART checkpoints: greedy and beam search
 with length penalties, early stopping, n-gram blocking, forced BOS/EOS, padded inputs and rows that end early, token
-for token; and under jit(shard_map) on 8 devices as on one. (tests/test_t5_parity.py and tests/test_bart.py test
+for token; and under jit(shard_map) on 8 devices as on one. (tests/test_parity_quirks.py and tests/test_bart.py test
 plain greedy search.)"""
 
 import functools
@@ -37,7 +37,7 @@ def cases(family):
     """{name: generate settings}. Each compiled shape costs seconds and the settings of one shape share it (only
     num_beams and no_repeat_ngram_size change shapes): T5 runs four shapes, BART two, shaped as its summarization
     recipes (bart-large-cnn: 4 beams, no_repeat_ngram_size 3, forced BOS/EOS, length_penalty 2, early stopping).
-    Plain greedy search is in tests/test_t5_parity.py and tests/test_bart.py."""
+    Plain greedy search is in tests/test_parity_quirks.py and tests/test_bart.py."""
     forced = dict(forced_bos_token_id=FORCED_BOS[family], forced_eos_token_id=CONFIGS[family]["eos_token_id"])
     if family == "t5":
         greedy = dict(num_beams=1, no_repeat_ngram_size=2)

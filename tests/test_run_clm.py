@@ -1,7 +1,8 @@
-"""Smoke runs of run_clm_flax.py on tiny local data: GPT-2 and Llama learn, write every file, continue prompts,
-stream and resume a stream exactly; bad input fails before any work."""
+"""Smoke runs of run_clm_flax.py on tiny local data: GPT-2, Llama and GPT-Neo learn, write every file, continue
+prompts, stream and resume a stream exactly; bad input fails before any work."""
 
 import os
+import shutil
 
 import pytest
 
@@ -40,6 +41,39 @@ def test_gpt2_learns_writes_every_file_and_continues_prompts(setup, tmp_path):
     generation = tiny.read_json(out / "generations.jsonl")  # one line: one prompt
     assert generation["greedy"].split() == ["amber"] * 6  # the corpus repeats each line's word
     assert generation["sampled"].strip()
+
+
+def test_gpt_neo_learns_and_writes_every_file(setup, tmp_path):
+    """A tiny GPT-Neo (a global and a local layer): it learns, writes every file and exports a checkpoint that names
+    GPTNeoForCausalLM. (Generation through the cache, local window included, is tests/test_parity_quirks.py's: the
+    script calls the same flaxtrain.generate.)"""
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "neo"
+    shutil.copytree(setup["models"]["gpt2"], model_dir)  # GPT-2's byte-level tokenizer ...
+    gpt2 = AutoConfig.from_pretrained(model_dir)
+    AutoConfig.for_model(  # ... and a GPT-Neo config in place of GPT-2's; a window of 8, shorter than the blocks
+        "gpt_neo", vocab_size=gpt2.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=64,
+        bos_token_id=gpt2.eos_token_id, eos_token_id=gpt2.eos_token_id, initializer_range=0.1,
+    ).save_pretrained(model_dir)
+
+    out = tmp_path / "run"
+    run_clm_flax.main([
+        f"--output_dir={out}", *setup["files"], f"--config_name={model_dir}", f"--tokenizer_name={model_dir}",
+        "--do_train", "--do_eval", "--block_size=32", "--per_device_train_batch_size=16", "--learning_rate=3e-3",
+        "--warmup_steps=5", "--max_steps=60", "--logging_steps=10", "--save_steps=60", "--eval_steps=60"])
+
+    losses = [loss for _, loss, _ in tiny.loss_curve(out)]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] / 2, losses  # steps 10, 20, ..., 60
+    results = tiny.read_json(out / "all_results.json")
+    assert results["eval_perplexity"] < 15 and results["eval_accuracy"] > 0.8, results  # untrained: about 400
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_results.json", "eval_results.json",
+                 "log_history.jsonl"):
+        assert (out / name).is_file(), name
+    assert os.listdir(out / "checkpoints") == ["60"]
+    config = tiny.read_json(out / "config.json")
+    assert config["architectures"] == ["GPTNeoForCausalLM"] and config["attention_layers"] == ["global", "local"]
 
 
 def test_llama_learns_the_same_with_fsdp_and_tensor_parallel(setup, tmp_path):

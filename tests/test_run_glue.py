@@ -1,6 +1,7 @@
 """Smoke runs of run_flax_glue.py on a tiny learnable sentence-pair task: RoBERTa learns it and predicts named labels
 that PyTorch reproduces from the export, keeps the best model and resumes exactly; DistilBERT learns it on 8 devices,
-which evaluate every example once; ELECTRA does regression; a body our MLM script pretrained is fine-tuned."""
+which evaluate every example once; ALBERT learns it and exports a classifier PyTorch loads whole; ELECTRA does
+regression; a body our MLM script pretrained is fine-tuned."""
 
 import csv
 
@@ -37,14 +38,17 @@ def trained(setup, tmp_path_factory):
 
 
 def other_family(setup, model_dir, model_type):
-    """Model flags of a tiny ELECTRA or DistilBERT config next to the fixture's tokenizer."""
+    """Model flags of a tiny ELECTRA, ALBERT (one shared layer, embeddings narrower than the hidden size) or
+    DistilBERT config next to the fixture's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(setup["model"])
     sizes = (dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64) if model_type == "distilbert" else
              dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    if model_type == "albert":
+        sizes.update(bos_token_id=0, eos_token_id=2)
     AutoConfig.for_model(model_type, vocab_size=len(tokenizer), max_position_embeddings=64, initializer_range=0.1,
-                         pad_token_id=1, **sizes).save_pretrained(model_dir)
+                         pad_token_id=tokenizer.pad_token_id, **sizes).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return [f"--config_name={model_dir}", f"--tokenizer_name={model_dir}"]
 
@@ -135,6 +139,25 @@ def test_distilbert_on_eight_devices_learns_the_same_on_every_mesh_and_counts_ev
     assert single["eval_accuracy"] == eight["eval_accuracy"]
     assert single["eval_loss"] == pytest.approx(eight["eval_loss"], rel=1e-5)
     assert read_predictions(one / "predict_results.txt") == read_predictions(out / "predict_results.txt")
+
+
+def test_albert_learns_the_pair_task_and_exports_what_pytorch_loads(setup, tmp_path):
+    out = tmp_path / "run"
+    run_flax_glue.main([f"--output_dir={out}", "--do_train", "--do_eval", *setup["files"][:2],
+                        *other_family(setup, tmp_path / "albert", "albert"), "--max_seq_length=32",
+                        "--learning_rate=3e-3", "--warmup_steps=10", "--max_steps=100", "--logging_steps=20",
+                        "--eval_steps=100", "--save_steps=100", "--per_device_train_batch_size=16"])
+
+    results = tiny.read_json(out / "eval_results.json")
+    assert results["eval_accuracy"] > 0.9 and results["eval_samples"] == 90, results
+    losses = [loss for _, loss, _ in tiny.loss_curve(out)]
+    assert losses[-1] < losses[0] / 5, losses
+    assert tiny.read_json(out / "config.json")["architectures"] == ["AlbertForSequenceClassification"]
+
+    from transformers import AlbertForSequenceClassification
+
+    _, info = AlbertForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
 
 
 def test_electra_regression_with_a_task_name_on_local_files(setup, tmp_path):

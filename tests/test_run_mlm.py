@@ -1,6 +1,8 @@
 """Smoke runs of run_mlm_flax.py on tiny local data: it learns, writes every promised file, resumes exactly, and
-gives the same losses on one host with 8 devices as on two hosts with 4 each."""
+gives the same losses on one host with 8 devices as on two hosts with 4 each; XLM-RoBERTa and BART learn too and
+export what PyTorch loads."""
 
+import json
 import os
 import shutil
 
@@ -165,3 +167,65 @@ def test_a_diverged_run_writes_strict_json(setup, tmp_path):
     assert results["train_loss"] > 1e3 and results["eval_perplexity"] is None
     for line in (out / "log_history.jsonl").read_text().splitlines():
         strict(line)
+
+
+def test_xlm_roberta_learns_and_exports_what_pytorch_loads(setup, tmp_path):
+    """The fixture's tiny model under XLM-RoBERTa's model_type (its config is RoBERTa's, its classes XLMRoberta*): it
+    learns, and exports an XLMRobertaForMaskedLM that transformers loads with every key in place and the same
+    logits."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(setup["model"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="xlm-roberta", architectures=None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+    out = tmp_path / "run"
+    run_mlm_flax.main([f"--output_dir={out}", *setup["data"][:2], f"--config_name={model_dir}",
+                       f"--tokenizer_name={model_dir}", "--max_seq_length=32", "--per_device_train_batch_size=16",
+                       "--learning_rate=3e-3", "--warmup_steps=10", "--max_steps=100", "--logging_steps=10",
+                       "--eval_steps=100", "--save_steps=100", "--weight_decay=0.01", "--adam_beta2=0.98"])
+    results = tiny.read_json(out / "all_results.json")
+    losses = [r["train/loss"] for r in tiny.read_history(out) if "train/loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0] / 2.5, losses
+    assert results["eval_accuracy"] > 0.6, results  # untrained: about 0 (test_learns_and_writes_every_file)
+    saved = tiny.read_json(out / "config.json")
+    assert (saved["model_type"], saved["architectures"]) == ("xlm-roberta", ["XLMRobertaForMaskedLM"])
+
+    torch = pytest.importorskip("torch")
+    import jax
+    from transformers import AutoModelForMaskedLM
+
+    from flaxtrain import hf_io, pretrained
+    from flaxtrain.models import create
+
+    torch_model, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert type(torch_model).__name__ == "XLMRobertaForMaskedLM" and not any(info.values()), info
+    family, model = create(pretrained.AutoConfig.from_pretrained(out), "MaskedLM")
+    template = jax.eval_shape(lambda: family.init_params(model, jax.random.key(0, impl="rbg")))
+    params = hf_io.load_pretrained(str(out), template, model_type="xlm-roberta")
+    ids = np.array([[0, 283, 225, 289, 2, 1, 1]])
+    mask = (ids != 1).astype(np.int64)
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    with torch.no_grad():
+        theirs = torch_model.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=1e-4)
+
+
+def test_tiny_bart_learns(tmp_path):
+    """A tiny BART (RoBERTa's byte-level tokenizer, which has <mask>): the training loss falls and the masked-token
+    accuracy beats the untrained model's; the export is a BartForConditionalGeneration."""
+    train = tiny.write_corpus(tmp_path / "train.txt", lines=120, seed=0)
+    valid = tiny.write_corpus(tmp_path / "valid.txt", lines=20, seed=1)
+    model_dir = tiny.make_bart(tmp_path / "model", train)
+    flags = [f"--train_file={train}", f"--validation_file={valid}", f"--config_name={model_dir}",
+             f"--tokenizer_name={model_dir}", "--max_seq_length=32", "--learning_rate=3e-3", "--warmup_steps=5",
+             "--max_steps=40", "--logging_steps=10", "--save_steps=1000", "--eval_steps=1000",
+             "--per_device_train_batch_size=16", "--per_device_eval_batch_size=16"]
+    run_mlm_flax.main([f"--output_dir={tmp_path / 'untrained'}", "--do_eval", *flags])
+    run_mlm_flax.main([f"--output_dir={tmp_path / 'run'}", *flags])
+    before, after = (tiny.read_json(tmp_path / d / "eval_results.json") for d in ("untrained", "run"))
+    assert after["eval_accuracy"] > before["eval_accuracy"] + 0.25, (before, after)  # about 0.5 -> 0.85
+    assert after["eval_loss"] < 0.6 * before["eval_loss"], (before, after)
+    losses = [loss for _, loss, _ in tiny.loss_curve(tmp_path / "run")]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert tiny.read_json(tmp_path / "run" / "config.json")["architectures"] == ["BartForConditionalGeneration"]

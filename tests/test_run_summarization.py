@@ -1,9 +1,12 @@
-"""Smoke runs of run_summarization_flax.py on a tiny summarization task made here: T5 (1 device) and BART (8
-devices) learn it, ROUGE rises far above the untrained model's, every file is written, summaries come out one per
+"""Smoke runs of run_summarization_flax.py on a tiny summarization task made here: T5 (1 device), BART (8 devices)
+and Pegasus learn it, ROUGE rises far above the untrained model's, every file is written, summaries come out one per
 test example in order, and 8 devices count every example exactly once (the same test metrics as 1 device)."""
 
+import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import run_summarization_flax
@@ -141,6 +144,57 @@ def test_eight_devices_count_every_test_example_once(task, bart_on_eight_devices
     assert (out / "generated_predictions.txt").read_text() == (
         bart_on_eight_devices / "generated_predictions.txt").read_text()
     assert not os.path.exists(out / "eval_results.json")
+
+
+def test_tiny_pegasus_learns_to_summarize(task, tmp_path):
+    """Pegasus (sinusoidal positions, pre-norm, pad 0 as the decoder start) with the T5 word-level tokenizer (<pad>
+    0, </s> 1, <unk> 2; </s> after every text: Pegasus's layout): it learns, and its export loads in PyTorch as a
+    PegasusForConditionalGeneration whose position tables were never moved."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from flaxtrain.models import marian
+
+    model = tmp_path / "pegasus"
+    shutil.copytree(task["t5"], model)
+    AutoConfig.for_model("pegasus", vocab_size=len(AutoTokenizer.from_pretrained(model)), d_model=32,
+                         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, init_std=0.1,
+                         scale_embedding=True, activation_function="relu", pad_token_id=0, eos_token_id=1,
+                         decoder_start_token_id=0, forced_eos_token_id=1).save_pretrained(model)
+    out = tmp_path / "run"
+    run_summarization_flax.main([
+        f"--output_dir={out}", f"--config_name={model}", f"--tokenizer_name={model}", *data_flags(task), *LENGTHS,
+        *TRAIN, "--per_device_train_batch_size=16", "--do_train", "--do_eval", "--do_predict",
+        "--predict_with_generate"])
+    results = tiny.read_json(out / "all_results.json")
+    assert results["eval_rouge1"] > 50 and results["test_rouge1"] > 50, results  # untrained: about 0
+    losses = [loss for _, loss, _ in tiny.loss_curve(out)]
+    assert losses[-1] < losses[0] / 2, losses
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["PegasusForConditionalGeneration"]
+
+    pytest.importorskip("torch")
+    from transformers import PegasusForConditionalGeneration
+
+    loaded, info = PegasusForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    for stack in (loaded.model.encoder, loaded.model.decoder):  # trained, yet never moved (nor decayed)
+        np.testing.assert_array_equal(stack.embed_positions.weight.detach().numpy(), marian.sinusoidal_table(32, 32))
+
+
+def test_generation_settings_the_script_does_not_apply_are_named(tmp_path, caplog):
+    """Blenderbot's encoder_no_repeat_ngram_size and Marian's bad_words_ids change what transformers generates;
+    a run whose model sets them says that it does not apply them."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    GenerationConfig(encoder_no_repeat_ngram_size=3, bad_words_ids=[[58100]], num_beams=4).save_pretrained(tmp_path)
+    model_args = SimpleNamespace(model_name_or_path=str(tmp_path), config_name=None, cache_dir=None, token=None,
+                                 model_revision="main")
+    data_args = SimpleNamespace(generation_max_length=10, num_beams=1, length_penalty=None, no_repeat_ngram_size=None)
+    with caplog.at_level("WARNING"):
+        run_summarization_flax.generation_options(model_args, data_args, None, 1)
+    assert "encoder_no_repeat_ngram_size=3, bad_words_ids=[[58100]], which this script does not apply" in caplog.text
 
 
 def test_rouge_lsum_reads_one_sentence_per_line():
