@@ -24,12 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import (
-    compilation_cache, data, generate, hf_export, hub, loop, models, parallel, pretrained, resume, storage, streaming,
-    text_files, training,
-)
+from flaxtrain import data, exits, generate, lifecycle, loop, parallel, storage, streaming, text_files, training
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
-from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_clm_flax")
 
@@ -128,37 +124,34 @@ def write_generations(path, model, params, mesh, tokenizer, prompts, data_args, 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, ClmDataArguments, TrainingArguments), argv)
-    parallel.initialize_distributed()  # before anything else touches JAX
-    setup_logging()
-    compilation_cache.use(training_args.compilation_cache_dir)
     prompts = read_prompts(data_args) if training_args.do_predict else []
+    with lifecycle.Job(model_args, data_args, training_args, task="text-generation") as job:
+        run(job, data_args, training_args, prompts)
 
-    # Cheap checks first: output directory, tokenizer, config, lengths.
-    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
-    run = resume.start(model_args, data_args, training_args)
-    tokenizer = pretrained.load_tokenizer(model_args)
+
+def run(job, data_args, training_args, prompts):
+    # Cheap checks first: tokenizer, config, lengths.
+    tokenizer = job.tokenizer()
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no end-of-sequence token, which this script puts between documents.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only prompts are ever padded, and masked
-    hf_config = pretrained.load_config(model_args)
-    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
-    family, model = models.create(hf_config, "CausalLM", dtype=pretrained.DTYPES[model_args.dtype],
-                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    family, model = job.model(job.config(), tokenizer, "CausalLM")
     model_max = family.max_positions(model.config)
     block_size = data_args.block_size or min(1024, model_max)
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
 
+    source = job.settings.data
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
         stream = text_files.files_by_split(
             {"train": data_args.train_file} if training_args.do_train else {},
             {"validation": data_args.validation_file} if training_args.do_eval else {},
-            dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,
-            token=model_args.token, cache_dir=model_args.cache_dir)
+            dataset_name=source.dataset_name, dataset_config=source.dataset_config, token=source.token,
+            cache_dir=source.cache_dir)
     elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
-        raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+        raw = data.load_raw_datasets(source, training_args.do_train, training_args.do_eval,
                                      keep_linebreaks=data_args.keep_linebreaks)
         column = data.text_column(next(iter(raw.values())))
         tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
@@ -176,18 +169,10 @@ def main(argv=None):
                 raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too "
                                  "short. Use more text or a smaller --block_size.")
 
-    # Optimizer, mesh and the train state split over it.
-    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
-                    * training_args.gradient_accumulation_steps)
+    # The optimizer, the mesh and the train state split over it.
     train_examples = None if data_args.streaming else len(train_set) if training_args.do_train else 0
-    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    layout = loop.layout(model, family, tx, training_args)
-    mesh = layout.mesh
-
-    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
-            if model_args.model_name_or_path else None)
-    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    state = job.prepare(train_examples)
+    mesh, update_batch, eval_batch = job.mesh, job.update_batch, job.eval_batch
     encode = functools.partial(encode_documents, tokenizer=tokenizer)
     stream_options = dict(encode=encode, length=block_size, pad={"input_ids": tokenizer.pad_token_id},
                           keep_linebreaks=data_args.keep_linebreaks)
@@ -198,49 +183,39 @@ def main(argv=None):
     else:
         eval_examples = eval_samples = len(eval_blocks)
 
+    p_eval_step = job.layout.eval_step(eval_step)
+
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices]), eval_examples,
                              mesh, eval_batch, training_args.seed, per_host=data_args.streaming)
 
-    p_eval_step = layout.eval_step(eval_step)
-    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
-                        data_args, training_args)
-
+    eval_metrics = None
     if training_args.do_train:
         rows, input_iterator = parallel.host_rows(mesh, update_batch), None
         if data_args.streaming:
-            input_iterator = loop.resume_input(run, start_step, streaming.training_batches(
+            input_iterator = loop.resume_input(job.start, job.start_step, streaming.training_batches(
                 stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
                 seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
             batches = (to_batch(batch["input_ids"]) for batch in input_iterator)
         else:
             batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])
                        for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
-                                                               start_step, total_steps))
-        p_train_step = layout.train_step(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
-        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch, update_batch * block_size)
-        state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, plan, training_args, mesh=mesh,
-            evaluate=run_eval if training_args.do_eval else None,
-            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture,
-                                                        save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo, input_iterator=input_iterator)
-        if train_metrics:  # None: the run had already finished
-            samples = total_steps * update_batch if data_args.streaming else len(train_set)
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
+                                                               job.start_step, job.total_steps))
+        outcome = job.train(state, train_step, batches, tokens_per_step=update_batch * block_size,
+                            evaluate=run_eval, input_iterator=input_iterator)
+        state, eval_metrics = outcome.state, outcome.eval_metrics
+        if outcome.trained:
+            samples = job.total_steps * update_batch if data_args.streaming else len(train_set)
+            job.write_results("train", {**outcome.train_metrics, "train_samples": samples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval and eval_metrics:
-        logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": eval_samples})
+    if eval_metrics:
+        job.write_results("eval", {**eval_metrics, "eval_samples": eval_samples})
     if prompts:
         path = storage.join(training_args.output_dir, "generations.jsonl")
         write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed)
         logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
-    hub.finish(repo, "text-generation", model_args, data_args, training_args)
-    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+    job.finish()
 
 
 def read_prompts(data_args):
@@ -256,4 +231,4 @@ def read_prompts(data_args):
 
 
 if __name__ == "__main__":
-    main()
+    exits.run(main)

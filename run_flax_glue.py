@@ -26,11 +26,8 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from flaxtrain import (
-    compilation_cache, data, hf_export, hub, loop, models, parallel, pretrained, resume, storage, training,
-)
+from flaxtrain import data, exits, lifecycle, loop, models, parallel, storage, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
-from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_flax_glue")
 
@@ -47,6 +44,11 @@ MAIN_METRIC = {"cola": "matthews_correlation", "mrpc": "f1", "qqp": "f1", "stsb"
 @dataclass
 class GlueModelArguments(ModelArguments):
     use_slow_tokenizer: bool = field(default=False, metadata={"help": "Use the Python tokenizer, not the fast one."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_slow_tokenizer:  # the original's spelling of --use_fast_tokenizer=false
+            self.use_fast_tokenizer = False
 
 
 @dataclass
@@ -69,6 +71,16 @@ class GlueDataArguments(DataArguments):
                                          "than padding to each batch's longest)."}
     )
     max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Predict on at most N examples."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task_name is not None:
+            self.task_name = self.task_name.lower()
+            if self.task_name not in TASK_TO_KEYS:
+                raise ValueError(f"--task_name={self.task_name}: not a GLUE task; the tasks are "
+                                 f"{', '.join(TASK_TO_KEYS)}.")
+            if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
+                self.dataset_name, self.dataset_config_name = "nyu-mll/glue", self.task_name  # the task on the Hub
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -277,30 +289,18 @@ def compute_metrics(task: Task, predictions, labels) -> dict:
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
         (GlueModelArguments, GlueDataArguments, TrainingArguments), argv)
-    parallel.initialize_distributed()  # before anything else touches JAX
-    setup_logging()
-    compilation_cache.use(training_args.compilation_cache_dir)
-    logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
-                jax.process_index(), jax.process_count())
-    if data_args.task_name is not None:
-        data_args.task_name = data_args.task_name.lower()
-        if data_args.task_name not in TASK_TO_KEYS:
-            raise ValueError(f"--task_name={data_args.task_name}: not a GLUE task; the tasks are "
-                             f"{', '.join(TASK_TO_KEYS)}.")
-        if not (data_args.dataset_name or data_args.train_file or data_args.validation_file or data_args.test_file):
-            data_args.dataset_name, data_args.dataset_config_name = "nyu-mll/glue", data_args.task_name
-    if model_args.use_slow_tokenizer:
-        model_args.use_fast_tokenizer = False
+    with lifecycle.Job(model_args, data_args, training_args, task="text-classification") as job:
+        run(job, data_args, training_args)
 
-    # Cheap checks first: output directory, tokenizer, config and model family, then the data and its labels.
-    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
-    run = resume.start(model_args, data_args, training_args)
-    if not model_args.model_name_or_path:
+
+def run(job, data_args, training_args):
+    # Cheap checks first: tokenizer, config and model family, then the data and its labels.
+    if not job.model_source.name_or_path:
         logger.warning("No --model_name_or_path: the classifier starts from random weights.")
-    tokenizer = pretrained.load_tokenizer(model_args)
-    hf_config = pretrained.load_config(model_args)
-    family, _ = models.create(hf_config, "SequenceClassification")
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+    tokenizer = job.tokenizer()
+    hf_config = job.config()
+    models.get_family(hf_config.model_type)  # (a model type we lack fails before the data is read)
+    raw = data.load_raw_datasets(job.settings.data, training_args.do_train, training_args.do_eval,
                                  need_test=training_args.do_predict,
                                  eval_splits=("validation", "validation_matched"))
     task = find_task(raw, data_args, hf_config, training_args.do_train)
@@ -312,9 +312,7 @@ def main(argv=None):
         hf_config.id2label = dict(enumerate(task.labels))
         hf_config.label2id = {name: i for i, name in enumerate(task.labels)}
         hf_config.problem_type = "single_label_classification"
-    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
-    _, model = models.create(hf_config, "SequenceClassification", dtype=pretrained.DTYPES[model_args.dtype],
-                             gradient_checkpointing=training_args.gradient_checkpointing)
+    family, model = job.model(hf_config, tokenizer, "SequenceClassification")
     max_len = min(data_args.max_seq_length, tokenizer.model_max_length)
     if max_len < data_args.max_seq_length:
         logger.warning("--max_seq_length=%d is more than the tokenizer's model_max_length: using %d.",
@@ -333,21 +331,12 @@ def main(argv=None):
     lengths = {s: np.asarray(ds["length"][:]) for s, ds in splits.items()}
     buckets = bucket_lengths(max_len, data_args.pad_to_max_length)
 
-    # Optimizer, mesh and the train state split over it.
-    global_batch = training_args.per_device_train_batch_size * jax.device_count()
-    update_batch = global_batch * training_args.gradient_accumulation_steps
+    # The optimizer, the mesh and the train state split over it. A pretrained body under a new head: the head
+    # starts fresh, pretraining heads are left out.
     train_examples = len(splits["train"]) if training_args.do_train else 0
-    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    layout = loop.layout(model, family, tx, training_args)
-    mesh = layout.mesh
-    # A pretrained body under a new head: the head starts fresh, pretraining heads are left out.
-    load = (functools.partial(pretrained.load_weights, model_args, model_type=model.config.model_type,
-                              fresh=family.hf.classifier_head, drop=family.hf.pretraining_heads)
-            if model_args.model_name_or_path else None)
-    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
-
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = layout.eval_step(functools.partial(eval_step, is_regression=task.is_regression))
+    state = job.prepare(train_examples, fresh=family.hf.classifier_head, drop=family.hf.pretraining_heads)
+    mesh, update_batch, eval_batch = job.mesh, job.update_batch, job.eval_batch
+    p_eval_step = job.layout.eval_step(functools.partial(eval_step, is_regression=task.is_regression))
 
     def predict(state, split):
         """(loss or None when unlabelled, predictions, labels) over every example of `split` once."""
@@ -377,36 +366,23 @@ def main(argv=None):
                                                        compute_metrics(task, predictions, labels).items()}})
         return metrics
 
-    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
-                        data_args, training_args)
-
     eval_metrics = None
     if training_args.do_train:
         rows = parallel.host_rows(mesh, update_batch)
         batches = (gather(splits["train"], indices[rows], bucket_width(buckets, lengths["train"][indices]),
                           tokenizer.pad_token_id, task.is_regression)
                    for _, _, indices in data.epoch_batches(train_examples, update_batch, training_args.seed,
-                                                           start_step, total_steps))
-        p_train_step = layout.train_step(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
-                              is_regression=task.is_regression))
-        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
-                         int(update_batch * lengths["train"].mean()))  # real tokens, not padding
-        state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, plan, training_args, mesh=mesh,
-            evaluate=run_eval if training_args.do_eval else None,
-            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture,
-                                                        save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo, best_metric=f"eval_{task.main_metric}")
-        if train_metrics:  # None: the run had already finished
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})
+                                                           job.start_step, job.total_steps))
+        outcome = job.train(state, functools.partial(train_step, is_regression=task.is_regression), batches,
+                            tokens_per_step=int(update_batch * lengths["train"].mean()),  # real tokens, not padding
+                            evaluate=run_eval, best_metric=f"eval_{task.main_metric}")
+        state, eval_metrics = outcome.state, outcome.eval_metrics
+        if outcome.trained:
+            job.write_results("train", {**outcome.train_metrics, "train_samples": train_examples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval and eval_metrics:
-        logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval",
-                      {**eval_metrics, "eval_samples": sum(len(splits[s]) for s in evals)})
+    if eval_metrics:
+        job.write_results("eval", {**eval_metrics, "eval_samples": sum(len(splits[s]) for s in evals)})
 
     if training_args.do_predict:
         test_metrics = {}
@@ -418,11 +394,8 @@ def main(argv=None):
                 test_metrics.update({f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in
                                                                 compute_metrics(task, predictions, labels).items()}})
         if test_metrics:
-            logger.info("Test: %s", test_metrics)
-            write_results(training_args.output_dir, "test",
-                          {**test_metrics, "test_samples": sum(len(splits[s]) for s in tests)})
-    hub.finish(repo, "text-classification", model_args, data_args, training_args)
-    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+            job.write_results("test", {**test_metrics, "test_samples": sum(len(splits[s]) for s in tests)})
+    job.finish()
 
 
 def write_predictions(output_dir: str, name: str, predictions, task: Task):
@@ -437,4 +410,4 @@ def write_predictions(output_dir: str, name: str, predictions, task: Task):
 
 
 if __name__ == "__main__":
-    main()
+    exits.run(main)

@@ -22,12 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import (
-    compilation_cache, data, generate_seq2seq, hf_export, hub, loop, models, parallel, pretrained, resume, storage,
-    training,
-)
+from flaxtrain import data, exits, generate_seq2seq, lifecycle, loop, parallel, pretrained, storage, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
-from flaxtrain.logging import setup_logging, write_results
 
 logger = logging.getLogger("run_summarization_flax")
 
@@ -217,16 +213,16 @@ _UNAPPLIED_GENERATION = {"min_length": 0, "min_new_tokens": 0, "encoder_no_repea
                          "bad_words_ids": None, "repetition_penalty": 1.0}
 
 
-def generation_options(model_args, data_args, hf_config, eos_token_id):
+def generation_options(source, data_args, hf_config, eos_token_id):
     """Keyword arguments of generate_seq2seq.generate: the flags, and the model's generation config
-    (generation_config.json, else its config.json) for what the flags leave unset."""
+    (generation_config.json, else its config.json; source: the job's settings.ModelSource) for what the flags
+    leave unset."""
     from transformers import GenerationConfig
 
-    source = model_args.model_name_or_path or model_args.config_name
     try:
-        defaults = GenerationConfig.from_pretrained(pretrained.local_copy(source), cache_dir=model_args.cache_dir,
-                                                    token=model_args.token,
-                                                    revision=model_args.model_revision)
+        defaults = GenerationConfig.from_pretrained(pretrained.local_copy(source.name_or_path or source.config_name),
+                                                    cache_dir=source.cache_dir, token=source.token,
+                                                    revision=source.revision)
     except (OSError, TypeError, ValueError):  # no generation_config.json (or no source: a config from --model_type)
         defaults = GenerationConfig.from_model_config(hf_config)
     options = dict(
@@ -284,21 +280,18 @@ def main(argv=None):
         (ModelArguments, SummarizationDataArguments, Seq2SeqTrainingArguments), argv)
     if training_args.do_predict and not (data_args.test_file or data_args.dataset_name):
         raise ValueError("--do_predict needs a test set: give --test_file (or a --dataset_name with a test split).")
-    parallel.initialize_distributed()  # before anything else touches JAX
-    setup_logging()
-    compilation_cache.use(training_args.compilation_cache_dir)
+    with lifecycle.Job(model_args, data_args, training_args, task="summarization") as job:
+        run(job, data_args, training_args)
 
-    # Cheap checks first: output directory, tokenizer, config, lengths.
-    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
-    run = resume.start(model_args, data_args, training_args)
-    tokenizer = pretrained.load_tokenizer(model_args)
+
+def run(job, data_args, training_args):
+    # Cheap checks first: tokenizer, config, lengths.
+    tokenizer = job.tokenizer()
     tokenizer.padding_side = "right"  # teacher forcing needs the summary tokens first
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer needs a padding and an end-of-sequence token.")
-    hf_config = pretrained.load_config(model_args)
-    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
-    family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
-                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    hf_config = job.config()
+    family, model = job.model(hf_config, tokenizer, "Seq2SeqLM")
     if getattr(model.config, "decoder_start_token_id", None) is None:
         raise ValueError("The model config has no decoder_start_token_id: set it in config.json.")
     if family.max_positions is not None:  # learned positions (BART); T5's relative positions have no limit
@@ -311,27 +304,21 @@ def main(argv=None):
         logger.warning("A T5 model without --source_prefix: the T5 checkpoints trained on many tasks (t5-small .. "
                        "t5-11b) expect --source_prefix='summarize: ' (a T5 v1.1 or your own needs none).")
     generating = training_args.do_predict or (training_args.do_eval and data_args.predict_with_generate)
-    gen_options = generation_options(model_args, data_args, hf_config, tokenizer.eos_token_id) if generating else {}
+    gen_options = (generation_options(job.model_source, data_args, hf_config, tokenizer.eos_token_id)
+                   if generating else {})
 
-    splits, references = load_splits(data_args, model_args, training_args, tokenizer)
+    splits, references = load_splits(job.settings.data, data_args, training_args, tokenizer)
     # labels [B, T] -> decoder_input_ids [B, T]: the start token, then labels[:, :-1].
     shift_right = functools.partial(family.shift_right, decoder_start_token_id=model.config.decoder_start_token_id,
                                     pad_token_id=tokenizer.pad_token_id)
 
-    # Optimizer, mesh and the train state split over it.
-    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
-                    * training_args.gradient_accumulation_steps)
+    # The optimizer, the mesh and the train state split over it.
     train_examples = len(splits["train"]) if training_args.do_train else 0
-    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    layout = loop.layout(model, family, tx, training_args)
-    mesh = layout.mesh
-    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
-            if model_args.model_name_or_path else None)
-    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
-
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
-    p_eval_step = layout.eval_step(eval_step)
-    p_generate = layout.params_step(functools.partial(generate_step, model=model, options=gen_options), batch_args=2)
+    state = job.prepare(train_examples)
+    mesh, update_batch, eval_batch = job.mesh, job.update_batch, job.eval_batch
+    p_eval_step = job.layout.eval_step(eval_step)
+    p_generate = job.layout.params_step(functools.partial(generate_step, model=model, options=gen_options),
+                                        batch_args=2)
     if generating:  # traced now (no compiling, no computing), so that unsupported settings fail before training
         ids = jax.ShapeDtypeStruct((eval_batch, data_args.max_source_length), jnp.int32)
         p_generate.lower(state.params, ids, ids)
@@ -367,52 +354,40 @@ def main(argv=None):
                 metrics.update({f"eval_{k}": v for k, v in rouge_scores(predictions, references[split]).items()})
         return metrics, predictions
 
-    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
-                        data_args, training_args)
-
     eval_metrics = None
     if training_args.do_train:
         rows = parallel.host_rows(mesh, update_batch)
         batches = (make_batch(splits["train"], indices[rows])
                    for _, _, indices in data.epoch_batches(len(splits["train"]), update_batch, training_args.seed,
-                                                           start_step, total_steps))
-        p_train_step = layout.train_step(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps,
-                              label_smoothing=training_args.label_smoothing_factor))
-        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
-                         update_batch * (data_args.max_source_length + data_args.max_target_length))
-        state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, plan, training_args, mesh=mesh,
-            evaluate=(lambda state: evaluate(state)[0]) if training_args.do_eval else None,
-            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture,
-                                                        save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo, best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")
-        if train_metrics:  # None: the run had already finished
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": train_examples})
+                                                           job.start_step, job.total_steps))
+        outcome = job.train(state, functools.partial(train_step, label_smoothing=training_args.label_smoothing_factor),
+                            batches, tokens_per_step=update_batch * (data_args.max_source_length
+                                                                     + data_args.max_target_length),
+                            evaluate=lambda state: evaluate(state)[0],
+                            best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")
+        state, eval_metrics = outcome.state, outcome.eval_metrics
+        if outcome.trained:
+            job.write_results("train", {**outcome.train_metrics, "train_samples": train_examples})
     elif training_args.do_eval:
         eval_metrics = evaluate(state)[0]
-    if training_args.do_eval and eval_metrics:
-        logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
+    if eval_metrics:
+        job.write_results("eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
     if training_args.do_predict:
         test_metrics, predictions = evaluate(state, "test", generate=True)
         test_metrics = {k.replace("eval_", "test_", 1): v for k, v in test_metrics.items()}
-        logger.info("Test: %s", test_metrics)
-        write_results(training_args.output_dir, "test", {**test_metrics, "test_samples": len(splits["test"])})
+        job.write_results("test", {**test_metrics, "test_samples": len(splits["test"])})
         if jax.process_index() == 0:
             storage.write_text(storage.join(training_args.output_dir, "generated_predictions.txt"),
                                "".join(" ".join(p.splitlines()) + "\n" for p in predictions))  # a line an example
-    hub.finish(repo, "summarization", model_args, data_args, training_args)
-    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+    job.finish()
 
 
-def load_splits(data_args, model_args, training_args, tokenizer):
+def load_splits(source, data_args, training_args, tokenizer):
     """The tokenized splits this run needs ("train", "validation", "test") and the reference summaries of the
-    evaluated ones (None for a test set without summaries)."""
+    evaluated ones (None for a test set without summaries). source: the job's settings.DataSource."""
     if not (training_args.do_train or training_args.do_eval):  # prediction alone reads no training data
-        data_args = dataclasses.replace(data_args, train_file=None, validation_file=None)
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval,
+        source = dataclasses.replace(source, train_file=None, validation_file=None)
+    raw = data.load_raw_datasets(source, training_args.do_train, training_args.do_eval,
                                  need_test=training_args.do_predict)
     if training_args.do_predict and "test" not in raw:
         raise ValueError(f"--do_predict: the dataset has no 'test' split (it has {', '.join(raw)}).")
@@ -443,4 +418,4 @@ def load_splits(data_args, model_args, training_args, tokenizer):
 
 
 if __name__ == "__main__":
-    main()
+    exits.run(main)

@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import (compilation_cache, data, example_rng, hf_export, hub, loop, models, parallel, pretrained, resume,
-                       streaming, text_files, training)
+from flaxtrain import data, example_rng, exits, lifecycle, loop, parallel, streaming, text_files, training
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
-from flaxtrain.logging import setup_logging, write_results
 from flaxtrain.models import longt5, t5
 
 logger = logging.getLogger("run_t5_mlm_flax")
@@ -216,10 +214,10 @@ def encode_text(texts, tokenizer):
     return {"input_ids": tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"]}
 
 
-def in_memory_splits(tokenizer, model_args, data_args, training_args, raw_length):
+def in_memory_splits(tokenizer, source, data_args, training_args, raw_length):
     """{"train", "validation"} as needed: chunks of raw_length tokens (cached by datasets, so a rerun does not
-    tokenize again), cut to --max_train_samples / --max_eval_samples."""
-    raw = data.load_raw_datasets(data_args, model_args, training_args.do_train, training_args.do_eval)
+    tokenize again), cut to --max_train_samples / --max_eval_samples. source: the job's settings.DataSource."""
+    raw = data.load_raw_datasets(source, training_args.do_train, training_args.do_eval)
     column = data.text_column(next(iter(raw.values())))
     tokenized = raw.map(lambda examples: encode_text(examples[column], tokenizer), batched=True,
                         num_proc=data_args.preprocessing_num_workers,
@@ -266,57 +264,48 @@ def eval_step(state, batch):
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     model_args, data_args, training_args = parse_args((ModelArguments, T5DataArguments, TrainingArguments), argv)
-    parallel.initialize_distributed()  # before anything else touches JAX
-    setup_logging()
-    compilation_cache.use(training_args.compilation_cache_dir)
     if training_args.do_predict:
         raise ValueError("--do_predict: this script has no prediction step (use --do_train and --do_eval).")
-    if data_args.train_ref_file or data_args.validation_ref_file:
-        logger.warning("--train_ref_file / --validation_ref_file are ignored.")
     density, span = data_args.mlm_probability, data_args.mean_noise_span_length
     if not 0 < density < 1:
         raise ValueError(f"--mlm_probability (--noise_density) must be between 0 and 1, got {density}.")
     if span < 1:
         raise ValueError(f"--mean_noise_span_length must be at least 1, got {span}.")
+    with lifecycle.Job(model_args, data_args, training_args, task="text2text-generation") as job:
+        run(job, data_args, training_args)
+
+
+def run(job, data_args, training_args):
+    if data_args.train_ref_file or data_args.validation_ref_file:
+        logger.warning("--train_ref_file / --validation_ref_file are ignored.")
+    density, span = data_args.mlm_probability, data_args.mean_noise_span_length
     raw_length, targets_length = compute_input_and_target_lengths(data_args.max_seq_length, density, span)
 
-    # Cheap checks first: output directory, tokenizer, config.
-    repo = hub.connect(training_args)  # before resume.start: it may fetch the pushed training state
-    run = resume.start(model_args, data_args, training_args)
-    tokenizer = pretrained.load_tokenizer(model_args)
+    # Cheap checks first: tokenizer, config.
+    tokenizer = job.tokenizer()
     sentinels = sentinel_token_ids(tokenizer, noise_span_counts(raw_length, density, span)[1])
-    hf_config = pretrained.load_config(model_args)
-    pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not model_args.model_name_or_path)
+    hf_config = job.config()
     if hf_config.model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {hf_config.model_type!r} is not supported for this task; supported model types: "
                          f"{', '.join(sorted(MODEL_TYPES))}")
-    family, model = models.create(hf_config, "Seq2SeqLM", dtype=pretrained.DTYPES[model_args.dtype],
-                                  gradient_checkpointing=training_args.gradient_checkpointing)
+    family, model = job.model(hf_config, tokenizer, "Seq2SeqLM")
     logger.info("Chunks of %d tokens become %d encoder and %d decoder tokens", raw_length, data_args.max_seq_length,
                 targets_length)
 
-    splits, stream = {}, {}
+    splits, stream, source = {}, {}, job.settings.data
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
         stream = text_files.files_by_split(
             {"train": data_args.train_file} if training_args.do_train else {},
             {"validation": data_args.validation_file} if training_args.do_eval else {},
-            dataset_name=data_args.dataset_name, dataset_config=data_args.dataset_config_name,
-            token=model_args.token, cache_dir=model_args.cache_dir)
+            dataset_name=source.dataset_name, dataset_config=source.dataset_config, token=source.token,
+            cache_dir=source.cache_dir)
     else:
-        splits = in_memory_splits(tokenizer, model_args, data_args, training_args, raw_length)
+        splits = in_memory_splits(tokenizer, source, data_args, training_args, raw_length)
 
-    # Optimizer, mesh and the train state split over it.
-    update_batch = (training_args.per_device_train_batch_size * jax.device_count()
-                    * training_args.gradient_accumulation_steps)
+    # The optimizer, the mesh and the train state split over it.
     train_examples = None if data_args.streaming else len(splits["train"]) if training_args.do_train else 0
-    steps_per_epoch, total_steps, schedule, tx = training.plan(training_args, train_examples, update_batch)
-    layout = loop.layout(model, family, tx, training_args)
-    mesh = layout.mesh
-    load = (functools.partial(pretrained.load_weights, model_args, model_type=hf_config.model_type)
-            if model_args.model_name_or_path else None)
-    state, start_step, meta = loop.start_state(layout, run, train_examples, seed=training_args.seed, load=load)
-
-    eval_batch = training_args.per_device_eval_batch_size * jax.device_count()
+    state = job.prepare(train_examples)
+    mesh, update_batch, eval_batch = job.mesh, job.update_batch, job.eval_batch
     stream_options = dict(encode=functools.partial(encode_text, tokenizer=tokenizer), length=raw_length,
                           pad={"input_ids": tokenizer.pad_token_id})
     if data_args.streaming and training_args.do_eval:  # this host's share of the chunks, as arrays [n, raw_length]
@@ -333,54 +322,45 @@ def main(argv=None):
         return corrupt(dataset["input_ids"][indices] if data_args.streaming else
                        dataset[indices.tolist()]["input_ids"], keys)
 
+    p_eval_step = job.layout.eval_step(eval_step)
+
     def run_eval(state):
         return loop.evaluate(state, p_eval_step, functools.partial(make_batch, splits["validation"]),
                              eval_examples, mesh, eval_batch, training_args.seed,
                              per_host=data_args.streaming)
 
-    p_eval_step = layout.eval_step(eval_step)
-    resume.record_start(training_args.output_dir, start_step if training_args.do_train else None, model_args,
-                        data_args, training_args)
-
+    eval_metrics = None
     if training_args.do_train:
         rows, input_iterator = parallel.host_rows(mesh, update_batch), None
         if data_args.streaming:
-            input_iterator = loop.resume_input(run, start_step, streaming.training_batches(
+            input_iterator = loop.resume_input(job.start, job.start_step, streaming.training_batches(
                 stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
                 seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
             # A streamed row's noise depends on (seed, share, step, row) (4: see data.RNG_STREAMS).
             share = parallel.host_share(mesh, update_batch)[0]
             batches = (corrupt(batch["input_ids"],
                                example_rng.keys(training_args.seed, 4, share, step, np.arange(len(rows))))
-                       for step, batch in enumerate(input_iterator, start_step))
+                       for step, batch in enumerate(input_iterator, job.start_step))
         else:
             # An example's noise depends on (seed, epoch, index) alone (2: see data.RNG_STREAMS), not on the hosts.
             batches = (make_batch(splits["train"], indices[rows],
                                   example_rng.keys(training_args.seed, 2, epoch, indices[rows]))
                        for epoch, _, indices in data.epoch_batches(len(splits["train"]), update_batch,
-                                                                   training_args.seed, start_step, total_steps))
-        p_train_step = layout.train_step(
-            functools.partial(train_step, accumulation_steps=training_args.gradient_accumulation_steps))
-        plan = loop.Plan(start_step, total_steps, steps_per_epoch, schedule, update_batch,
-                         update_batch * (data_args.max_seq_length + targets_length))
-        state, train_metrics, eval_metrics = loop.train(
-            state, p_train_step, batches, plan, training_args, mesh=mesh,
-            evaluate=run_eval if training_args.do_eval else None,
-            export=lambda params: hf_export.save_pretrained(training_args.output_dir, params, hf_config, tokenizer,
-                                                        architecture=model.hf_architecture,
-                                                        save_dtype=training_args.save_dtype),
-            meta=meta, hub=repo, input_iterator=input_iterator)
-        if train_metrics:  # None: the run had already finished
-            samples = total_steps * update_batch if data_args.streaming else len(splits["train"])
-            write_results(training_args.output_dir, "train", {**train_metrics, "train_samples": samples})
+                                                                   training_args.seed, job.start_step,
+                                                                   job.total_steps))
+        outcome = job.train(state, train_step, batches,
+                            tokens_per_step=update_batch * (data_args.max_seq_length + targets_length),
+                            evaluate=run_eval, input_iterator=input_iterator)
+        eval_metrics = outcome.eval_metrics
+        if outcome.trained:
+            samples = job.total_steps * update_batch if data_args.streaming else len(splits["train"])
+            job.write_results("train", {**outcome.train_metrics, "train_samples": samples})
     elif training_args.do_eval:
         eval_metrics = run_eval(state)
-    if training_args.do_eval and eval_metrics:
-        logger.info("Evaluation: %s", eval_metrics)
-        write_results(training_args.output_dir, "eval", {**eval_metrics, "eval_samples": eval_samples})
-    hub.finish(repo, "text2text-generation", model_args, data_args, training_args)
-    logger.info("Done: the model, tokenizer and results are in %s", training_args.output_dir)
+    if eval_metrics:
+        job.write_results("eval", {**eval_metrics, "eval_samples": eval_samples})
+    job.finish()
 
 
 if __name__ == "__main__":
-    main()
+    exits.run(main)

@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxtrain import storage
-from flaxtrain.logging import dumps
+from flaxtrain.reporting import dumps
 
 logger = logging.getLogger(__name__)
 DIRECTORY = "best_model"

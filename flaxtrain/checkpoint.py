@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxtrain import storage
-from flaxtrain.logging import finite_json
+from flaxtrain.reporting import finite_json
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,13 @@ def restore_meta(directory: str, step: int) -> dict:
 
 def problem(error: BaseException) -> str:
     """One line about why a checkpoint did not restore (tensorstore's errors run to a hundred lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
+    def first_line(e):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return (lines[0] if lines else "").split(" See full TensorStore details")[0]  # (a repr of a C++ method)
+
+    text = first_line(error)
+    if error.__cause__ is not None:  # tensorstore's own status (NOT_FOUND, DATA_LOSS...) is often the cause
+        text += f" <- {type(error.__cause__).__name__}: {first_line(error.__cause__)}"
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 

@@ -49,26 +49,27 @@ def _check_file(flag: str, path: str) -> str:
     return BUILDERS[extension]
 
 
-def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool,
+def load_raw_datasets(source, need_train: bool, need_eval: bool,
                       need_test: bool = False, eval_splits: tuple[str, ...] = ("validation",), **builder_kwargs):
     """Returns a DatasetDict with "train", "validation" and "test" as needed
-    (local files: --train_file, --validation_file and, where the script has it, --test_file).
+    from `source` (a settings.DataSource: a Hub dataset, or local files: --train_file, --validation_file and,
+    where the script has it, --test_file).
 
     Without any of `eval_splits` (a Hub dataset may name them otherwise, e.g. MNLI's "validation_matched"), the
     first `validation_split_percentage` percent of the training data becomes the validation set (and is removed
     from training). `builder_kwargs` go to the text builder only (e.g. keep_linebreaks).
     """
-    common = dict(cache_dir=model_args.cache_dir, token=model_args.token)
-    files = {}
-    if data_args.dataset_name:
-        source = dict(path=data_args.dataset_name, name=data_args.dataset_config_name, **common)
+    common = dict(cache_dir=source.cache_dir, token=source.token)
+    files, percentage = {}, source.validation_split_percentage
+    if source.dataset_name:
+        load = dict(path=source.dataset_name, name=source.dataset_config, **common)
     else:
-        if data_args.train_file:
-            files["train"] = data_args.train_file
-        if data_args.validation_file:
-            files["validation"] = data_args.validation_file
-        if getattr(data_args, "test_file", None) and need_test:
-            files["test"] = data_args.test_file
+        if source.train_file:
+            files["train"] = source.train_file
+        if source.validation_file:
+            files["validation"] = source.validation_file
+        if source.test_file and need_test:
+            files["test"] = source.test_file
         if not files:
             raise ValueError("Give --dataset_name or --train_file / --validation_file.")
         builders = {_check_file(f"{split}_file", path) for split, path in files.items()}
@@ -81,10 +82,10 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool,
             # The json builder hands raw bytes to pyarrow, which keeps invalid UTF-8 without a word (it fails
             # later, inside tokenization); given any encoding name but exactly "utf-8", it decodes strictly first.
             options = dict(encoding="utf_8")
-        source = dict(path=builder, data_files=files, **common, **options)
+        load = dict(path=builder, data_files=files, **common, **options)
 
     try:
-        raw = datasets.load_dataset(**source)
+        raw = datasets.load_dataset(**load)
     except Exception:
         # datasets names neither the file nor the place (it wraps a UnicodeDecodeError or a pyarrow/ujson parse
         # error at a position within one chunk): look for the cause only now, so good files cost nothing extra.
@@ -97,16 +98,16 @@ def load_raw_datasets(data_args, model_args, need_train: bool, need_eval: bool,
     if need_test and not any(split.startswith("test") for split in raw):
         raise ValueError("Prediction (--do_predict) needs --test_file or a dataset with a test split.")
     has_eval = any(split in raw for split in eval_splits)
-    if need_eval and not has_eval and not 0 < data_args.validation_split_percentage < 100:
+    if need_eval and not has_eval and not 0 < percentage < 100:
         raise ValueError("Evaluation needs --validation_file or a dataset with a validation split"
                          ", or --validation_split_percentage between 1 and 99.")
     # Held out whether or not this run evaluates, so the training data (and a resumed run's order) do not depend
     # on --do_eval.
-    if not has_eval and "train" in raw and 0 < data_args.validation_split_percentage < 100:
-        held_out = round(len(raw["train"]) * data_args.validation_split_percentage / 100)
+    if not has_eval and "train" in raw and 0 < percentage < 100:
+        held_out = round(len(raw["train"]) * percentage / 100)
         if held_out == 0 and need_eval:
             raise ValueError(f"The training data has {len(raw['train'])} rows: too few to hold out "
-                             f"{data_args.validation_split_percentage}% for evaluation. Give --validation_file.")
+                             f"{percentage}% for evaluation. Give --validation_file.")
         if held_out:
             raw = datasets.DatasetDict({**raw, "validation": raw["train"].select(range(held_out)),
                                         "train": raw["train"].select(range(held_out, len(raw["train"])))})

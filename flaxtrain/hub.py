@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import jax
-import numpy as np
 
-from flaxtrain import checkpoint, model_card, storage
+from flaxtrain import checkpoint, model_card, parallel, storage
 
 logger = logging.getLogger(__name__)
 
@@ -208,21 +207,21 @@ def _describe(files: dict, with_state: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- connect
-def connect(training_args) -> Optional[HubRepo]:
+def connect(target, output, do_train: bool) -> Optional[HubRepo]:
     """Opens the repo of --push_to_hub before any work, so a bad token or name fails in seconds.
 
-    Call on every process right after setup_logging and before checkpoint.resolve_start (it may download the
-    training state that resolve_start then finds). Returns the HubRepo on process 0, None elsewhere or without
-    --push_to_hub.
+    Call on every process before resume.start (it may download the training state that resume.start then finds).
+    target: a settings.HubTarget (None: no --push_to_hub), output: the settings.Output. Returns the HubRepo on
+    process 0, None elsewhere or without --push_to_hub.
     """
-    if not training_args.push_to_hub:
+    if target is None:
         return None
     import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE:
         raise ValueError("--push_to_hub needs the network, but HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set.")
-    token = training_args.hub_token or get_token()
+    token = target.token or get_token()
     api = HfApi(token=token, library_name="flaxtrain")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
     repo_id, remote, download, error = "", set(), "", ""
@@ -231,42 +230,42 @@ def connect(training_args) -> Optional[HubRepo]:
             if not token:  # other hosts only download, which a public repo allows
                 raise ValueError("--push_to_hub needs a Hugging Face token that may write: pass --hub_token, set "
                                  "HF_TOKEN or log in with `hf auth login`.")
-            repo_id = _open_repo(api, training_args)
-            if training_args.hub_strategy == "checkpoint":
+            repo_id = _open_repo(api, target, output.directory)
+            if target.strategy == "checkpoint":
                 remote = _remote_checkpoint_files(api, repo_id)
-                download = "yes" if remote and _should_download(training_args) else ""
+                download = "yes" if remote and _should_download(output, do_train) else ""
         except ValueError as e:
             error = str(e)
         except httpx2.TransportError as e:  # no server there, a name that does not resolve, a timeout
             error = (f"--push_to_hub: cannot reach the Hub at {api.endpoint} ({type(e).__name__}: "
                      f"{' '.join(str(e).split())}). Check the network, or HF_ENDPOINT if you set it.")
     # Every host fails with process 0's error, rather than waiting for it in the broadcasts below.
-    if error := _same_on_every_host(error):
+    if error := parallel.same_on_every_host(error):
         raise ValueError(error)
-    repo_id, download = _same_on_every_host(repo_id), _same_on_every_host(download)
+    repo_id, download = parallel.same_on_every_host(repo_id), parallel.same_on_every_host(download)
     if download:
-        _download_checkpoint(api, repo_id, training_args)
+        _download_checkpoint(api, repo_id, output.directory)
     if jax.process_index() != 0:
         return None
-    logger.info("Pushing to %s/%s (--hub_strategy %s)", api.endpoint, repo_id, training_args.hub_strategy)
-    return HubRepo(api, repo_id, training_args.output_dir, training_args.hub_strategy, remote)
+    logger.info("Pushing to %s/%s (--hub_strategy %s)", api.endpoint, repo_id, target.strategy)
+    return HubRepo(api, repo_id, output.directory, target.strategy, remote)
 
 
-def _open_repo(api, args) -> str:
+def _open_repo(api, target, output_dir: str) -> str:
     """Checks the token, creates (or finds) the repo and checks that we may write to it. Returns its id."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    source = ("--hub_token" if args.hub_token else "HF_TOKEN" if os.environ.get("HF_TOKEN")
+    source = ("--hub_token" if target.token else "HF_TOKEN" if os.environ.get("HF_TOKEN")
               else "the saved login (hf auth login)")
     try:
         user = api.whoami()["name"]
     except HfHubHTTPError as e:
         raise ValueError(f"--push_to_hub: the Hub at {api.endpoint} refused the token from {source} "
                          f"({_status(e)}). Pass a valid token with write access with --hub_token.") from None
-    name = args.hub_model_id or storage.basename(args.output_dir)
+    name = target.model_id or storage.basename(output_dir)
     repo_id = name if "/" in name else f"{user}/{name}"
     try:
-        api.create_repo(repo_id, private=args.hub_private_repo or None, exist_ok=True)
+        api.create_repo(repo_id, private=target.private or None, exist_ok=True)
         api.auth_check(repo_id, write=True)
     except HfHubHTTPError as e:
         raise ValueError(f"--hub_model_id: cannot write to the Hub repo {repo_id} with the token from {source} "
@@ -282,18 +281,6 @@ def _status(error) -> str:
     return f"HTTP {status}: {str(error).splitlines()[0]}"
 
 
-def _same_on_every_host(text: str) -> str:
-    """Process 0's `text` on every process (the repo id comes from process 0's whoami)."""
-    if jax.process_count() == 1:
-        return text
-    from jax.experimental import multihost_utils
-
-    raw = np.zeros(2048, np.uint8)
-    encoded = text.encode()[:2048]
-    raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).rstrip(b"\0").decode()
-
-
 def _remote_checkpoint_files(api, repo_id: str) -> set:
     return {p for p in api.list_repo_files(repo_id) if p.startswith(REMOTE_CHECKPOINT + "/")}
 
@@ -302,23 +289,23 @@ def _local_checkpoint(output_dir: str) -> bool:
     return any(name.isdigit() for name in storage.listdir(checkpoint.directory_of(output_dir)))
 
 
-def _should_download(args) -> bool:
+def _should_download(output, do_train: bool) -> bool:
     """Only a training run's plain start (no --resume_from_checkpoint choice) with no checkpoint of its own takes
     the Hub's."""
-    return args.do_train and args.resume_from_checkpoint is None and not _local_checkpoint(args.output_dir)
+    return do_train and output.resume_from is None and not _local_checkpoint(output.directory)
 
 
-def _download_checkpoint(api, repo_id: str, args):
+def _download_checkpoint(api, repo_id: str, output_dir: str):
     """Fetches last-checkpoint/STEP (and the logs, so the curves go on) into output_dir, process 0 first; then
     the other hosts that do not see it (no shared file system) fetch it themselves."""
     if jax.process_index() == 0:
-        _fetch(api, repo_id, args.output_dir)
+        _fetch(api, repo_id, output_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("flaxtrain.hub: checkpoint downloaded")
-        if jax.process_index() != 0 and not _local_checkpoint(args.output_dir):
-            _fetch(api, repo_id, args.output_dir)
+        if jax.process_index() != 0 and not _local_checkpoint(output_dir):
+            _fetch(api, repo_id, output_dir)
 
 
 def _fetch(api, repo_id: str, output_dir: str):
@@ -340,16 +327,17 @@ def _fetch(api, repo_id: str, output_dir: str):
 
 
 # -------------------------------------------------------------------------------------------------- finish
-def finish(repo: Optional[HubRepo], task: str, *arg_objects, script: Optional[str] = None):
+def finish(repo: Optional[HubRepo], task: str, flags: dict, changed: dict, script: Optional[str] = None):
     """The end of every script (after write_results): writes output_dir/README.md, pushes everything, waits for
     all uploads. Does nothing without a repo (no --push_to_hub, or not process 0). Raises RuntimeError when the
     final push failed after its retries, so the run exits non-zero; the files stay in output_dir.
 
-    task: the Hub pipeline tag, e.g. "fill-mask", "text-generation", "text2text-generation".
+    task: the Hub pipeline tag, e.g. "fill-mask", "text-generation", "text2text-generation"; flags: every flag
+    but secrets, changed: those not at their defaults (settings.RunSettings).
     """
     if repo is None:
         return
-    model_card.write(repo.output_dir, repo.repo_id, task, arg_objects, script=script)
+    model_card.write(repo.output_dir, repo.repo_id, task, flags, changed, script=script)
     repo.push_final()
     if not repo.close():
         raise RuntimeError(f"The final push to {repo.url} failed (see the errors above). Everything is in "

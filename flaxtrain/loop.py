@@ -10,7 +10,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from flaxtrain import checkpoint, data, example_rng, parallel, preemption, storage
 from flaxtrain.best import BestModel
-from flaxtrain.logging import MetricsWriter, TrainProgress, clear_results
+from flaxtrain.reporting import MetricsWriter, TrainProgress, clear_results
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ def as_scalars(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def layout(model, family, tx, training_args) -> parallel.StateLayout:
-    """The mesh of --fsdp and --tensor_parallel, and where the model's train state lies on it (the axis rules with
-    --logical_axis_rules applied, logged once)."""
-    mesh = parallel.make_mesh(training_args.fsdp, training_args.tensor_parallel)
-    rules = parallel.load_rules(training_args.logical_axis_rules)
+def layout(model, family, tx, shape) -> parallel.StateLayout:
+    """The mesh of `shape` (a settings.MeshShape: --fsdp, --tensor_parallel), and where the model's train state
+    lies on it (the axis rules with --logical_axis_rules applied, logged once)."""
+    mesh = parallel.make_mesh(shape.fsdp, shape.tensor_parallel)
+    rules = parallel.load_rules(shape.logical_axis_rules)
     logger.info("Mesh %s; logical axes -> mesh axes: %s", dict(mesh.shape),
                 ", ".join(f"{name} {'/'.join(axes) or '-'}" for name, axes in rules.items()))
     return parallel.StateLayout(model, family.init_params, tx, mesh, rules)
@@ -190,26 +190,45 @@ def run_steps(state, step_fn, batches, plan: Plan, *, mesh, seed: int, hooks: li
     return state
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What loop.train did: the final state (the best model's with --load_best_model_at_end), the training
+    metrics and the last evaluation's (None without evaluation); `trained` False when the checkpoint resumed
+    from was already the last step (its run's results stand)."""
+
+    state: Any
+    train_metrics: Optional[dict] = None
+    eval_metrics: Optional[dict] = None
+    trained: bool = True
+
+
 class Run:
     """What a training run writes besides its steps: log records (TensorBoard, log_history.jsonl, the bar),
-    evaluations and the best model, checkpoints with the export and the Hub push. Every host makes one."""
+    evaluations and the best model, checkpoints with the export and the Hub push. Every host makes one; `hooks()`
+    are what the loop runs after its steps.
 
-    def __init__(self, args, plan: Plan, *, evaluate, export, meta: dict, hub, best_metric: str, input_iterator=None):
-        self.args, self.plan, self.evaluate, self.export, self.meta, self.hub = args, plan, evaluate, export, meta, hub
+    output, cadence: settings.Output and settings.Cadence. `evaluate(state)` gives the eval metrics (None: no
+    evaluation), `export(params)` writes the Hugging Face model, `hub` (hub.connect's answer) is told of every save,
+    `input_iterator` is a stream's Grain iterator, whose position every checkpoint saves."""
+
+    def __init__(self, output, cadence, plan: Plan, *, evaluate, export, meta: dict, hub=None,
+                 best_metric: str = "eval_loss", input_iterator=None):
+        self.output, self.cadence, self.plan = output, cadence, plan
+        self.evaluate, self.export, self.meta, self.hub = evaluate, export, meta, hub
         self.input_iterator = input_iterator
         resumed = plan.start_step > 0
         self.best = None
-        if args.load_best_model_at_end and evaluate:
-            self.best = BestModel(args.output_dir, args.metric_for_best_model or best_metric, args.greater_is_better,
+        if output.best is not None and evaluate:
+            self.best = BestModel(output.directory, output.best.metric or best_metric, output.best.greater_is_better,
                                   meta.get("best") if resumed else None)
         self.checkpoints = self.writer = None
 
     def open(self):
         """Starts the run's outputs (after the results of an earlier run are cleared)."""
-        args, plan = self.args, self.plan
-        clear_results(args.output_dir)
-        self.writer = MetricsWriter(args.output_dir, plan.start_step)
-        self.checkpoints = checkpoint.Checkpoints(args.output_dir, args.save_total_limit)
+        output, plan = self.output, self.plan
+        clear_results(output.directory)
+        self.writer = MetricsWriter(output.directory, plan.start_step)
+        self.checkpoints = checkpoint.Checkpoints(output.directory, output.save_total_limit)
         self.progress = TrainProgress(plan.schedule, plan.tokens_per_step, plan.steps_per_epoch, plan.start_step,
                                       self.meta.pop("progress", None) if plan.start_step else None)
         self.bar = tqdm(total=plan.total_steps, initial=plan.start_step, desc="training",
@@ -217,17 +236,17 @@ class Run:
         self.record, self.started = {}, time.perf_counter()
 
     def hooks(self) -> list[Hook]:
-        args = self.args
-        hooks = [Hook(1, self.count), Hook(args.logging_steps, self.log)]
+        cadence = self.cadence
+        hooks = [Hook(1, self.count), Hook(cadence.logging_steps, self.log)]
         if self.evaluate:
-            hooks.append(Hook(args.eval_steps, self.evaluate_between))
-        return hooks + [Hook(args.save_steps, self.save_between)]
+            hooks.append(Hook(cadence.eval_steps, self.evaluate_between))
+        return hooks + [Hook(cadence.save_steps, self.save_between)]
 
     # ------------------------------------------------------------------------------------------------ hooks
     def count(self, step, state, metrics):
         self.bar.update(1)
         self.progress.add(metrics)
-        if step == self.plan.total_steps and step % self.args.logging_steps:
+        if step == self.plan.total_steps and step % self.cadence.logging_steps:
             self.log(step, state, metrics)  # the last step is always logged
 
     def log(self, step, state, metrics):
@@ -266,12 +285,12 @@ class Run:
     # -------------------------------------------------------------------------------------------- the ends
     def stop(self, step, state, signum):
         """SIGTERM or SIGINT: saves this step (unless just saved), closes everything, exits with 128 + signum."""
-        if step % self.args.save_steps:
+        if step % self.cadence.save_steps:
             self.save(step, state)
         self.close()
         logger.warning("Stopped by %s after step %d of %d: saved the checkpoint %s and the model in %s. Run the "
                        "same command to resume.", signal.Signals(signum).name, step, self.plan.total_steps,
-                       storage.join(self.checkpoints.directory, str(step)), self.args.output_dir)
+                       storage.join(self.checkpoints.directory, str(step)), self.output.directory)
         raise preemption.Preempted(128 + signum)
 
     def finish(self, state):
@@ -291,7 +310,7 @@ class Run:
             eval_metrics = self.best.results()
         self.save(step, state, exported=final.params)  # the checkpoint holds the last state, the export the final model
         self.close()
-        return final, train_metrics, eval_metrics
+        return Outcome(final, train_metrics, eval_metrics)
 
     def close(self):
         self.bar.close()
@@ -302,25 +321,19 @@ class Run:
         self.writer.close()
 
 
-def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, meta: dict, hub=None,
-          best_metric: str = "eval_loss", input_iterator=None):
+def train(state, step_fn, batches, plan: Plan, run: Run, *, mesh, seed: int, hooks: Optional[list] = None) -> Outcome:
     """Trains `state` with the compiled `step_fn(state, batch, dropout_rng)` on `batches` (host dicts of this
-    host's rows, from plan.start_step on) until plan.total_steps: logs every --logging_steps (and after the last
-    step), evaluates every --eval_steps with `evaluate(state)` (if given), saves a checkpoint and `export(params)`s
-    the model every --save_steps, and at the end evaluates once more and saves. Returns (state, train metrics,
-    final eval metrics or None); (state, None, None) when the checkpoint resumed from is already the last step,
-    leaving that run's results alone. `hub` (hub.connect's answer) is told of every save and pushes in the
-    background. `input_iterator`: the Grain iterator `batches` draw from, one batch a step (a stream: see
-    flaxtrain/streaming.py), whose position is saved with every checkpoint (`resume_input` puts it back).
+    host's rows, from plan.start_step on) until plan.total_steps, running `hooks` after the steps (default:
+    run.hooks(): log every --logging_steps and after the last step, evaluate every --eval_steps, save a checkpoint
+    and export the model every --save_steps); at the end `run` evaluates once more and saves. Returns the Outcome;
+    when the checkpoint resumed from is already the last step, nothing is trained and that run's results stand.
 
     SIGTERM or SIGINT stops the run after the step in flight (on every host after the same step), with a checkpoint
     and export of that step: `preemption.Preempted` is raised, which exits with 128 + the signal number.
 
-    With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default
-    `best_metric`, the task's main metric) replace the last ones at the end: in the returned state and the exported
-    model, and the returned eval metrics are that evaluation's, with "eval_best_step"."""
-    run = Run(args, plan, evaluate=evaluate, export=export, meta=meta, hub=hub, best_metric=best_metric,
-              input_iterator=input_iterator)
+    With --load_best_model_at_end the weights of the best evaluation by --metric_for_best_model (default the
+    task's main metric) replace the last ones at the end: in the returned state and the exported model, and the
+    returned eval metrics are that evaluation's, with "eval_best_step"."""
     try:
         if plan.start_step >= plan.total_steps:
             logger.warning("The checkpoint resumed from is already at the last step (%d): nothing to train.",
@@ -328,13 +341,13 @@ def train(state, step_fn, batches, plan: Plan, args, *, mesh, evaluate, export, 
             if run.best is not None:
                 if run.best.record is not None:  # what follows (e.g. --do_predict) uses the best model
                     state = run.best.restore(state)
-                    export(state.params)
+                    run.export(state.params)
                 run.best.close()
-            return state, None, None
+            return Outcome(state, trained=False)
         run.open()
-        state = run_steps(state, step_fn, batches, plan, mesh=mesh, seed=args.seed, hooks=run.hooks(),
-                          on_signal=run.stop)
+        state = run_steps(state, step_fn, batches, plan, mesh=mesh, seed=seed,
+                          hooks=run.hooks() if hooks is None else hooks, on_signal=run.stop)
         return run.finish(state)
     finally:
-        if input_iterator is not None:
-            input_iterator.close()  # its worker processes
+        if run.input_iterator is not None:
+            run.input_iterator.close()  # its worker processes

@@ -1,9 +1,8 @@
 """The model card (output_dir/README.md) that --push_to_hub uploads: YAML metadata the Hub reads (library, tags,
 datasets, base model, metrics as model-index results), then the command, hyperparameters, final metrics and a
-summary of the training curve. Secrets never enter it: flags come through args.args_to_dict's filter.
+summary of the training curve. Secrets never enter it: flags come through settings.from_flags's filter (args.SECRET_FIELDS).
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -14,27 +13,25 @@ import jax
 import yaml
 
 from flaxtrain import storage
-from flaxtrain.args import SECRET_FIELDS, args_to_dict
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # a Hub repo id, not a local path
 NOT_METRICS = ("_samples", "_runtime", "_steps", "_step", "_per_second")
 CURVE_ROWS = 10
 
 
-def write(output_dir: str, repo_id: str, task: str, arg_objects, script: Optional[str] = None) -> str:
+def write(output_dir: str, repo_id: str, task: str, flags: dict, changed: dict, script: Optional[str] = None) -> str:
     """Writes output_dir/README.md from the flags and the run's all_results.json and log_history.jsonl."""
     results = _read_json(storage.join(output_dir, "all_results.json")) or {}
     history = _read_history(storage.join(output_dir, "log_history.jsonl"))
     architecture = ((_read_json(storage.join(output_dir, "config.json")) or {}).get("architectures") or [None])[0]
-    text = render(repo_id, task, arg_objects, results, history, script=script, architecture=architecture)
+    text = render(repo_id, task, flags, changed, results, history, script=script, architecture=architecture)
     path = storage.join(output_dir, "README.md")
     storage.write_text(path, text)
     return path
 
 
-def render(repo_id: str, task: str, arg_objects, results: dict, history: list, script: Optional[str] = None,
+def render(repo_id: str, task: str, flags: dict, changed: dict, results: dict, history: list, script: Optional[str] = None,
            architecture: Optional[str] = None) -> str:
-    flags = args_to_dict(*arg_objects)
     base = flags.get("model_name_or_path")
     dataset = flags.get("dataset_name")
     script = script or _script_name()
@@ -69,7 +66,7 @@ def render(repo_id: str, task: str, arg_objects, results: dict, history: list, s
         "## Training curve",
         _curve(history),
         "## Command",
-        "```bash\n" + _command(script, arg_objects) + "\n```",
+        "```bash\n" + _command(script, changed) + "\n```",
         "## Hyperparameters",
         _hyperparameters(flags),
         "<details><summary>All flags</summary>\n\n```json\n" + json.dumps(flags, indent=2, sort_keys=True)
@@ -87,19 +84,10 @@ def _script_name() -> str:
     return name if name.startswith("run_") and name.endswith(".py") else ""  # "" when run in process (tests)
 
 
-def _command(script: str, arg_objects) -> str:
-    """The flags that differ from their defaults, as one command line (secrets left out)."""
+def _command(script: str, changed: dict) -> str:
+    """The flags that differ from their defaults (settings.changed_flags), as one command line."""
     words = [f"python {script or 'SCRIPT.py'}"]
-    for obj in arg_objects:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name in SECRET_FIELDS or value is None:
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            if value == default:
-                continue
-            words.append(f"--{f.name}" if value is True and default is False else f"--{f.name}={value}")
+    words += [f"--{name}" if value is True else f"--{name}={value}" for name, value in changed.items()]
     return " \\\n    ".join(words)
 
 

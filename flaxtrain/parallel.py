@@ -214,6 +214,18 @@ def host_values(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values))
 
 
+def same_on_every_host(text: str) -> str:
+    """Process 0's `text` on every process (a decision process 0 made alone: a refusal, a Hub repo id)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(2048, np.uint8)
+    encoded = text.encode()[:2048]
+    raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).rstrip(b"\0").decode()
+
+
 def agree_max(value: int) -> int:
     """The largest of every host's `value` (the same answer on every host)."""
     return int(host_values(value).max())

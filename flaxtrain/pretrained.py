@@ -1,7 +1,9 @@
 """Configs and tokenizers through the ordinary transformers paths (Hub names or local folders), and model folders
 in a bucket (gs://...), which are copied to a local folder first."""
 
+import contextlib
 import functools
+import os
 import tempfile
 
 import jax.numpy as jnp
@@ -12,9 +14,9 @@ from flaxtrain import storage
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
-def _hub_kwargs(model_args):
-    return dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code)
+def _hub_kwargs(source):
+    return dict(cache_dir=source.cache_dir, revision=source.revision, token=source.token,
+                trust_remote_code=source.trust_remote_code)
 
 
 @functools.cache
@@ -25,32 +27,51 @@ def local_copy(source: str) -> str:
     return storage.download(source, tempfile.mkdtemp(prefix="flaxtrain-model-"))
 
 
-def load_config(model_args, **overrides):
-    """The model config from --config_name, else --model_name_or_path, else a default one of --model_type."""
-    source = model_args.config_name or model_args.model_name_or_path
-    if source:
-        return AutoConfig.from_pretrained(local_copy(source), **_hub_kwargs(model_args), **overrides)
-    if not model_args.model_type:
+def load_config(source, **overrides):
+    """The model config (`source`: a settings.ModelSource) from --config_name, else --model_name_or_path, else a
+    default one of --model_type."""
+    if source.config_name or source.name_or_path:
+        flag = "--config_name" if source.config_name else "--model_name_or_path"
+        path = source.config_name or source.name_or_path
+        with _named_on_error(flag, path, "config"):
+            return AutoConfig.from_pretrained(local_copy(path), **_hub_kwargs(source), **overrides)
+    if not source.model_type:
         raise ValueError("Give --model_name_or_path, --config_name or --model_type to say which model to train.")
-    return AutoConfig.for_model(model_args.model_type, **overrides)
+    return AutoConfig.for_model(source.model_type, **overrides)
 
 
-def load_tokenizer(model_args):
-    source = model_args.tokenizer_name or model_args.model_name_or_path
-    if not source:
+def load_tokenizer(source):
+    path = source.tokenizer_name or source.name_or_path
+    if not path:
         raise ValueError("Give --tokenizer_name (or --model_name_or_path): this script does not train a tokenizer. "
                          "The README shows how to train one on your corpus first.")
-    return AutoTokenizer.from_pretrained(local_copy(source), use_fast=model_args.use_fast_tokenizer,
-                                         **_hub_kwargs(model_args))
+    with _named_on_error("--tokenizer_name" if source.tokenizer_name else "--model_name_or_path", path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(local_copy(path), use_fast=source.use_fast_tokenizer,
+                                             **_hub_kwargs(source))
 
 
-def load_weights(model_args, template_params, model_type: str, **rules):
-    """Params of --model_name_or_path shaped like `template_params` (see hf_io.load_pretrained for `rules`)."""
+@contextlib.contextmanager
+def _named_on_error(flag: str, path: str, what: str):
+    """A local folder whose files do not parse: an error naming the flag and the file, not a bare JSONDecodeError
+    from deep inside transformers (a Hub name keeps transformers' own message, which says what to do)."""
+    try:
+        yield
+    except (ValueError, OSError, TypeError, KeyError) as error:
+        if not os.path.isdir(path):
+            raise
+        detail = " ".join(str(error).split())[:300]
+        where = getattr(error, "filename", None) or getattr(getattr(error, "doc", None), "name", None)
+        raise ValueError(f"{flag}={path}: cannot read its {what} files ({type(error).__name__}: {detail}"
+                         f"{f'; in {where}' if where else ''}).") from error
+
+
+def load_weights(source, template_params, model_type: str, **rules):
+    """Params of --model_name_or_path (`source`: a settings.ModelSource) shaped like `template_params` (see
+    hf_io.load_pretrained for `rules`)."""
     from flaxtrain import hf_io
 
-    return hf_io.load_pretrained(local_copy(model_args.model_name_or_path), template_params, model_type=model_type,
-                                 revision=model_args.model_revision, token=model_args.token,
-                                 cache_dir=model_args.cache_dir, **rules)
+    return hf_io.load_pretrained(local_copy(source.name_or_path), template_params, model_type=model_type,
+                                 revision=source.revision, token=source.token, cache_dir=source.cache_dir, **rules)
 
 
 def fit_vocab(hf_config, tokenizer, from_scratch: bool, multiple: int = 128):

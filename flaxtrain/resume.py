@@ -19,11 +19,11 @@ from typing import Optional
 import jax
 
 from flaxtrain import checkpoint, storage
-from flaxtrain.args import args_to_dict
+from flaxtrain.output_lock import LOCK_FILE
+from flaxtrain.settings import BATCH, ModelSource
 
 logger = logging.getLogger(__name__)
 
-BATCH = "examples_per_update"  # per_device_train_batch_size x devices x gradient_accumulation_steps
 EXPORTED = ("config.json", "model.safetensors")
 START_OVER = "--resume_from_checkpoint=none --overwrite_output_dir"
 
@@ -46,6 +46,7 @@ class Start:
     allowed: set
     output_dir: str
     overwrite: bool
+    model: ModelSource  # the model to start from (evaluation alone: perhaps the one trained in output_dir)
     checkpoint: Optional[Resume] = None
 
     def check(self, resume: Resume, extra=()):
@@ -59,42 +60,13 @@ class Start:
         checkpoint.set_aside(resume.directory, resume.step, error)
         self.checkpoint = first_readable(resume.directory, resume.older)
         if self.checkpoint is None:
-            fresh_start(self.output_dir, self.overwrite)
+            fresh_start(self.output_dir, self.overwrite, self.record)
         else:
             logger.warning("Resuming from the checkpoint of step %d instead.", self.checkpoint.step)
             self.check(self.checkpoint)
 
 
-# ------------------------------------------------------------------------------------------------ flags
-def run_flags(*arg_objects) -> dict:
-    """The flags that make a run what it is: every flag but those its dataclass lists in MAY_CHANGE, paths that
-    exist here made absolute (so a relative path and its absolute form agree), and --num_train_epochs only when
-    --max_steps does not override it."""
-    flags = {}
-    for obj in arg_objects:
-        free = {name for cls in type(obj).__mro__ for name in getattr(cls, "MAY_CHANGE", ())}
-        for field in dataclasses.fields(obj):
-            if field.name not in free:
-                value = getattr(obj, field.name)
-                if isinstance(value, str) and os.path.exists(value):
-                    value = os.path.abspath(value)
-                flags[field.name] = value
-    if flags.get("max_steps", -1) > 0:
-        flags.pop("num_train_epochs", None)
-    return flags
-
-
-def examples_per_update(training_args) -> dict:
-    per_device, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    return {"value": per_device * jax.device_count() * accumulation,
-            "how": f"{per_device} x {jax.device_count()} devices x {accumulation}"}
-
-
-def identity(training_args, *arg_objects) -> dict:
-    """What a checkpoint records of its run (and what a resume compares): the flags and the examples per update."""
-    return {"flags": run_flags(training_args, *arg_objects), BATCH: examples_per_update(training_args)}
-
-
+# ----------------------------------------------------------------------------------------- the same run
 def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(name, saved value, new value) of everything in `identity` that differs."""
     found = []
@@ -123,12 +95,9 @@ def check_same_run(saved: dict, current: dict, allowed: set, where: str, extra=(
                          f"--allow_changed_flags={names}.")
 
 
-def allowed_changes(training_args) -> set:
-    return {name.strip().lstrip("-") for name in (training_args.allow_changed_flags or "").split(",") if name.strip()}
-
-
-def record_start(output_dir: str, start_step: Optional[int], *arg_objects):
-    """Appends this start (its step, time, devices and every flag but secrets) to training_args.json."""
+def record_start(output_dir: str, start_step: Optional[int], flags: dict, identity: dict):
+    """Appends this start (its step, time, devices, every flag but secrets, and what makes it this run: see
+    settings.identity) to training_args.json."""
     if jax.process_index() != 0:
         return
     path = storage.join(output_dir, "training_args.json")
@@ -137,24 +106,22 @@ def record_start(output_dir: str, start_step: Optional[int], *arg_objects):
         records = [{"flags": records}]
     records.append({"resumed_from_step": start_step, "time": datetime.datetime.now().isoformat(timespec="seconds"),
                     "processes": jax.process_count(), "devices": jax.device_count(),
-                    "flags": args_to_dict(*arg_objects)})
+                    "flags": flags, "identity": identity})
     storage.write_text(path, json.dumps(records, indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ start
-def start(model_args, data_args, training_args) -> Start:
-    """Checks output_dir and decides where this run starts (see the module doc): from a checkpoint, or fresh, or
-    (evaluation or prediction only) from no checkpoint. Without --do_train and --model_name_or_path, the model
-    trained in output_dir is the one evaluated (model_args is pointed at it)."""
-    output_dir = training_args.output_dir
-    check_writable(output_dir)
-    run = Start(identity(training_args, model_args, data_args), allowed_changes(training_args), output_dir,
-                training_args.overwrite_output_dir)
-    if not training_args.do_train:
-        _evaluate_trained_model(model_args, training_args)
+def start(identity: dict, output, model: ModelSource, *, do_train: bool) -> Start:
+    """Checks output_dir (a settings.Output) and decides where this run starts (see the module doc): from a
+    checkpoint, or fresh, or (evaluation or prediction only) from no checkpoint. Without training and
+    --model_name_or_path, the model trained in output_dir is the one evaluated (Start.model points at it)."""
+    output_dir = output.directory
+    run = Start(identity, set(output.allowed_changes), output_dir, output.overwrite, model=model)
+    if not do_train:
+        run.model = _evaluate_trained_model(model, output)
         return run
     directory = checkpoint.directory_of(output_dir)
-    choice = training_args.resume_from_checkpoint
+    choice = output.resume_from
     if choice and choice.lower() != "none":
         path = storage.absolute(choice)
         if storage.basename(path).isdigit() and storage.isdir(path):  # OUTPUT_DIR/checkpoints/STEP
@@ -174,7 +141,7 @@ def start(model_args, data_args, training_args) -> Start:
     else:
         resume = None
     if resume is None:
-        fresh_start(output_dir, training_args.overwrite_output_dir)
+        fresh_start(output_dir, output.overwrite, identity)
     else:
         run.check(resume)
     run.checkpoint = resume
@@ -194,15 +161,33 @@ def first_readable(directory: str, candidates: list[int]) -> Optional[Resume]:
     return None
 
 
-def fresh_start(output_dir: str, overwrite: bool):
-    """A fresh start into a non-empty output_dir needs --overwrite_output_dir; old checkpoints are removed then,
-    so that they are never resumed later."""
-    if storage.listdir(output_dir):
-        if not overwrite:
+def fresh_start(output_dir: str, overwrite: bool, identity: Optional[dict] = None):
+    """A fresh start into a non-empty output_dir needs --overwrite_output_dir, unless what is there is the same
+    run's, stopped before its first checkpoint (the same command starts it again); old checkpoints are removed
+    then, so that they are never resumed later."""
+    if [name for name in storage.listdir(output_dir) if name != LOCK_FILE]:
+        if not (overwrite or _same_run_never_saved(output_dir, identity)):
             raise ValueError(f"Output directory {output_dir} already exists and is not empty (and holds no checkpoint "
                              "to resume from). Use --overwrite_output_dir to train into it anyway.")
         if jax.process_index() == 0:
             storage.remove(checkpoint.directory_of(output_dir))
+
+
+def _same_run_never_saved(output_dir: str, identity: Optional[dict]) -> bool:
+    """Whether output_dir's last recorded start was this same run, and no training run there ever finished."""
+    path = storage.join(output_dir, "training_args.json")
+    if identity is None or not storage.isfile(path) or storage.isfile(storage.join(output_dir, EXPORTED[1])):
+        return False
+    try:
+        records = json.loads(storage.read_text(path))
+    except ValueError:
+        return False
+    last = records[-1] if isinstance(records, list) and records else {}
+    if last.get("identity") is None or differences(last["identity"], identity):
+        return False
+    logger.warning("%s holds a start of this same run that stopped before its first checkpoint: starting it again.",
+                   output_dir)
+    return True
 
 
 def _drop_later_steps(directory: str, step: int):
@@ -236,20 +221,19 @@ def check_writable(output_dir: str):
         raise ValueError(f"--output_dir={output_dir}: cannot write in {existing} ({e.strerror}).") from None
 
 
-def _evaluate_trained_model(model_args, training_args):
+def _evaluate_trained_model(model: ModelSource, output) -> ModelSource:
     """Evaluation or prediction alone: without --model_name_or_path, the model trained in output_dir; with another
     model, never over a finished training run's results."""
-    output_dir = training_args.output_dir
+    output_dir = output.directory
     trained = all(storage.isfile(storage.join(output_dir, name)) for name in EXPORTED)
-    if model_args.model_name_or_path is None and trained:
-        model_args.model_name_or_path, model_args.config_name, model_args.tokenizer_name = output_dir, None, None
+    if model.name_or_path is None and trained:
         logger.warning("Evaluating the model trained in %s (its config and tokenizer too; pass --model_name_or_path "
                        "to evaluate another).", output_dir)
-        return
-    other = model_args.model_name_or_path and storage.absolute(model_args.model_name_or_path) != output_dir
-    if other and storage.isfile(storage.join(output_dir, "train_results.json")) \
-            and not training_args.overwrite_output_dir:
+        return dataclasses.replace(model, name_or_path=output_dir, config_name=None, tokenizer_name=None)
+    other = model.name_or_path and storage.absolute(model.name_or_path) != output_dir
+    if other and storage.isfile(storage.join(output_dir, "train_results.json")) and not output.overwrite:
         raise ValueError(f"--output_dir={output_dir} holds a finished training run: evaluating "
-                         f"--model_name_or_path={model_args.model_name_or_path} there would replace its results. "
+                         f"--model_name_or_path={model.name_or_path} there would replace its results. "
                          "Choose another --output_dir, or leave out --model_name_or_path to evaluate the model "
                          "trained there.")
+    return model

@@ -110,6 +110,23 @@ def write_bytes(path: str, data: bytes):
         raise
 
 
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Writes `path` only if it does not exist (in a bucket: a generation precondition, so two writers never both
+    succeed); returns whether it did."""
+    if not is_remote(path):
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+    try:
+        _fs(path).pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
 def write_text(path: str, text: str):
     write_bytes(path, text.encode())
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,22 +31,23 @@ def plan_steps(num_examples: int, global_batch: int, max_steps: int = -1,
     return steps_per_epoch, total
 
 
-def plan(args, train_examples, update_batch: int):
-    """(steps_per_epoch, total_steps, schedule, optimizer) of a run, from the script's TrainingArguments (the one
-    place that reads them; what it calls takes values). Without --do_train: an identity optimizer (evaluation or
-    prediction only); train_examples None: a stream, whose length --max_steps gives."""
-    if not args.do_train:
+def plan(optimization, train_examples: Optional[int], do_train: bool = True):
+    """(steps_per_epoch, total_steps, schedule, optimizer) of a run (a settings.Optimization). Without training:
+    an identity optimizer (evaluation or prediction only); train_examples None: a stream, whose length
+    max_steps gives."""
+    o = optimization
+    if not do_train:
         return 0, 0, None, optax.identity()
     if train_examples is None:
-        if args.max_steps <= 0:
+        if o.max_steps <= 0:
             raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in.")
-        steps_per_epoch = total_steps = args.max_steps
+        steps_per_epoch = total_steps = o.max_steps
     else:
-        steps_per_epoch, total_steps = plan_steps(train_examples, update_batch, args.max_steps, args.num_train_epochs)
-    warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
-    schedule = make_schedule(args.learning_rate, total_steps, warmup, args.lr_scheduler_type)
-    tx = make_optimizer(schedule, adafactor=args.adafactor, b1=args.adam_beta1, b2=args.adam_beta2,
-                        eps=args.adam_epsilon, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
+        steps_per_epoch, total_steps = plan_steps(train_examples, o.update_batch, o.max_steps, o.num_train_epochs)
+    warmup = o.warmup_steps or int(o.warmup_ratio * total_steps)
+    schedule = make_schedule(o.learning_rate, total_steps, warmup, o.lr_scheduler_type)
+    tx = make_optimizer(schedule, adafactor=o.adafactor, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon,
+                        weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
     return steps_per_epoch, total_steps, schedule, tx
 
 

@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from flaxtrain import checkpoint, logging as flax_logging
+from flaxtrain import checkpoint, reporting
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
             os.kill(os.getpid(), signum)
             sent.append(signum)
 
-    start, add = flax_logging.TrainProgress.__init__, flax_logging.TrainProgress.add
+    start, add = reporting.TrainProgress.__init__, reporting.TrainProgress.add
 
     def count_from_start(self, *args, **kwargs):
         start(self, *args, **kwargs)
@@ -44,7 +44,7 @@ def main():
         if self.steps_done == at:
             send()
 
-    flax_logging.TrainProgress.__init__, flax_logging.TrainProgress.add = count_from_start, add_and_signal
+    reporting.TrainProgress.__init__, reporting.TrainProgress.add = count_from_start, add_and_signal
     if os.environ.get("SIGNAL_AGAIN"):
         save = checkpoint.Checkpoints.save
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flaxtrain import resume
+from flaxtrain import resume, settings
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 TYPES = (ModelArguments, DataArguments, TrainingArguments)
@@ -40,7 +40,8 @@ def test_bad_flags_are_errors(argv, match):
 
 def test_tokens_stay_out_of_saved_args_and_reprs(tmp_path):
     model, data, training = parse_args(TYPES, ["--output_dir=o", "--token=hf_secret1", "--hub_token=hf_secret2"])
-    resume.record_start(str(tmp_path), None, model, data, training)
+    run = settings.from_flags(model, data, training)
+    resume.record_start(str(tmp_path), None, run.flags, run.identity)
     text = (tmp_path / "training_args.json").read_text() + repr(model) + repr(training)
     assert "hf_secret" not in text and "learning_rate" in text
 

@@ -11,7 +11,7 @@ import pytest
 import run_flax_glue
 import run_mlm_flax
 from flaxtrain import data
-from flaxtrain.args import DataArguments, ModelArguments
+from flaxtrain.settings import DataSource
 from tests import tiny
 
 GOOD = [f"{tiny.WORDS[i % 25]} {tiny.WORDS[(i * 7) % 25]} amber" for i in range(40)]
@@ -75,8 +75,8 @@ def test_malformed_json(tmp_path, model, kind, content, where):
 
     # Without the error, the file reads as before (a .json file may be JSON Lines or one document).
     (tmp_path / "good.json").write_bytes(content.replace(b'" "', b" "))
-    raw = data.load_raw_datasets(DataArguments(train_file=str(tmp_path / "good.json"), validation_split_percentage=0),
-                                 ModelArguments(), need_train=True, need_eval=False)
+    raw = data.load_raw_datasets(DataSource(train_file=str(tmp_path / "good.json"), validation_split_percentage=0),
+                                 need_train=True, need_eval=False)
     texts = raw["train"]["text"]
     assert texts == ([["amber basil", "cedar dune"]] if kind == "json" else [*GOOD[:2], "amber basil", "x"])
 

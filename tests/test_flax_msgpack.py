@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 from flax import serialization, traverse_util  # noqa: E402
 
-from flaxtrain import args, flax_msgpack, hf_export, hf_io, pretrained  # noqa: E402
+from flaxtrain import flax_msgpack, hf_export, hf_io, pretrained, settings  # noqa: E402
 from flaxtrain.models import FAMILIES, create  # noqa: E402
 from tests.fake_hub import FakeHub, Repo  # noqa: E402
 
@@ -112,9 +112,9 @@ def test_model_types_not_implemented_yet():
 
 
 def test_the_scripts_loading_helper_reads_msgpack():
-    model_args = args.ModelArguments(model_name_or_path=FIXTURES["bert"])
+    source = settings.ModelSource(FIXTURES["bert"])
     _, template = ours("bert")
-    assert_original_logits("bert", pretrained.load_weights(model_args, template, model_type="bert"))
+    assert_original_logits("bert", pretrained.load_weights(source, template, model_type="bert"))
 
 
 def test_sharded_checkpoint_loads_equal_to_the_whole_one():

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxtrain import checkpoint, loop, parallel, resume, training
+from flaxtrain import checkpoint, loop, parallel, resume, settings, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 RUN = ["--train_file=train.txt", "--learning_rate=1e-3", "--max_steps=100", "--logging_steps=10"]
@@ -20,8 +20,10 @@ def flags(output_dir, *extra):
 
 
 def start(output_dir, *extra):
-    model_args, data_args, training_args = flags(output_dir, *extra)
-    return resume.start(model_args, data_args, training_args)
+    """resume.start as the lifecycle calls it, after the check of output_dir."""
+    run = settings.from_flags(*flags(output_dir, *extra))
+    resume.check_writable(run.output.directory)
+    return resume.start(run.identity, run.output, run.model, do_train=run.do_train)
 
 
 def state_like(value=0.0):
@@ -142,14 +144,15 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
 def test_every_start_is_recorded(tmp_path):
     output_dir = str(tmp_path)
     for step, lr in ((None, "1e-3"), (40, "3e-4")):
-        resume.record_start(output_dir, step, *flags(output_dir, f"--learning_rate={lr}", "--hub_token=hf_secret"))
+        run = settings.from_flags(*flags(output_dir, f"--learning_rate={lr}", "--hub_token=hf_secret"))
+        resume.record_start(output_dir, step, run.flags, run.identity)
     records = json.loads((tmp_path / "training_args.json").read_text())
     assert [(r["resumed_from_step"], r["flags"]["learning_rate"]) for r in records] == [(None, 1e-3), (40, 3e-4)]
     assert "hf_secret" not in (tmp_path / "training_args.json").read_text()
 
 
 def test_progress_since_the_last_log_line_survives_a_restart():
-    from flaxtrain.logging import TrainProgress
+    from flaxtrain.reporting import TrainProgress
 
     losses = [(3.0, 2.0), (1.0, 3.0), (4.0, 1.0), (5.0, 4.0)]
     whole = TrainProgress(lambda step: 0.0, 1, 10, start_step=10)
@@ -168,10 +171,8 @@ def test_progress_since_the_last_log_line_survives_a_restart():
 def test_evaluation_alone_takes_the_model_trained_in_output_dir_and_never_replaces_its_results(tmp_path):
     for name in ("config.json", "model.safetensors", "train_results.json"):
         (tmp_path / name).write_text("{}")
-    model_args, data_args, training_args = flags(tmp_path, "--do_eval", "--config_name=mine", "--tokenizer_name=mine")
-    resume.start(model_args, data_args, training_args)
-    assert (model_args.model_name_or_path, model_args.config_name, model_args.tokenizer_name) == (str(tmp_path),
-                                                                                                  None, None)
+    model = start(tmp_path, "--do_eval", "--config_name=mine", "--tokenizer_name=mine").model
+    assert (model.name_or_path, model.config_name, model.tokenizer_name) == (str(tmp_path), None, None)
     with pytest.raises(ValueError, match="holds a finished training run: evaluating --model_name_or_path=other"):
         start(tmp_path, "--do_eval", "--model_name_or_path=other")
     start(tmp_path, "--do_eval", "--model_name_or_path=other", "--overwrite_output_dir")  # on purpose

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from flaxtrain.logging import MetricsWriter, TrainProgress
+from flaxtrain.reporting import MetricsWriter, TrainProgress
 from tests import tiny
 
 

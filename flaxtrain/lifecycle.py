@@ -1,0 +1,141 @@
+"""The run lifecycle every script shares, in its one valid order:
+
+    with Job(model_args, data_args, training_args, task="fill-mask") as job:   # logging, lock, Hub, resume
+        tokenizer, hf_config = job.tokenizer(), job.config()
+        family, model = job.model(hf_config, tokenizer, "MaskedLM")
+        ...the script's data: it knows now how many training examples there are...
+        state = job.prepare(family, model, train_examples)                     # plan, mesh, state, record
+        ...the script's train and eval steps, batches, metrics...
+        outcome = job.train(state, train_step, batches, tokens_per_step=..., evaluate=...)
+        job.write_results("train", {...}); job.finish()                       # results, Hub, done
+
+Entering the Job joins the hosts, sets up logging and the compilation cache, reads the flags into values
+(flaxtrain/settings.py, the one place that reads them), takes the output_dir's lock (flaxtrain/output_lock.py),
+opens the Hub repo (it may download the training state to resume) and decides where the run starts
+(flaxtrain/resume.py). Leaving it releases the lock, however the run ends. The methods must be called in the order
+above; each says what it needs.
+"""
+
+import functools
+import logging
+from typing import Optional
+
+import jax
+
+from flaxtrain import (compilation_cache, exits, hf_export, hub, loop, models, output_lock, parallel, pretrained,
+                       resume, settings, training)
+from flaxtrain.reporting import setup_logging, write_results
+
+logger = logging.getLogger(__name__)
+
+
+class Job:
+    def __init__(self, model_args, data_args, training_args, *, task: str):
+        self._flags, self.task = (model_args, data_args, training_args), task  # task: the Hub pipeline tag
+        self.settings: Optional[settings.RunSettings] = None
+        self.lock = self.repo = self.start = None
+
+    # ------------------------------------------------------------------------------------------ start
+    def __enter__(self):
+        parallel.initialize_distributed()  # before anything else touches JAX
+        setup_logging()
+        exits.interrupts_raise()
+        self.settings = s = settings.from_flags(*self._flags)
+        compilation_cache.use(s.compilation_cache_dir)
+        logger.info("%d devices (%d on this host), process %d of %d", jax.device_count(), jax.local_device_count(),
+                    jax.process_index(), jax.process_count())
+        resume.check_writable(s.output.directory)
+        self.lock = output_lock.OutputLock(s.output.directory, s.output.take_over)  # before any work
+        try:
+            self.repo = hub.connect(s.hub, s.output, s.do_train)  # before resume.start: it may fetch the state
+            self.start = resume.start(s.identity, s.output, s.model, do_train=s.do_train)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.repo is not None and exc[0] is not None:
+            self.repo.close()  # (its uploads so far; the final push is finish's)
+        self.lock.release()
+
+    @property
+    def model_source(self) -> settings.ModelSource:
+        """--model_name_or_path and its kin, or the model trained in output_dir (evaluation alone)."""
+        return self.start.model
+
+    def tokenizer(self):
+        self._tokenizer = pretrained.load_tokenizer(self.model_source)
+        return self._tokenizer
+
+    def config(self):
+        return pretrained.load_config(self.model_source)
+
+    def model(self, hf_config, tokenizer, head: str):
+        """(family, model) with `head`, its vocabulary fitted to `tokenizer` (see pretrained.fit_vocab)."""
+        source = self.model_source
+        pretrained.fit_vocab(hf_config, tokenizer, from_scratch=not source.name_or_path)
+        family, model = models.create(hf_config, head, dtype=pretrained.DTYPES[source.dtype],
+                                      gradient_checkpointing=self.settings.gradient_checkpointing)
+        self.hf_config, self._tokenizer, self.family, self._model = hf_config, tokenizer, family, model
+        return family, model
+
+    # --------------------------------------------------------------------------------------- the state
+    def prepare(self, train_examples: Optional[int], **load_rules):
+        """The optimizer's plan for `train_examples` (None: a stream, --max_steps long), the mesh, and the train
+        state split over it: restored from the checkpoint resume.start chose, else initialised (and the weights of
+        --model_name_or_path loaded with `load_rules`, see hf_io.load_pretrained). Records this start in
+        training_args.json. Returns the state; `mesh`, `layout`, `start_step`, `total_steps` are set."""
+        s, source = self.settings, self.model_source
+        self.train_examples = train_examples
+        self.steps_per_epoch, self.total_steps, self.schedule, tx = training.plan(
+            s.optimization, train_examples, do_train=s.do_train)
+        self.layout = loop.layout(self._model, self.family, tx, s.mesh)
+        self.mesh = self.layout.mesh
+        load = (functools.partial(pretrained.load_weights, source, model_type=self.hf_config.model_type,
+                                  **load_rules) if source.name_or_path else None)
+        state, self.start_step, self.meta = loop.start_state(self.layout, self.start, train_examples,
+                                                             seed=s.cadence.seed, load=load)
+        resume.record_start(s.output.directory, self.start_step if s.do_train else None, s.flags, s.identity)
+        return state
+
+    @property
+    def update_batch(self) -> int:
+        return self.settings.optimization.update_batch
+
+    @property
+    def eval_batch(self) -> int:
+        return self.settings.eval_batch * jax.device_count()
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(self, state, train_step, batches, *, tokens_per_step: int, evaluate=None,
+              best_metric: str = "eval_loss", input_iterator=None) -> loop.Outcome:
+        """Trains `state` with `train_step(state, batch, rng, accumulation_steps=...)` (compiled here, with the
+        state's shardings) on this host's `batches` from start_step on: see loop.train."""
+        s = self.settings
+        step_fn = self.layout.train_step(functools.partial(train_step,
+                                                           accumulation_steps=s.optimization.accumulation_steps))
+        plan = loop.Plan(self.start_step, self.total_steps, self.steps_per_epoch, self.schedule, self.update_batch,
+                         tokens_per_step)
+        run = loop.Run(s.output, s.cadence, plan, evaluate=evaluate if s.do_eval else None, export=self.export,
+                       meta=self.meta, hub=self.repo, best_metric=best_metric, input_iterator=input_iterator)
+        return loop.train(state, step_fn, batches, plan, run, mesh=self.mesh, seed=s.cadence.seed)
+
+    def export(self, params):
+        """The Hugging Face model folder in output_dir: config, weights, tokenizer (every host calls it)."""
+        hf_export.save_pretrained(self.settings.output.directory, params, self.hf_config, self._tokenizer,
+                                  architecture=self._model.hf_architecture, save_dtype=self.settings.output.save_dtype)
+
+    # ------------------------------------------------------------------------------------------ the end
+    def write_results(self, split: str, metrics: Optional[dict]):
+        """{split}_results.json and all_results.json (nothing for None: e.g. a run that had already finished)."""
+        if metrics:
+            if split != "train":
+                logger.info("%s: %s", split.capitalize(), metrics)
+            write_results(self.settings.output.directory, split, metrics)
+
+    def finish(self):
+        """The model card and the last Hub push (waited for), then the last log line."""
+        repo, self.repo = self.repo, None
+        hub.finish(repo, self.task, self.settings.flags, self.settings.changed_flags)
+        logger.info("Done: the model, tokenizer and results are in %s", self.settings.output.directory)
