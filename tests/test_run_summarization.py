@@ -188,12 +188,12 @@ def test_generation_settings_the_script_does_not_apply_are_named(tmp_path, caplo
 
     from transformers import GenerationConfig
 
+    from flaxtrain.settings import ModelSource
+
     GenerationConfig(encoder_no_repeat_ngram_size=3, bad_words_ids=[[58100]], num_beams=4).save_pretrained(tmp_path)
-    model_args = SimpleNamespace(model_name_or_path=str(tmp_path), config_name=None, cache_dir=None, token=None,
-                                 model_revision="main")
     data_args = SimpleNamespace(generation_max_length=10, num_beams=1, length_penalty=None, no_repeat_ngram_size=None)
     with caplog.at_level("WARNING"):
-        run_summarization_flax.generation_options(model_args, data_args, None, 1)
+        run_summarization_flax.generation_options(ModelSource(str(tmp_path)), data_args, None, 1)
     assert "encoder_no_repeat_ngram_size=3, bad_words_ids=[[58100]], which this script does not apply" in caplog.text
 
 
