@@ -1,11 +1,11 @@
 # make demo: set up .venv and run a real pretraining job end to end (a few minutes on a 2-core CPU).
-# make test: set up .venv and run the whole test suite.
+# make test: set up .venv and run the whole test suite; make test-fast: its unit and parity tiers only (no script runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo/work
 
-.PHONY: demo test bench clean tpu gpu
+.PHONY: demo test test-fast bench clean tpu gpu
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The edit loop: no training script is started, no subprocess (tiers: tests/conftest.py).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "unit or parity" tests
 
 # On a TPU VM or an NVIDIA GPU machine: .venv with JAX's accelerator build (no test tools).
 tpu gpu:

@@ -143,6 +143,13 @@ def read_history(output_dir):
         return [json.loads(line) for line in f]
 
 
+def xla_flags(devices):
+    """This process's XLA_FLAGS (any the user set), with `devices` simulated CPU devices instead of its count."""
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*inherited, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_script(script, args, devices=8, env=None, timeout=600, processes=None, cwd=None, returncode=0, signal=None):
     """Runs `script` with `args` in a fresh Python process with `devices` simulated CPU devices, from the working
     directory `cwd` (default: this one), as a user runs it.
@@ -156,7 +163,7 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None, c
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    base = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": root, **(env or {})}
     command = [sys.executable, os.path.join(root, script), *map(str, args)]
     if signal:
