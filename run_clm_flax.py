@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, exits, generate, lifecycle, loop, parallel, storage, streaming, text_files, training
+from flaxtrain import data, exits, generate, lifecycle, loop, parallel, storage, streaming, training
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_clm_flax")
@@ -142,16 +142,11 @@ def run(job, data_args, training_args, prompts):
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
 
-    source = job.settings.data
     raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        stream = text_files.files_by_split(
-            {"train": data_args.train_file} if training_args.do_train else {},
-            {"validation": data_args.validation_file} if training_args.do_eval else {},
-            dataset_name=source.dataset_name, dataset_config=source.dataset_config, token=source.token,
-            cache_dir=source.cache_dir)
+        stream = job.stream_files()
     elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
-        raw = data.load_raw_datasets(source, training_args.do_train, training_args.do_eval,
+        raw = data.load_raw_datasets(job.settings.data, training_args.do_train, training_args.do_eval,
                                      keep_linebreaks=data_args.keep_linebreaks)
         column = data.text_column(next(iter(raw.values())))
         tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
@@ -193,9 +188,7 @@ def run(job, data_args, training_args, prompts):
     if training_args.do_train:
         rows, input_iterator = parallel.host_rows(mesh, update_batch), None
         if data_args.streaming:
-            input_iterator = loop.resume_input(job.start, job.start_step, streaming.training_batches(
-                stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
-                seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
+            input_iterator = job.training_stream(stream["train"], **stream_options)
             batches = (to_batch(batch["input_ids"]) for batch in input_iterator)
         else:
             batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])

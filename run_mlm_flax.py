@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, example_rng, exits, lifecycle, loop, parallel, streaming, text_files, training
+from flaxtrain import data, example_rng, exits, lifecycle, loop, parallel, streaming, training
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_mlm_flax")
@@ -214,15 +214,11 @@ def run(job, data_args, training_args):
     if max_len > model_max:
         raise ValueError(f"--max_seq_length={max_len} is more than the model's {model_max} positions.")
 
-    splits, stream, source = {}, {}, job.settings.data
+    splits, stream = {}, {}
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
-        stream = text_files.files_by_split(
-            {"train": data_args.train_file} if training_args.do_train else {},
-            {"validation": data_args.validation_file} if training_args.do_eval else {},
-            dataset_name=source.dataset_name, dataset_config=source.dataset_config, token=source.token,
-            cache_dir=source.cache_dir)
+        stream = job.stream_files()
     else:
-        splits = in_memory_splits(tokenizer, source, data_args, training_args, max_len)
+        splits = in_memory_splits(tokenizer, job.settings.data, data_args, training_args, max_len)
 
     # The optimizer, the mesh and the train state split over it. Hub BERT/ALBERT checkpoints also carry a
     # sentence-level head and the pooler, which masked-LM does not use.
@@ -260,9 +256,7 @@ def run(job, data_args, training_args):
     if training_args.do_train:
         rows, input_iterator = parallel.host_rows(mesh, update_batch), None
         if data_args.streaming:
-            input_iterator = loop.resume_input(job.start, job.start_step, streaming.training_batches(
-                stream["train"], mesh, update_batch, **stream_options, shuffle_buffer=data_args.shuffle_buffer_size,
-                seed=training_args.seed, workers=data_args.preprocessing_num_workers or 0))
+            input_iterator = job.training_stream(stream["train"], **stream_options)
             # A streamed row's mask depends on (seed, share, step, row) (4: see data.RNG_STREAMS).
             share = parallel.host_share(mesh, update_batch)[0]
             batches = (mask(batch, example_rng.keys(training_args.seed, 4, share, step, np.arange(len(rows))))

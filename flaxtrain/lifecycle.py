@@ -1,13 +1,13 @@
 """The run lifecycle every script shares, in its one valid order:
 
-    with Job(model_args, data_args, training_args, task="fill-mask") as job:   # logging, lock, Hub, resume
-        tokenizer, hf_config = job.tokenizer(), job.config()
-        family, model = job.model(hf_config, tokenizer, "MaskedLM")
-        ...the script's data: it knows now how many training examples there are...
-        state = job.prepare(family, model, train_examples)                     # plan, mesh, state, record
-        ...the script's train and eval steps, batches, metrics...
+    with Job(model_args, data_args, training_args, task="fill-mask") as job:  # logging, lock, Hub, resume
+        tokenizer = job.tokenizer()
+        family, model = job.model(job.config(), tokenizer, "MaskedLM")
+        ...the script's data: now it knows how many training examples there are...
+        state = job.prepare(train_examples)                                   # plan, mesh, state, record
+        ...the script's eval step, batches, metrics...
         outcome = job.train(state, train_step, batches, tokens_per_step=..., evaluate=...)
-        job.write_results("train", {...}); job.finish()                       # results, Hub, done
+        job.write_results("train", {...}); job.finish()                      # results, Hub, done
 
 Entering the Job joins the hosts, sets up logging and the compilation cache, reads the flags into values
 (flaxtrain/settings.py, the one place that reads them), takes the output_dir's lock (flaxtrain/output_lock.py),
@@ -23,7 +23,7 @@ from typing import Optional
 import jax
 
 from flaxtrain import (compilation_cache, exits, hf_export, hub, loop, models, output_lock, parallel, pretrained,
-                       resume, settings, training)
+                       resume, settings, streaming, text_files, training)
 from flaxtrain.reporting import setup_logging, write_results
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,24 @@ class Job:
                                                              seed=s.cadence.seed, load=load)
         resume.record_start(s.output.directory, self.start_step if s.do_train else None, s.flags, s.identity)
         return state
+
+    # ----------------------------------------------------------------------------------------- --streaming
+    def stream_files(self) -> dict:
+        """The files of each split this run streams ({"train": ..., "validation": ...}); their text is read once
+        the mesh says which share is this host's. Called before `prepare`, so a bad path fails before any work."""
+        s, d = self.settings, self.settings.data
+        return text_files.files_by_split({"train": d.train_file} if s.do_train else {},
+                                         {"validation": d.validation_file} if s.do_eval else {},
+                                         dataset_name=d.dataset_name, dataset_config=d.dataset_config,
+                                         token=d.token, cache_dir=d.cache_dir)
+
+    def training_stream(self, files, **options):
+        """This host's training batches of the stream of `files` (streaming.training_batches with `options`), put
+        where the checkpoint this run resumed from left them. A Grain iterator, for `train(input_iterator=...)`."""
+        s = self.settings
+        return loop.resume_input(self.start, self.start_step, streaming.training_batches(
+            files, self.mesh, self.update_batch, **options, shuffle_buffer=s.streaming.shuffle_buffer,
+            seed=s.cadence.seed, workers=s.streaming.workers))
 
     @property
     def update_batch(self) -> int:

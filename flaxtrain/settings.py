@@ -46,6 +46,14 @@ class DataSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class Streaming:
+    """--streaming: the shuffle window (examples) and the Grain worker processes that tokenize."""
+
+    shuffle_buffer: int = 10_000
+    workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Optimization:
     """The optimizer, its schedule and the run's length."""
 
@@ -125,6 +133,7 @@ class RunSettings:
 
     model: ModelSource
     data: DataSource
+    streaming: Optional[Streaming]  # None: in memory
     optimization: Optimization
     cadence: Cadence
     output: Output
@@ -150,6 +159,8 @@ def from_flags(model_args, data_args, training_args) -> RunSettings:
                         getattr(d, "train_file", None), getattr(d, "validation_file", None),
                         getattr(d, "test_file", None), getattr(d, "validation_split_percentage", 5),
                         m.cache_dir, m.token),
+        streaming=Streaming(d.shuffle_buffer_size, d.preprocessing_num_workers or 0)
+        if getattr(d, "streaming", False) else None,
         optimization=Optimization(t.learning_rate, t.weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon,
                                   t.adafactor, t.max_grad_norm, t.num_train_epochs, t.max_steps, t.warmup_steps,
                                   t.warmup_ratio, t.lr_scheduler_type, t.per_device_train_batch_size,
