@@ -1,19 +1,20 @@
 """Text generation with a key/value cache: greedy decoding and sampling, compiled once per shape.
 
-Decoder-only models for now (GPT-2, Llama-style). A model takes part through two methods:
+Decoder-only models (GPT-2, Llama-style; encoder-decoders: generate_seq2seq). A model takes part through two methods:
   model.init_cache(batch_size, max_length) -> cache
   model.apply({"params": params}, input_ids [B, T], attention_mask [B, T], position_ids [B, T], cache=cache)
       -> (logits [B, T, V] float32, cache with the T new tokens written at cache["index"])
 The cache has the layout every family shares (`flaxtrain.models.attention.init_cache`); a decoder's holds "self":
 {"key", "value"} [L, B, S, K, H] in the computation dtype, stacked on the layer axis so that the scanned layers read
-and write their slice; "mask" [B, S] bool, True where a slot holds a real token (`causal_mask` below marks the new
+and write their slice; "mask" [B, S] bool, True where a slot holds a real token (`causal_mask` there marks the new
 tokens'); "index" int32 [], the next slot to write. All rows write the same slot, which is why prompts are
 left-padded: the last prompt token of every row then sits at slot P - 1 and the new tokens follow it.
 
 Positions count the real tokens (cumsum of the mask - 1, as transformers' `generate` does), so a left-padded row
 computes exactly what it would unpadded. The loop is a `lax.while_loop` of one cached forward step per new token
-that stops early once every row has produced an end-of-sequence token; rows that finished are padded. `_decode`
-(the loop and token selection) knows nothing of the model beyond a step function, for encoder-decoders to share.
+that stops early once every row has produced an end-of-sequence token; rows that finished are padded. `decode`
+(the loop and token selection) knows nothing of the model beyond a step function: generate_seq2seq's greedy search
+runs it too. The masks and positions of the new tokens are the models' (flaxtrain/models/attention.py).
 """
 
 import functools
@@ -24,53 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-
-def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
-                sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Which keys each new token attends to.
-
-    attention_mask [B, T] (1 = token, 0 = pad) of the T new tokens -> (mask [B, 1, T, S] bool, valid [B, S] bool).
-    Without a cache the keys are the new tokens (S = T); with one they are the cache's S slots, the new tokens
-    being written at cache["index"], and `valid` is the cache's mask with theirs written in. A query sees the real
-    keys at or before its slot and, with a sliding window W, only the last W of those slots (itself included), as
-    transformers counts it (slots, not positions, so padding inside the window counts).
-    """
-    valid = attention_mask.astype(bool)
-    start = 0
-    if cache is not None:
-        start = cache["index"]
-        valid = lax.dynamic_update_slice(cache["mask"], valid, (0, start))
-    query = start + jnp.arange(attention_mask.shape[1])[:, None]  # [T, 1] slots of the new tokens
-    key = jnp.arange(valid.shape[1])[None, :]  # [1, S]
-    allowed = key <= query
-    if sliding_window is not None:
-        allowed &= key > query - sliding_window
-    return valid[:, None, None, :] & allowed[None, None], valid
-
-
-def default_positions(input_ids: jax.Array, cache: dict | None = None) -> jax.Array:
-    """transformers' default position_ids [B, T] of the new tokens input_ids [B, T]: consecutive from the first (from
-    cache["index"] with a cache, else 0), padding ignored. (Generation passes positions counted from the mask.)"""
-    start = 0 if cache is None else cache["index"]
-    return jnp.broadcast_to(start + jnp.arange(input_ids.shape[1]), input_ids.shape)
-
-
-def next_cache(cache: dict | None, self_cache: dict, valid: jax.Array, length: int) -> dict | None:
-    """A decoder's cache after `length` new tokens (None without one): "self" the scanned layers' updated
-    key/value buffers, "mask" `valid` from causal_mask or layer_masks, "index" moved past the new tokens."""
-    return None if cache is None else {"index": cache["index"] + length, "self": self_cache, "mask": valid}
-
-
-def layer_masks(attention_mask: jax.Array, cache: dict | None,
-                layer_windows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:
-    (masks [M, B, 1, T, S] bool, one per distinct window, which [L] int32: each layer's index into masks, valid
-    [B, S] bool as causal_mask's)."""
-    windows = sorted(set(layer_windows), key=lambda w: w or 0)
-    masks = [causal_mask(attention_mask, cache, w) for w in windows]
-    which = jnp.array([windows.index(w) for w in layer_windows], jnp.int32)
-    return jnp.stack([m for m, _ in masks]), which, masks[0][1]
 
 
 def process_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
@@ -92,40 +46,51 @@ def process_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0) -> ja
     return jnp.where((logits >= kth[:, None]) & (logits >= threshold), logits, -jnp.inf)
 
 
-def _decode(step, logits: jax.Array, cache: Any, positions: jax.Array, rng: jax.Array, eos_token_ids: jax.Array,
-            pad_token_id: jax.Array, sampling: tuple | None, *, max_new_tokens: int) -> jax.Array:
-    """The generation loop, independent of the model's structure (an encoder-decoder passes its decoder step).
+def decode(step, logits: jax.Array, state: Any, *, max_new_tokens: int, eos_token_ids: jax.Array,
+           pad_token_id: jax.Array | int, prefix: jax.Array | None = None, process=None,
+           sampling: tuple | None = None, rng: jax.Array | None = None) -> jax.Array:
+    """The one decoding loop (greedy or sampling), independent of the model: decoder-only `generate` and
+    generate_seq2seq's greedy search run it; beam search is its own loop there.
 
-    step(cache, tokens [B], positions [B]) -> (logits [B, V], cache); logits [B, V]: those of the first new token;
-    positions [B]: the position the first new token will have; eos_token_ids [E] int32; sampling: None for greedy,
-    else (temperature, top_k, top_p) for `process_logits`. Returns the new tokens [B, max_new_tokens].
+    step(state, tokens [B]) -> (logits [B, V], state): one cached forward step, `state` whatever it carries (a
+    cache, positions); logits [B, V]: those of the first new token, computed by the caller (a prompt's forward pass,
+    or an encoder-decoder's first step, which fills its cache's cross-attention entries and so gives the loop's
+    carry its final structure). prefix [B, P] int32: tokens before the new ones for `process` to see (a decoder
+    start token) or None; process(logits [B, V], sequences [B, P + max_new_tokens], i) -> logits [B, V]: the logits
+    processors for new token i (sequences hold the prefix and the tokens so far), or None; eos_token_ids [E] int32;
+    sampling: None for greedy, else (temperature, top_k, top_p) for `process_logits`, drawn with rng folded with i.
+    Returns the new tokens [B, max_new_tokens], pad_token_id after each row's end-of-sequence token.
     """
     batch_size = logits.shape[0]
+    offset = 0 if prefix is None else prefix.shape[1]
+    sequences = jnp.full((batch_size, offset + max_new_tokens), pad_token_id, jnp.int32)
+    if prefix is not None:
+        sequences = sequences.at[:, :offset].set(prefix)
 
-    def select(logits, i):
+    def select(sequences, done, logits, i):
+        if process is not None:
+            logits = process(logits, sequences, i)
         if sampling is None:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logits = process_logits(logits, *sampling)
-        return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1).astype(jnp.int32)
-
-    def record(tokens, done, token, i):
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            logits = process_logits(logits, *sampling)
+            token = jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1).astype(jnp.int32)
         token = jnp.where(done, pad_token_id, token)
-        return tokens.at[:, i].set(token), done | jnp.isin(token, eos_token_ids), token
+        return sequences.at[:, offset + i].set(token), done | jnp.isin(token, eos_token_ids), token
 
-    tokens = jnp.full((batch_size, max_new_tokens), pad_token_id, jnp.int32)
-    tokens, done, token = record(tokens, jnp.zeros(batch_size, bool), select(logits, 0), 0)
+    sequences, done, token = select(sequences, jnp.zeros(batch_size, bool), logits, 0)
 
     def body(carry):
-        i, tokens, done, token, positions, cache = carry
-        logits, cache = step(cache, token, positions)
-        tokens, done, token = record(tokens, done, select(logits, i), i)
-        return i + 1, tokens, done, token, positions + 1, cache
+        i, sequences, done, token, state = carry
+        logits, state = step(state, token)
+        sequences, done, token = select(sequences, done, logits, i)
+        return i + 1, sequences, done, token, state
 
     def cond(carry):
         i, _, done, *_ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    return lax.while_loop(cond, body, (jnp.int32(1), tokens, done, token, positions, cache))[1]
+    return lax.while_loop(cond, body, (jnp.int32(1), sequences, done, token, state))[1][:, offset:]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
@@ -136,13 +101,15 @@ def _generate_decoder_only(model, params, input_ids, attention_mask, rng, eos_to
     position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask, position_ids, cache=cache)
 
-    def step(cache, token, positions):
+    def step(state, token):
+        cache, positions = state
         logits, cache = model.apply({"params": params}, token[:, None], jnp.ones_like(token)[:, None],
                                     positions[:, None], cache=cache)
-        return logits[:, 0], cache
+        return logits[:, 0], (cache, positions + 1)
 
-    return _decode(step, logits[:, -1], cache, jnp.sum(attention_mask, axis=1), rng, eos_token_ids, pad_token_id,
-                   sampling, max_new_tokens=max_new_tokens)
+    # The first new token's position: the count of real prompt tokens.
+    return decode(step, logits[:, -1], (cache, jnp.sum(attention_mask, axis=1)), max_new_tokens=max_new_tokens,
+                  eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, sampling=sampling, rng=rng)
 
 
 def fetchable(x):

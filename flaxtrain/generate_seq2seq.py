@@ -17,7 +17,7 @@ search (`GenerationMixin._beam_search`): the same candidates, length penalty, fi
 stopping rules, so that the same weights give the same tokens. Output convention (as `flaxtrain.generate` for
 decoder-only models): the new tokens [B, max_new_tokens] int32, without the decoder start token; after a row's
 end-of-sequence token the row holds pad_token_id. Both loops are `lax.while_loop`s that stop early as transformers
-does.
+does; greedy search is flaxtrain.generate's `decode` (the loop decoder-only models run), beam search its own.
 
 Beam search runs the decoder on B*K rows (K = num_beams; the encoder output and mask repeated K times) and reorders
 the self-attention cache after each step along its batch axis, which `_cache_batch_axes` finds by comparing the
@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from flaxtrain.generate import decode
 
 # transformers' stand-in for "impossible" in beam scores (an added -1e9, not -inf, so sums stay ordered).
 NEG = -1.0e9
@@ -103,35 +105,23 @@ def _eos(s: _Settings):
 
 @functools.partial(jax.jit, static_argnames=("model", "s"))
 def _greedy_search(model, params, input_ids, attention_mask, knobs: dict, s: _Settings):
-    batch_size = input_ids.shape[0]
+    """generate.decode over the decoder, its sequences starting with the decoder start token."""
     # The decoder reads at most max_new_tokens tokens: the start token and all but the last new one.
     encoder_hidden, cache = _start(model, params, input_ids, attention_mask, s.max_new_tokens)
-    sequences = jnp.full((batch_size, s.max_new_tokens + 1), s.pad_token_id, jnp.int32)
-    sequences = sequences.at[:, 0].set(s.decoder_start_token_id)
-
-    def select(sequences, done, logits, i):
-        # (transformers processes raw logits in greedy search; the forced and banned tokens pick the same argmax.)
-        scores = _process_scores(logits, sequences, i + 1, s, knobs)
-        token = jnp.where(done, s.pad_token_id, jnp.argmax(scores, axis=-1).astype(jnp.int32))
-        return sequences.at[:, i + 1].set(token), done | jnp.isin(token, _eos(s)), token
-
+    start = jnp.full((input_ids.shape[0], 1), s.decoder_start_token_id, jnp.int32)
     # Outside the loop: this call adds the cross-attention keys/values to the cache, so the loop's carry keeps one
     # structure from then on.
-    logits, cache = _decode_step(model, params, cache, sequences[:, 0], encoder_hidden, attention_mask)
-    sequences, done, token = select(sequences, jnp.zeros(batch_size, bool), logits, 0)
+    logits, cache = _decode_step(model, params, cache, start[:, 0], encoder_hidden, attention_mask)
 
-    def body(carry):
-        i, sequences, done, token, cache = carry
-        logits, cache = _decode_step(model, params, cache, token, None, attention_mask)
-        sequences, done, token = select(sequences, done, logits, i)
-        return i + 1, sequences, done, token, cache
+    def step(cache, token):
+        return _decode_step(model, params, cache, token, None, attention_mask)
 
-    def cond(carry):
-        i, _, done, _, _ = carry
-        return (i < s.max_new_tokens) & ~jnp.all(done)
+    def process(logits, sequences, i):
+        # (transformers processes raw logits in greedy search; the forced and banned tokens pick the same argmax.)
+        return _process_scores(logits, sequences, i + 1, s, knobs)
 
-    carry = (sequences, done, token, cache)
-    return lax.while_loop(cond, body, (jnp.int32(1), *carry))[1][:, 1:]
+    return decode(step, logits, cache, max_new_tokens=s.max_new_tokens, eos_token_ids=_eos(s),
+                  pad_token_id=s.pad_token_id, prefix=start, process=process)
 
 
 def _cache_batch_axes(model, max_length: int) -> dict:

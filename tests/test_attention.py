@@ -1,5 +1,6 @@
-"""The attention and key/value cache every family shares (flaxtrain/models/attention.py): the dropout path against
-jax.nn.dot_product_attention in each family's configuration, and the cache layout."""
+"""The attention, masks and key/value cache every family shares (flaxtrain/models/attention.py): the dropout path
+against jax.nn.dot_product_attention in each family's configuration, soft-capping, the cache layout, and the causal
+and sliding-window masks over a cache."""
 
 import functools
 
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import (attention, causal_mask, default_positions, init_cache, layer_masks,
+                                        next_cache, write_cache)
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
 key = functools.partial(jax.random.key, impl="rbg")
@@ -21,8 +23,9 @@ class Attend(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, q, k, v, mask, bias, scale):
-        return attention(q, k, v, mask, bias=bias, scale=scale, dropout_rate=self.rate, deterministic=False)
+    def __call__(self, q, k, v, mask, bias, scale, softcap=None):
+        return attention(q, k, v, mask, bias=bias, scale=scale, softcap=softcap, dropout_rate=self.rate,
+                         deterministic=False)
 
 
 def inputs(kv_heads):
@@ -81,3 +84,36 @@ def test_cache_layout_and_writes():
     np.testing.assert_array_equal(written["key"][:, 3:5], 1.0)
     np.testing.assert_array_equal(written["value"][:, 3:5], 2.0)
     assert not written["key"][:, :3].any() and not written["value"][:, 5:].any()
+
+
+def test_softcap():
+    """gemma2's soft-capped logits, c * tanh(scale * q k^T / c) before the mask, with and without dropout; a cap far
+    above the logits changes nothing."""
+    _, mask, _, _ = CASES["grouped"]
+    q, k, v = inputs(2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) * 0.3
+    probs = jax.nn.softmax(jnp.where(mask, 0.5 * jnp.tanh(logits / 0.5), -jnp.inf), axis=-1)
+    expected = jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, 2, axis=2))
+    np.testing.assert_allclose(attention(q, k, v, mask, scale=0.3, softcap=0.5), expected, atol=1e-6)
+    got = Attend(1e-9).apply({}, q, k, v, mask, None, 0.3, 0.5, rngs={"dropout": key(2)})
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(attention(q, k, v, mask, scale=0.3, softcap=1e6),
+                               attention(q, k, v, mask, scale=0.3), atol=1e-5)
+
+
+def test_masks_over_a_cache():
+    """Two new tokens written at slot 3 of a 6-slot cache whose first slot is padding: each sees the real slots at
+    or before its own, with a window of 2 only the last two of those; layer_masks stacks one mask per window."""
+    cache = {"index": jnp.int32(3), "mask": jnp.array([[False, True, True, False, False, False]])}
+    mask, valid = causal_mask(jnp.ones((1, 2), jnp.int32), cache)
+    np.testing.assert_array_equal(valid, [[0, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(mask[0, 0], [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]])
+    windowed, _ = causal_mask(jnp.ones((1, 2), jnp.int32), cache, sliding_window=2)
+    np.testing.assert_array_equal(windowed[0, 0], [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]])
+    masks, which, stacked_valid = layer_masks(jnp.ones((1, 2), jnp.int32), cache, (2, None, 2))
+    np.testing.assert_array_equal(masks, jnp.stack([mask, windowed]))
+    np.testing.assert_array_equal(which, [1, 0, 1])
+    np.testing.assert_array_equal(stacked_valid, valid)
+    np.testing.assert_array_equal(default_positions(jnp.zeros((1, 2), jnp.int32), cache), [[3, 4]])
+    moved = next_cache(cache, {}, valid, 2)
+    assert int(moved["index"]) == 5 and moved["mask"] is valid and next_cache(None, {}, valid, 2) is None

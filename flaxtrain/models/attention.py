@@ -1,9 +1,11 @@
-"""The attention every family uses, and the key/value cache that the models which generate write and read.
+"""The attention every family uses, the key/value cache that the models which generate write and read, and the
+masks and positions of a decoder's new tokens over that cache (`causal_mask`, `layer_masks`, `default_positions`,
+`next_cache`), which the decoder families call and flaxtrain/generate.py relies on.
 
 `attention` takes heads already projected. Without attention dropout (evaluation, generation, and training with a
-rate of 0) it is jax.nn.dot_product_attention, which picks a fused kernel on GPU and TPU; with dropout it is an
-explicit float32 softmax, because the probabilities are dropped before they meet the values and
-dot_product_attention has no place for that.
+rate of 0) and without a soft cap it is jax.nn.dot_product_attention, which picks a fused kernel on GPU and TPU;
+otherwise it is an explicit float32 softmax, because the probabilities are dropped before they meet the values, and
+the logits capped before the softmax, and dot_product_attention has no place for either.
 
 The cache, one layout for the decoders (GPT-2, Llama-style) and the encoder-decoders (T5, BART), made by
 `init_cache`; buffers are stacked on the layer axis so that the scanned layers read and write their slice:
@@ -11,7 +13,7 @@ The cache, one layout for the decoders (GPT-2, Llama-style) and the encoder-deco
   "self"   {"key", "value"} [L, B, S, K, H] in the computation dtype: the self-attention keys and values of S slots,
            filled by `write_cache` as the tokens arrive; attention reads all S slots, its mask hiding the unwritten.
   "mask"   [B, S] bool, decoder-only models: True where a slot holds a real token (their prompts are left-padded;
-           `flaxtrain.generate.causal_mask` marks the new tokens').
+           `causal_mask` marks the new tokens').
   "cross"  encoder-decoders: {} until the first decode call puts the encoder output's keys and values there,
            {"key", "value"} [L, B, S_enc, K, H]; later calls read them. (An encoder-decoder's decoder input is never
            padded during generation, so it has no "mask".)
@@ -29,17 +31,19 @@ from jax import lax
 from flaxtrain.models.dropout import Dropout
 
 
-def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, dropout_rate: float = 0.0,
-              deterministic: bool = True):
-    """softmax(scale * q k^T + bias, where mask) v: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]. Each
+def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, softcap: float | None = None,
+              dropout_rate: float = 0.0, deterministic: bool = True):
+    """softmax(cap(scale * q k^T) + bias, where mask) v: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]. Each
     key/value head serves N // K consecutive query heads (grouped-query attention when K < N).
 
     mask: bool broadcastable to [B, N, T, S], True = attend; bias: float broadcastable to [B, N, T, S], added to the
-    scaled logits (T5's relative positions); scale None = H**-0.5. With dropout_rate > 0 and not deterministic, the
-    attention probabilities go through a Dropout (models/dropout.py) that draws the "dropout" rng: call this inside
-    a module's compact method, whose submodule (`Dropout_<n>`) it becomes.
+    scaled logits (T5's relative positions); scale None = H**-0.5; softcap: None, or c for cap(x) = c * tanh(x / c)
+    (gemma2's attn_logit_softcapping). With dropout_rate > 0 and not deterministic, the attention probabilities go
+    through a Dropout (models/dropout.py) that draws the "dropout" rng: call this inside a module's compact method,
+    whose submodule (`Dropout_<n>`) it becomes.
     """
-    if deterministic or dropout_rate == 0.0:
+    dropout = not deterministic and dropout_rate != 0.0
+    if not dropout and softcap is None:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     # Grouped key/value heads are repeated, so logits and dropout mask are [B, N, T, S] in every family. JAX's random
     # bits follow the flat index: each query head is dropped as a [B, K, N // K, T, S] layout would drop it.
@@ -47,12 +51,16 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, drop
     k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     logits = logits * (q.shape[-1]**-0.5 if scale is None else scale)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     if bias is not None:
         logits = logits + bias
     if mask is not None:
         # The lowest float32 rather than -inf: a query with no key to attend to gets a uniform softmax, not NaN.
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout:
+        probs = Dropout(dropout_rate)(probs, deterministic=False)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
@@ -74,3 +82,51 @@ def write_cache(layer_cache: dict, k, v, index) -> dict:
     start = (0, index, 0, 0)
     return {"key": lax.dynamic_update_slice(layer_cache["key"], k.astype(layer_cache["key"].dtype), start),
             "value": lax.dynamic_update_slice(layer_cache["value"], v.astype(layer_cache["value"].dtype), start)}
+
+
+def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
+                sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Which keys each new token attends to.
+
+    attention_mask [B, T] (1 = token, 0 = pad) of the T new tokens -> (mask [B, 1, T, S] bool, valid [B, S] bool).
+    Without a cache the keys are the new tokens (S = T); with one they are the cache's S slots, the new tokens
+    being written at cache["index"], and `valid` is the cache's mask with theirs written in. A query sees the real
+    keys at or before its slot and, with a sliding window W, only the last W of those slots (itself included), as
+    transformers counts it (slots, not positions, so padding inside the window counts).
+    """
+    valid = attention_mask.astype(bool)
+    start = 0
+    if cache is not None:
+        start = cache["index"]
+        valid = lax.dynamic_update_slice(cache["mask"], valid, (0, start))
+    query = start + jnp.arange(attention_mask.shape[1])[:, None]  # [T, 1] slots of the new tokens
+    key = jnp.arange(valid.shape[1])[None, :]  # [1, S]
+    allowed = key <= query
+    if sliding_window is not None:
+        allowed &= key > query - sliding_window
+    return valid[:, None, None, :] & allowed[None, None], valid
+
+
+def default_positions(input_ids: jax.Array, cache: dict | None = None) -> jax.Array:
+    """transformers' default position_ids [B, T] of the new tokens input_ids [B, T]: consecutive from the first (from
+    cache["index"] with a cache, else 0), padding ignored. (flaxtrain.generate passes positions counted from the
+    mask instead.)"""
+    start = 0 if cache is None else cache["index"]
+    return jnp.broadcast_to(start + jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+
+def next_cache(cache: dict | None, self_cache: dict, valid: jax.Array, length: int) -> dict | None:
+    """A decoder's cache after `length` new tokens (None without one): "self" the scanned layers' updated
+    key/value buffers, "mask" `valid` from causal_mask or layer_masks, "index" moved past the new tokens."""
+    return None if cache is None else {"index": cache["index"] + length, "self": self_cache, "mask": valid}
+
+
+def layer_masks(attention_mask: jax.Array, cache: dict | None,
+                layer_windows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:
+    (masks [M, B, 1, T, S] bool, one per distinct window, which [L] int32: each layer's index into masks, valid
+    [B, S] bool as causal_mask's)."""
+    windows = sorted(set(layer_windows), key=lambda w: w or 0)
+    masks = [causal_mask(attention_mask, cache, w) for w in windows]
+    which = jnp.array([windows.index(w) for w in layer_windows], jnp.int32)
+    return jnp.stack([m for m, _ in masks]), which, masks[0][1]

@@ -21,9 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain import generate
 from flaxtrain.models.alibi import alibi_bias
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, init_cache, next_cache, write_cache
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
@@ -163,10 +162,10 @@ class BloomModel(nn.Module):
         del position_ids
         start = 0 if cache is None else cache["index"]
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
-        mask, valid = generate.causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache)
         bias = alibi_bias(valid, self.config.n_head)
         x, self_cache = self.h(x, mask, bias, start, None if cache is None else cache["self"])
-        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""

@@ -32,10 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, default_positions, init_cache, next_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
-from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import lm_logits
 from flaxtrain.models.layers import dense
@@ -203,24 +201,6 @@ class GemmaRMSNorm(nn.Module):
         return (x32 * (1.0 + scale)).astype(self.dtype)
 
 
-def capped_attention(q, k, v, mask, *, scale: float, softcap: float | None, dropout_rate: float = 0.0,
-                     deterministic: bool = True):
-    """models/attention.attention with the scaled logits soft-capped first: softcap * tanh(logits / softcap)
-    (gemma2). q [B, T, N, H], k and v [B, S, K, H], mask broadcastable to [B, N, T, S] -> [B, T, N, H]. Without a
-    cap it is models/attention.attention (jax.nn.dot_product_attention, which has no place for a cap); with one an
-    explicit float32 softmax. Attention dropout draws the "dropout" rng (call it inside a compact method)."""
-    if softcap is None:
-        return attention(q, k, v, mask, scale=scale, dropout_rate=dropout_rate, deterministic=deterministic)
-    groups = q.shape[2] // k.shape[2]
-    k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = softcap * jnp.tanh(logits / softcap)
-    # The lowest float32 rather than -inf: a query with no key to attend to gets a uniform softmax, not NaN.
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = Dropout(dropout_rate)(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
-
-
 class GemmaAttention(nn.Module):
     config: GemmaConfig
     dtype: Any = jnp.float32
@@ -246,9 +226,9 @@ class GemmaAttention(nn.Module):
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, key, value, index)
             key, value = layer_cache["key"], layer_cache["value"]
-        out = capped_attention(q, key, value, mask, scale=(cfg.query_pre_attn_scalar or h)**-0.5,
-                               softcap=cfg.attn_logit_softcapping, dropout_rate=cfg.attention_dropout,
-                               deterministic=deterministic)
+        out = attention(q, key, value, mask, scale=(cfg.query_pre_attn_scalar or h)**-0.5,
+                        softcap=cfg.attn_logit_softcapping, dropout_rate=cfg.attention_dropout,
+                        deterministic=deterministic)
         out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED),
                     use_bias=cfg.attention_bias)(
             out.reshape(*x.shape[:2], n * h))
@@ -301,18 +281,17 @@ class GemmaModel(nn.Module):
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         # The scale is a float32 buffer that transformers casts to the weights' dtype before multiplying.
         x = self.embed_tokens(input_ids) * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
-        full, valid = generate.causal_mask(attention_mask, cache)
-        sliding = full if cfg.sliding_window is None else generate.causal_mask(attention_mask, cache,
-                                                                               cfg.sliding_window)[0]
+        full, valid = causal_mask(attention_mask, cache)
+        sliding = full if cfg.sliding_window is None else causal_mask(attention_mask, cache, cfg.sliding_window)[0]
         tables = [rope_tables(position_ids, cfg.head_dim, rope, cfg.max_position_embeddings, self.dtype)
                   for rope in (cfg.rope, cfg.local_rope)]  # in _LAYER_TYPES order
         x, self_cache = self.layers(x, jnp.stack([full, sliding]), jnp.stack([c for c, _ in tables]),
                                     jnp.stack([s for _, s in tables]), start, jnp.array(cfg.kinds, jnp.int32),
                                     None if cache is None else cache["self"])
-        return self.norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.embed_tokens.embedding

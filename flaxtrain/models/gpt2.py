@@ -28,8 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, default_positions, init_cache, next_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -176,11 +175,11 @@ class GPT2Model(nn.Module):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
-        mask, valid = generate.causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache)
         x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
-        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""

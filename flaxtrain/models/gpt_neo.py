@@ -22,8 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, default_positions, init_cache, layer_masks, next_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -198,12 +197,12 @@ class GPTNeoModel(nn.Module):
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         # The local window counts slots, as transformers' mask buffer does (padding inside the window counts).
-        masks, which, valid = generate.layer_masks(attention_mask, cache, cfg.layer_windows)
+        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows)
         x, self_cache = self.h(x, masks, start, which, None if cache is None else cache["self"])
-        return self.ln_f(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.wte.embedding

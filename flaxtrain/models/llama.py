@@ -24,8 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, default_positions, init_cache, layer_masks, next_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
@@ -240,12 +239,12 @@ class LlamaModel(nn.Module):
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope, cfg.max_position_embeddings, self.dtype)
-        masks, which, valid = generate.layer_masks(attention_mask, cache, cfg.layer_windows)
+        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows)
         x, self_cache = self.layers(x, masks, cos, sin, start, which, None if cache is None else cache["self"])
-        return self.norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         return self.embed_tokens.embedding

@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, init_cache, next_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models import layers
 from flaxtrain.models.dropout import Dropout
@@ -223,7 +222,7 @@ class OPTDecoder(nn.Module):
         cfg = self.config
         length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        mask, valid = generate.causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache)
         if position_ids is None:
             position_ids = positions_from_mask(valid, start, length)
         x = self.embed_tokens(input_ids)
@@ -235,7 +234,7 @@ class OPTDecoder(nn.Module):
             x = self.final_layer_norm(x)
         if cfg.word_embed_proj_dim != cfg.hidden_size:
             x = self.project_out(x)
-        return x, generate.next_cache(cache, self_cache, valid, length)
+        return x, next_cache(cache, self_cache, valid, length)
 
     def word_embedding_matrix(self):
         """[V, P] float32: the LM head's weights when tied to the input embeddings."""

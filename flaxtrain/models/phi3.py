@@ -26,8 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from flaxtrain import generate
-from flaxtrain.models.attention import attention, init_cache, write_cache
+from flaxtrain.models.attention import attention, default_positions, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -203,7 +202,7 @@ class Phi3ForCausalLM(nn.Module):
 
         index, length = cache["index"], input_ids.shape[1]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         seen = {"tokens": lax.dynamic_update_slice(cache["tokens"], input_ids.astype(jnp.int32), (0, index)),
                 "positions": lax.dynamic_update_slice(cache["positions"], position_ids.astype(jnp.int32),
                                                       (0, index))}

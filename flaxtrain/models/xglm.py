@@ -22,9 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import generate
 from flaxtrain.models import opt
-from flaxtrain.models.attention import init_cache
+from flaxtrain.models.attention import causal_mask, default_positions, init_cache, next_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -147,15 +146,15 @@ class XGLMModel(nn.Module):
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = generate.default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache)
         x = self.embed_tokens(input_ids)
         if cfg.scale_embedding:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         x = x + sinusoidal_positions(position_ids, cfg.d_model, cfg.pad_token_id, x.dtype)
         x = self.drop(x, deterministic=self.deterministic)
-        mask, valid = generate.causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache)
         x, self_cache = self.layers(x, mask, start, None if cache is None else cache["self"])
-        return self.layer_norm(x), generate.next_cache(cache, self_cache, valid, input_ids.shape[1])
+        return self.layer_norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied (the unscaled embeddings)."""
