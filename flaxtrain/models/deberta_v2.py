@@ -32,7 +32,8 @@ from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.layers import dense, layer_norm, tied_decoder
-from flaxtrain.models.partitioning import BUCKETS, CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init
+from flaxtrain.models.partitioning import (BUCKETS, CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, dense_inits,
+                                          embedding_init)
 from flaxtrain.models.stack import scan_layers
 
 POS_ATT_TYPES = ("c2p", "p2c")
@@ -169,7 +170,7 @@ class DebertaV2Embeddings(nn.Module):
             x = x + embed(cfg.type_vocab_size, (None, EMBED), "token_type_embeddings")(token_type_ids)
         if cfg.embedding_width != cfg.hidden_size:
             x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="embed_proj",
-                         **bert.dense_inits(cfg.initializer_range, (None, EMBED)))(x)
+                         **dense_inits(cfg.initializer_range, (None, EMBED)))(x)
         x = layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x) * attention_mask[..., None].astype(self.dtype)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic), words.embedding
 

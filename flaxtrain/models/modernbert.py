@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain.models import bert
+from flaxtrain.models import bert, layers
 from flaxtrain.models.attention import attention
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -291,7 +291,7 @@ class ModernBertForMaskedLM(nn.Module):
         hidden, embedding = body(input_ids, attention_mask, deterministic)
         x = ModernBertPredictionHead(cfg, self.dtype, name="head")(bert.at_positions(hidden, positions))
         if cfg.decoder_bias:
-            return bert.TiedDecoder(name="decoder")(x, embedding)
+            return layers.TiedDecoder(name="decoder")(x, embedding)
         return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
