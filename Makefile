@@ -1,5 +1,5 @@
 # make demo: set up .venv and run a real pretraining job end to end (a few minutes on a 2-core CPU).
-# make test: set up .venv and run the whole test suite; make test-fast: its unit and parity tiers only (no script runs).
+# make test: set up .venv and run the whole test suite; make test-fast: its unit tier only (no script runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,9 +27,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# The edit loop: no training script is started, no subprocess (tiers: tests/conftest.py).
+# The edit loop: no training script, no subprocess, no parity (-m parity adds about 5 CPU minutes); tiers: tests/conftest.py.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "unit or parity" tests
+	$(PY) -m pytest -q -m unit tests
 
 # On a TPU VM or an NVIDIA GPU machine: .venv with JAX's accelerator build (no test tools).
 tpu gpu:

@@ -1,6 +1,6 @@
 """Tests run offline on the CPU. Multi-device runs happen in subprocesses with their own XLA_FLAGS.
 
-Every test gets one tier marker here, by the rules in `tier` (`make test-fast` runs `unit or parity`):
+Every test gets one tier marker here, by the rules in `tier` (`make test-fast` runs `unit`):
   unit    in process, no script run;
   parity  in a file named *parity*: our models against the transformers PyTorch models;
   run     starts a training script: its main() in process, or a subprocess (tests/tiny.run_script and others);
