@@ -159,12 +159,14 @@ def test_a_run_into_a_locked_bucket_folder_is_refused_in_one_line(work, gcs_buck
 def test_killed_before_its_first_checkpoint_the_same_command_starts_again(work, tmp_path):
     """kill -9 during training (the lock stays, its process gone), then the same command; Ctrl-C while it loads
     says "interrupted", and the same command again runs to the end."""
-    run = [*FLAGS, "--output_dir=killed", "--max_steps=80", "--save_steps=80"]
+    run = [*FLAGS, "--output_dir=killed", "--max_steps=200", "--save_steps=200"]
     first = start(work, *run)
     wait_for(work / "killed" / "log_history.jsonl", first)
     first.kill()
     first.communicate()
-    assert (work / "killed" / output_lock.LOCK_FILE).exists() and not (work / "killed" / "checkpoints").exists()
+    assert (work / "killed" / output_lock.LOCK_FILE).exists()
+    saved = os.listdir(work / "killed" / "checkpoints") if (work / "killed" / "checkpoints").exists() else []
+    assert not any(name.isdigit() for name in saved), "killed before its first save"
 
     second = start(work, *run)
     deadline = time.monotonic() + 120
@@ -177,7 +179,7 @@ def test_killed_before_its_first_checkpoint_the_same_command_starts_again(work, 
 
     done = tiny.run_script("run_mlm_flax.py", run, devices=2, cwd=work)
     assert "stopped before its first checkpoint: starting it again" in done.stderr
-    assert tiny.read_json(work / "killed" / "all_results.json")["train_steps"] == 80
+    assert tiny.read_json(work / "killed" / "all_results.json")["train_steps"] == 200
 
 
 @pytest.mark.parametrize("flags, names", [
