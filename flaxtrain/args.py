@@ -122,7 +122,8 @@ class TrainingArguments:
     MAY_CHANGE: ClassVar[tuple] = (
         "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
-        "save_total_limit", "take_over_output_dir", "resume_from_checkpoint", "allow_changed_flags", "gradient_checkpointing",
+        "save_total_limit", "take_over_output_dir", "resume_from_checkpoint", "allow_changed_flags",
+        "gradient_checkpointing",
         "fsdp", "tensor_parallel", "logical_axis_rules", "save_dtype", "compilation_cache_dir",
         "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy")
 

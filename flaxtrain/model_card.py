@@ -1,6 +1,7 @@
 """The model card (output_dir/README.md) that --push_to_hub uploads: YAML metadata the Hub reads (library, tags,
 datasets, base model, metrics as model-index results), then the command, hyperparameters, final metrics and a
-summary of the training curve. Secrets never enter it: flags come through settings.from_flags's filter (args.SECRET_FIELDS).
+summary of the training curve. Secrets never enter it: the flags come through settings.from_flags, which leaves out
+args.SECRET_FIELDS.
 """
 
 import json
@@ -30,8 +31,8 @@ def write(output_dir: str, repo_id: str, task: str, flags: dict, changed: dict, 
     return path
 
 
-def render(repo_id: str, task: str, flags: dict, changed: dict, results: dict, history: list, script: Optional[str] = None,
-           architecture: Optional[str] = None) -> str:
+def render(repo_id: str, task: str, flags: dict, changed: dict, results: dict, history: list,
+           script: Optional[str] = None, architecture: Optional[str] = None) -> str:
     base = flags.get("model_name_or_path")
     dataset = flags.get("dataset_name")
     script = script or _script_name()

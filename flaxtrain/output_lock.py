@@ -103,7 +103,8 @@ class OutputLock:
             try:
                 self._take(take_over)
             except (ValueError, OSError) as e:
-                error = str(e) if isinstance(e, ValueError) else f"--output_dir={output_dir}: cannot take its lock ({e})."
+                error = (str(e) if isinstance(e, ValueError) else
+                         f"--output_dir={output_dir}: cannot take its lock ({e}).")
         # Every host stops with process 0's refusal, rather than waiting for it in a later collective.
         if error := parallel.same_on_every_host(error):
             raise ValueError(error)

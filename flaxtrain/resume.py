@@ -1,10 +1,11 @@
 """Where a run starts, decided before any work: fresh, from a checkpoint in output_dir, or (without --do_train)
 from the model that a training run left in output_dir.
 
-What a run is, is recorded with its checkpoints: every flag that changes the trained result (`run_flags`) and the
-examples per update. A run that resumes must have the same; a difference stops it before any work, naming each flag
-with its saved and new value, unless --allow_changed_flags names it (a change on purpose). Flags that only change
-cadence or reporting are listed by each flags dataclass in its `MAY_CHANGE` and may change freely.
+What a run is, is recorded with its checkpoints: every flag that changes the trained result
+(`settings.run_flags`) and the examples per update. A run that resumes must have the same; a difference stops it
+before any work, naming each flag with its saved and new value, unless --allow_changed_flags names it (a change on
+purpose). Flags that only change cadence or reporting are listed by each flags dataclass in its `MAY_CHANGE` and
+may change freely.
 training_args.json holds one record per start of the run.
 """
 
