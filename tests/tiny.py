@@ -102,31 +102,6 @@ def make_t5(model_dir, corpus, gated=False, **config):
     return str(model_dir)
 
 
-def run_interrupted_then_resumed(main, args):
-    """Runs main(args), killed right after its first checkpoint (as if the machine went away: no results files
-    may look finished), then the same command again, which resumes."""
-    import pytest
-
-    from flaxtrain import checkpoint
-
-    save = checkpoint.Checkpoints.save
-
-    def save_then_die(self, step, state, meta):
-        save(self, step, state, meta)
-        self.wait()
-        raise KeyboardInterrupt
-
-    checkpoint.Checkpoints.save = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(args)
-    finally:
-        checkpoint.Checkpoints.save = save
-    output_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--output_dir="))
-    assert not os.path.exists(os.path.join(output_dir, "all_results.json"))
-    main(args)
-
-
 def loss_curve(output_dir):
     """(step, train loss, learning rate) of every logged training step."""
     return [(r["step"], r["train/loss"], r["train/learning_rate"]) for r in read_history(output_dir)
