@@ -122,9 +122,10 @@ class OutputLock:
             held = _read(self.path)
             if held is None:
                 continue
-            if held.is_gone_here() or take_over:
+            gone = held.is_gone_here()
+            if gone or take_over:
                 logger.warning("Taking over the lock of %s on %s: %s.", self.output_dir, held.describe(),
-                               "its process has ended" if held.is_gone_here() else "--take_over_output_dir")
+                               "its process has ended" if gone else "--take_over_output_dir")
                 storage.remove(self.path)
                 continue
             stale = time.time() - held.heartbeat > STALE_S

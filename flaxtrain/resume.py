@@ -26,6 +26,7 @@ from flaxtrain.settings import BATCH, ModelSource
 logger = logging.getLogger(__name__)
 
 EXPORTED = ("config.json", "model.safetensors")
+RECORD_FILE = "training_args.json"  # one record per start: record_start
 START_OVER = "--resume_from_checkpoint=none --overwrite_output_dir"
 
 
@@ -101,7 +102,7 @@ def record_start(output_dir: str, start_step: Optional[int], flags: dict, identi
     settings.identity) to training_args.json."""
     if jax.process_index() != 0:
         return
-    path = storage.join(output_dir, "training_args.json")
+    path = storage.join(output_dir, RECORD_FILE)
     records = json.loads(storage.read_text(path)) if storage.isfile(path) else []
     if isinstance(records, dict):  # written by an earlier version: the flags of one start
         records = [{"flags": records}]
@@ -176,7 +177,7 @@ def fresh_start(output_dir: str, overwrite: bool, identity: Optional[dict] = Non
 
 def _same_run_never_saved(output_dir: str, identity: Optional[dict]) -> bool:
     """Whether output_dir's last recorded start was this same run, and no training run there ever finished."""
-    path = storage.join(output_dir, "training_args.json")
+    path = storage.join(output_dir, RECORD_FILE)
     if identity is None or not storage.isfile(path) or storage.isfile(storage.join(output_dir, EXPORTED[1])):
         return False
     try:

@@ -216,9 +216,10 @@ def run_flags(*arg_objects) -> dict:
     return flags
 
 
-def identity(training_args, *arg_objects) -> dict:
-    """What a checkpoint records of its run (and what a resume compares): the flags and the examples per update."""
-    per_device, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
-    return {"flags": run_flags(training_args, *arg_objects),
+def identity(training, *arg_objects) -> dict:
+    """What a checkpoint records of its run (and what a resume compares): the flags and the examples per update.
+    training: the TrainingArguments."""
+    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    return {"flags": run_flags(training, *arg_objects),
             BATCH: {"value": per_device * jax.device_count() * accumulation,
                     "how": f"{per_device} x {jax.device_count()} devices x {accumulation}"}}
