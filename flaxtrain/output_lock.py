@@ -73,7 +73,7 @@ def _read(path: str) -> Optional[Owner]:
         return Owner(**json.loads(storage.read_text(path)))
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):  # cut short by a kill while it was written: nobody's
+    except (ValueError, TypeError):  # cut short by a kill while it was written: nobody's (pid -1)
         return Owner("?", -1, "?", 0.0, "?", "?")
 
 
@@ -86,8 +86,12 @@ def _create(path: str, owner: Owner) -> bool:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(descriptor, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+    except BaseException:  # (a Ctrl-C right now): no half-written lock left behind
+        os.remove(path)
+        raise
     return True
 
 
@@ -122,7 +126,7 @@ class OutputLock:
             held = _read(self.path)
             if held is None:
                 continue
-            gone = held.is_gone_here()
+            gone = held.pid < 0 or held.is_gone_here()  # (pid -1: a record cut short, nobody's)
             if gone or take_over:
                 logger.warning("Taking over the lock of %s on %s: %s.", self.output_dir, held.describe(),
                                "its process has ended" if gone else "--take_over_output_dir")

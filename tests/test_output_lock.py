@@ -102,6 +102,12 @@ def test_a_lock_whose_process_ended_on_this_host_is_taken_over(tmp_path, caplog)
     lock.release()
 
 
+def test_a_lock_record_cut_short_by_a_kill_is_nobodys(tmp_path):
+    (tmp_path / output_lock.LOCK_FILE).write_text('{"host": "vm", "pi')
+    output_lock.OutputLock(str(tmp_path)).release()
+    assert not (tmp_path / output_lock.LOCK_FILE).exists()
+
+
 def test_a_lock_from_another_host_needs_the_flag_and_a_stale_one_says_so(tmp_path):
     write_lock(tmp_path)  # alive, as far as anyone here can tell
     with pytest.raises(ValueError, match="if that run is gone .* --take_over_output_dir"):
