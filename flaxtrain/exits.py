@@ -25,7 +25,8 @@ _interrupted_by = []  # the signal number that raised the KeyboardInterrupt in f
 
 def interrupts_raise():
     """SIGTERM outside the training loop raises KeyboardInterrupt, as SIGINT does, so that a run stopped while it
-    loads or tokenizes unwinds (its lock released) and says so. The loop catches both itself (preemption.py)."""
+    loads or tokenizes unwinds (its lock released) and says so. The loop catches both itself (preemption.py).
+    Also quiets what Python could only print as "Exception ignored" after such a signal or a failed restore."""
     def interrupt(signum, frame):
         _interrupted_by.append(signum)
         raise KeyboardInterrupt
@@ -33,6 +34,27 @@ def interrupts_raise():
     if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
+    sys.unraisablehook = _quiet_leftovers
+
+
+def _quiet_leftovers(unraisable, default=sys.unraisablehook):
+    """Drops two harmless "Exception ignored" tracebacks:
+    - a signal that landed while a finalizer (__del__, a weakref callback) ran: stop_if_interrupted acts on it;
+    - "Event loop is closed" from tensorstore's reads still in flight when the restore of a damaged checkpoint
+      failed and orbax closed its event loop (one per array, a hundred lines): checkpoint.set_aside says what
+      failed in one line."""
+    error = unraisable.exc_value
+    if isinstance(error, KeyboardInterrupt) or (isinstance(error, RuntimeError)
+                                                and str(error) == "Event loop is closed"):
+        return
+    default(unraisable)
+
+
+def stop_if_interrupted():
+    """Raises the KeyboardInterrupt of a signal whose first one did not reach us: a finalizer or a library's broad
+    `except` took it. Called between the phases of a run, so that such a signal still stops it before training."""
+    if _interrupted_by:
+        raise KeyboardInterrupt
 
 
 def _ours(error: BaseException) -> bool:

@@ -65,6 +65,7 @@ class Job:
         return self.start.model
 
     def tokenizer(self):
+        exits.stop_if_interrupted()
         self._tokenizer = pretrained.load_tokenizer(self.model_source)
         return self._tokenizer
 
@@ -86,6 +87,7 @@ class Job:
         state split over it: restored from the checkpoint resume.start chose, else initialised (and the weights of
         --model_name_or_path loaded with `load_rules`, see hf_io.load_pretrained). Records this start in
         training_args.json. Returns the state; `mesh`, `layout`, `start_step`, `total_steps` are set."""
+        exits.stop_if_interrupted()  # (after tokenizing, which may take hours)
         s, source = self.settings, self.model_source
         self.train_examples = train_examples
         self.steps_per_epoch, self.total_steps, self.schedule, tx = training.plan(
@@ -130,6 +132,7 @@ class Job:
               best_metric: str = "eval_loss", input_iterator=None) -> loop.Outcome:
         """Trains `state` with `train_step(state, batch, rng, accumulation_steps=...)` (compiled here, with the
         state's shardings) on this host's `batches` from start_step on: see loop.train."""
+        exits.stop_if_interrupted()
         s = self.settings
         step_fn = self.layout.train_step(functools.partial(train_step,
                                                            accumulation_steps=s.optimization.accumulation_steps))

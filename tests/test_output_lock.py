@@ -128,6 +128,26 @@ def test_the_heartbeat_is_refreshed(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_a_signal_a_library_swallowed_still_stops_the_run_at_its_next_phase(monkeypatch):
+    from flaxtrain import exits
+    monkeypatch.setattr(exits, "_interrupted_by", [])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    try:
+        exits.interrupts_raise()
+        exits.stop_if_interrupted()  # no signal yet: nothing happens
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:  # noqa: BLE001  (as a finalizer or a library's broad except does)
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            exits.stop_if_interrupted()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 # ------------------------------------------------------------------------------------ as a user meets it
 def test_two_runs_into_one_output_dir_the_second_refused_before_any_work(work):
     first = start(work, *FLAGS, "--max_steps=120")
