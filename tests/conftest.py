@@ -26,6 +26,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # script run compiles in about half the time and costs 30-50% less CPU (the flax lm1b example's tests do the same);
 # numbers that tests compare come from runs that both compile this way. Subprocesses inherit it (tests/tiny.py).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Most of the suite's programs compile in under JAX's 1 s threshold for caching, and many runs compile the same
+# ones (an uninterrupted run, then the stopped and the resumed run it must equal): cache them all.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 TIERS = ("unit", "parity", "run", "system")
 # What a test's code (its function, its fixtures and the functions of its module that they call) says about it.

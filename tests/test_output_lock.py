@@ -35,9 +35,7 @@ def work(tmp_path_factory):
 def start(work, *flags, env=None):
     """`python run_mlm_flax.py FLAGS` from `work`, in the background (2 simulated devices)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "run_mlm_flax.py"), *flags], cwd=work,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                                 "PYTHONPATH": ROOT, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=tiny.script_env(2, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path, process, timeout=300):

@@ -125,6 +125,15 @@ def xla_flags(devices):
     return " ".join([*inherited, f"--xla_force_host_platform_device_count={devices}"])
 
 
+def script_env(devices, env=None) -> dict:
+    """The environment of a script's subprocess: `devices` simulated CPU devices, offline, no torch (as on a TPU
+    VM: tests/as_on_a_tpu_vm), then `env`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.path.join(root, "tests", "as_on_a_tpu_vm")])
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path, **(env or {})}
+
+
 def run_script(script, args, devices=8, env=None, timeout=600, processes=None, cwd=None, returncode=0, signal=None):
     """Runs `script` with `args` in a fresh Python process with `devices` simulated CPU devices, from the working
     directory `cwd` (default: this one), as a user runs it.
@@ -138,8 +147,7 @@ def run_script(script, args, devices=8, env=None, timeout=600, processes=None, c
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": root, **(env or {})}
+    base = script_env(devices, env)
     command = [sys.executable, os.path.join(root, script), *map(str, args)]
     if signal:
         command.insert(1, os.path.join(root, "tests", "signal_at_step.py"))
