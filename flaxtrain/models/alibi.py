@@ -5,7 +5,9 @@ models/attention.attention.
 As transformers' BLOOM computes it, the bias is slope * (the key's position), not slope * (key - query): within one
 query's row the two differ by a constant, which softmax ignores, and the key-only form is [B, N, 1, S], the same for
 every query. A key's position counts the real tokens before it (cumsum of the mask - 1), so a padded row attends as
-it would unpadded, and the cache's "valid" slots give the same positions during generation.
+it would unpadded, and the cache's "valid" slots give the same positions during generation. In a packed row (several
+examples one after another, attending only within their own) the positions are given instead: each key's within its
+example, as the example alone would count them.
 
 Shapes: B batch, N heads, S keys.
 """
@@ -32,9 +34,12 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
-def alibi_bias(valid, num_heads: int):
+def alibi_bias(valid, num_heads: int, positions=None):
     """valid [B, S] (1/True = a real token in that key slot) -> bias [B, N, 1, S] float32: each head's slope times
-    the key's position among the real tokens (0 at padded slots, which the attention mask hides anyway)."""
-    valid = jnp.asarray(valid).astype(jnp.int32)
-    positions = ((jnp.cumsum(valid, axis=-1) - 1) * valid).astype(jnp.float32)  # [B, S]
+    the key's position among the real tokens (0 at padded slots, which the attention mask hides anyway), or times
+    `positions` [B, S] where given (a packed row's positions within each example)."""
+    if positions is None:
+        valid = jnp.asarray(valid).astype(jnp.int32)
+        positions = (jnp.cumsum(valid, axis=-1) - 1) * valid  # [B, S]
+    positions = jnp.asarray(positions).astype(jnp.float32)
     return jnp.asarray(alibi_slopes(num_heads))[None, :, None, None] * positions[:, None, None, :]

@@ -2,6 +2,11 @@
 masks and positions of a decoder's new tokens over that cache (`causal_mask`, `layer_masks`, `default_positions`,
 `next_cache`), which the decoder families call and flaxtrain/generate.py relies on.
 
+Packed rows (training and evaluation only, never with a cache): `segment_ids` [B, T] int numbers the examples that
+one row holds one after another (1, 2, 3, ... per example, 0 on padding). The masks then keep each query to the keys
+of its own example, and `segment_positions` restarts the positions at 0 in each, so that every example computes what
+it would alone in its own row. Built here once, every family (sliding windows included) gets it.
+
 `attention` takes heads already projected. Without attention dropout (evaluation, generation, and training with a
 rate of 0) and without a soft cap it is jax.nn.dot_product_attention, which picks a fused kernel on GPU and TPU;
 otherwise it is an explicit float32 softmax, because the probabilities are dropped before they meet the values, and
@@ -84,8 +89,8 @@ def write_cache(layer_cache: dict, k, v, index) -> dict:
             "value": lax.dynamic_update_slice(layer_cache["value"], v.astype(layer_cache["value"].dtype), start)}
 
 
-def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
-                sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
+def causal_mask(attention_mask: jax.Array, cache: dict | None = None, sliding_window: int | None = None,
+                segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Which keys each new token attends to.
 
     attention_mask [B, T] (1 = token, 0 = pad) of the T new tokens -> (mask [B, 1, T, S] bool, valid [B, S] bool).
@@ -93,7 +98,12 @@ def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
     being written at cache["index"], and `valid` is the cache's mask with theirs written in. A query sees the real
     keys at or before its slot and, with a sliding window W, only the last W of those slots (itself included), as
     transformers counts it (slots, not positions, so padding inside the window counts).
+
+    segment_ids [B, T] (packed rows, see above; no cache): besides, a query sees only the keys of its own example, and
+    no key on padding (0). An example's tokens are consecutive slots, so its window is the one it has alone.
     """
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids (packed rows) are for training and evaluation; they cannot be used with a cache")
     valid = attention_mask.astype(bool)
     start = 0
     if cache is not None:
@@ -104,13 +114,35 @@ def causal_mask(attention_mask: jax.Array, cache: dict | None = None,
     allowed = key <= query
     if sliding_window is not None:
         allowed &= key > query - sliding_window
-    return valid[:, None, None, :] & allowed[None, None], valid
+    mask = valid[:, None, None, :] & allowed[None, None]
+    if segment_ids is not None:
+        mask &= same_segment(segment_ids)[:, None]
+    return mask, valid
 
 
-def default_positions(input_ids: jax.Array, cache: dict | None = None) -> jax.Array:
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids [B, T] -> [B, T, T] bool: whether query t and key s are tokens of the same example, the key not
+    padding (segment 0; a padding query then sees no key, and attention gives it a uniform softmax, not NaN)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids [B, T] -> [B, T] int32: each token's index within its example (within its run of equal ids, so a
+    padding run counts from 0 too), what a packed row's position_ids hold."""
+    slots = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    first = lax.cummax(jnp.where(starts, slots, 0), axis=1)  # [B, T] the slot where each token's example starts
+    return (slots - first).astype(jnp.int32)
+
+
+def default_positions(input_ids: jax.Array, cache: dict | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
     """transformers' default position_ids [B, T] of the new tokens input_ids [B, T]: consecutive from the first (from
     cache["index"] with a cache, else 0), padding ignored. (flaxtrain.generate passes positions counted from the
-    mask instead.)"""
+    mask instead.) With segment_ids (packed rows), restarting at 0 in each example: `segment_positions`."""
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
     start = 0 if cache is None else cache["index"]
     return jnp.broadcast_to(start + jnp.arange(input_ids.shape[1]), input_ids.shape)
 
@@ -121,12 +153,12 @@ def next_cache(cache: dict | None, self_cache: dict, valid: jax.Array, length: i
     return None if cache is None else {"index": cache["index"] + length, "self": self_cache, "mask": valid}
 
 
-def layer_masks(attention_mask: jax.Array, cache: dict | None,
-                layer_windows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layer_masks(attention_mask: jax.Array, cache: dict | None, layer_windows: tuple[int | None, ...],
+                segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:
     (masks [M, B, 1, T, S] bool, one per distinct window, which [L] int32: each layer's index into masks, valid
-    [B, S] bool as causal_mask's)."""
+    [B, S] bool as causal_mask's). segment_ids [B, T]: packed rows, as causal_mask."""
     windows = sorted(set(layer_windows), key=lambda w: w or 0)
-    masks = [causal_mask(attention_mask, cache, w) for w in windows]
+    masks = [causal_mask(attention_mask, cache, w, segment_ids) for w in windows]
     which = jnp.array([windows.index(w) for w in layer_windows], jnp.int32)
     return jnp.stack([m for m, _ in masks]), which, masks[0][1]

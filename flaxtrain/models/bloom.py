@@ -2,7 +2,8 @@
 
 No position embeddings: ALiBi (models/alibi.py) adds each head's slope times the key's position to the attention
 logits, the positions counted over the real tokens of the attention mask (or of the cache's slots when generating),
-as transformers builds it. A LayerNorm right after the token embeddings (`word_embeddings_layernorm`), pre-LayerNorm
+as transformers builds it; in a packed row (segment_ids) each key's position within its example (position_ids, or
+counted from segment_ids). A LayerNorm right after the token embeddings (`word_embeddings_layernorm`), pre-LayerNorm
 blocks whose residual is optionally the normed input (`apply_residual_connection_post_layernorm`), a GELU (tanh
 approximation) MLP of 4 * D, the final `ln_f`, the LM head tied to the embeddings.
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain.models.alibi import alibi_bias
-from flaxtrain.models.attention import attention, causal_mask, init_cache, next_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, default_positions, init_cache, next_cache, write_cache
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
@@ -156,14 +157,17 @@ class BloomModel(nn.Module):
                              in_axes=(nn.broadcast,) * 3 + (0,))(cfg, self.dtype, self.deterministic)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
-        """[B, T] ints -> (hidden [B, T, D], updated cache or None). position_ids are ignored: ALiBi counts the
-        positions from the mask (the cache's, with the new tokens', when generating). See BloomForCausalLM."""
-        del position_ids
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
+        """[B, T] ints -> (hidden [B, T, D], updated cache or None). See BloomForCausalLM for position_ids."""
         start = 0 if cache is None else cache["index"]
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
-        mask, valid = causal_mask(attention_mask, cache)
-        bias = alibi_bias(valid, self.config.n_head)
+        mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
+        if segment_ids is None:  # as transformers: ALiBi counts the positions from the mask
+            bias = alibi_bias(valid, self.config.n_head)
+        else:  # a packed row: (without a cache) the keys are the new tokens, each at its position in its example
+            if position_ids is None:
+                position_ids = default_positions(input_ids, None, segment_ids)
+            bias = alibi_bias(valid, self.config.n_head, position_ids)
         x, self_cache = self.h(x, mask, bias, start, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
@@ -174,7 +178,9 @@ class BloomModel(nn.Module):
 
 class BloomForCausalLM(CausalLM):
     """BLOOM with its LM head (tied to `transformer.word_embeddings` unless tie_word_embeddings is False).
-    position_ids are ignored (accepted for flaxtrain.generate): ALiBi counts the positions from the mask."""
+    position_ids are ignored without segment_ids (accepted for flaxtrain.generate; transformers' BLOOM ignores them
+    too): ALiBi counts the positions from the mask. With segment_ids (packed rows) they are each key's position in
+    its example (None: counted from segment_ids)."""
 
     config: BloomConfig
     body, body_name = BloomModel, "transformer"

@@ -276,16 +276,17 @@ class GemmaModel(nn.Module):
                                   in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GemmaForCausalLM."""
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         # The scale is a float32 buffer that transformers casts to the weights' dtype before multiplying.
         x = self.embed_tokens(input_ids) * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
-        full, valid = causal_mask(attention_mask, cache)
-        sliding = full if cfg.sliding_window is None else causal_mask(attention_mask, cache, cfg.sliding_window)[0]
+        full, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
+        sliding = (full if cfg.sliding_window is None
+                   else causal_mask(attention_mask, cache, cfg.sliding_window, segment_ids)[0])
         tables = [rope_tables(position_ids, cfg.head_dim, rope, cfg.max_position_embeddings, self.dtype)
                   for rope in (cfg.rope, cfg.local_rope)]  # in _LAYER_TYPES order
         x, self_cache = self.layers(x, jnp.stack([full, sliding]), jnp.stack([c for c, _ in tables]),
@@ -309,13 +310,14 @@ class GemmaForCausalLM(nn.Module):
         return _HF_ARCHITECTURES[self.config.model_type]
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None,
+                 segment_ids=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, soft-capped where the config
         says, or (logits, cache) when a cache from `init_cache` is given. Dropout needs the "dropout" rng when not
-        deterministic."""
+        deterministic. segment_ids [B, T]: packed rows, as gpt2.CausalLM."""
         body = GemmaModel(self.config, self.dtype, self.gradient_checkpointing, deterministic, name="model")
-        out = lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
+        out = lm_logits(self, body, input_ids, attention_mask, position_ids, cache, segment_ids)
         cap = self.config.final_logit_softcapping
         if cap is None:
             return out

@@ -171,13 +171,13 @@ class GPT2Model(nn.Module):
                              in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPT2ForCausalLM."""
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
-        mask, valid = causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
         x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
@@ -186,12 +186,12 @@ class GPT2Model(nn.Module):
         return self.wte.embedding
 
 
-def lm_logits(module: nn.Module, body: nn.Module, input_ids, attention_mask, position_ids, cache):
+def lm_logits(module: nn.Module, body: nn.Module, input_ids, attention_mask, position_ids, cache, segment_ids=None):
     """The decoders' shared top, called inside their compact __call__: the body, then the tied or untied head.
     Returns logits [B, T, V] float32, or (logits, cache) when a cache is given."""
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
-    x, new_cache = body(input_ids, attention_mask, position_ids, cache)
+    x, new_cache = body(input_ids, attention_mask, position_ids, cache, segment_ids)
     if module.config.tie_word_embeddings:
         logits = tied_logits(x, body.word_embedding_matrix())
     else:
@@ -212,13 +212,16 @@ class CausalLM(nn.Module):
     body_name: ClassVar[str]
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None,
+                 segment_ids=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache, unless the class says otherwise) -> logits [B, T, V] float32,
         or (logits, cache) when a cache from `init_cache` is given. Dropout needs the "dropout" rng when not
-        deterministic."""
+        deterministic. segment_ids [B, T] (packed rows: 1, 2, ... per example, 0 on padding, which then needs no
+        attention_mask; no cache): no token attends across examples, and position_ids None restart at 0 in each
+        (models/attention.py)."""
         body = self.body(self.config, self.dtype, self.gradient_checkpointing, deterministic, name=self.body_name)
-        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache)
+        return lm_logits(self, body, input_ids, attention_mask, position_ids, cache, segment_ids)
 
 
 class GPT2ForCausalLM(CausalLM):

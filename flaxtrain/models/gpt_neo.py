@@ -192,15 +192,15 @@ class GPTNeoModel(nn.Module):
                              in_axes=(nn.broadcast, nn.broadcast, 0, 0))(cfg, self.dtype, self.deterministic)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTNeoForCausalLM."""
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         # The local window counts slots, as transformers' mask buffer does (padding inside the window counts).
-        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows)
+        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows, segment_ids)
         x, self_cache = self.h(x, masks, start, which, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 

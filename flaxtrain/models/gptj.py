@@ -180,15 +180,15 @@ class GPTJModel(nn.Module):
                              in_axes=(nn.broadcast,) * 4 + (0,))(cfg, self.dtype, self.deterministic)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See GPTJForCausalLM."""
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.drop(self.wte(input_ids), deterministic=self.deterministic)
         sin, cos = rotary_tables(position_ids, cfg.rotary_dim, self.dtype)
-        mask, valid = causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
         x, self_cache = self.h(x, mask, sin, cos, start, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
@@ -225,15 +225,17 @@ class GPTJForCausalLM(nn.Module):
     hf_architecture = "GPTJForCausalLM"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None,
+                 segment_ids=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic. segment_ids [B, T]:
+        packed rows, as gpt2.CausalLM."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         body = GPTJModel(cfg, self.dtype, self.gradient_checkpointing, deterministic, name="transformer")
-        x, new_cache = body(input_ids, attention_mask, position_ids, cache)
+        x, new_cache = body(input_ids, attention_mask, position_ids, cache, segment_ids)
         head = GPTJLMHead(cfg.vocab_size, cfg.initializer_range, name="lm_head")
         logits = head(x, body.word_embedding_matrix() if cfg.tie_word_embeddings else None)
         return logits if cache is None else (logits, new_cache)

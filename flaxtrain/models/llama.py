@@ -234,15 +234,15 @@ class LlamaModel(nn.Module):
                                   in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See LlamaForCausalLM."""
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope, cfg.max_position_embeddings, self.dtype)
-        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows)
+        masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows, segment_ids)
         x, self_cache = self.layers(x, masks, cos, sin, start, which, None if cache is None else cache["self"])
         return self.norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 

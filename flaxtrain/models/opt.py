@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from flaxtrain.models.attention import attention, causal_mask, init_cache, next_cache, write_cache
+from flaxtrain.models.attention import attention, causal_mask, init_cache, next_cache, segment_positions, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models import layers
 from flaxtrain.models.dropout import Dropout
@@ -217,14 +217,15 @@ class OPTDecoder(nn.Module):
         if cfg.final_layer_norm:
             self.final_layer_norm = layer_norm(cfg, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, P], updated cache or None). See OPTForCausalLM."""
         cfg = self.config
         length = input_ids.shape[1]
         start = 0 if cache is None else cache["index"]
-        mask, valid = causal_mask(attention_mask, cache)
-        if position_ids is None:
-            position_ids = positions_from_mask(valid, start, length)
+        mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
+        if position_ids is None:  # a packed row's examples each count from 0
+            position_ids = (positions_from_mask(valid, start, length) if segment_ids is None
+                            else segment_positions(segment_ids))
         x = self.embed_tokens(input_ids)
         if cfg.word_embed_proj_dim != cfg.hidden_size:
             x = self.project_in(x)
@@ -252,8 +253,8 @@ class OPTModel(nn.Module):
     def setup(self):
         self.decoder = OPTDecoder(self.config, self.dtype, self.gradient_checkpointing, self.deterministic)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
-        return self.decoder(input_ids, attention_mask, position_ids, cache)
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
+        return self.decoder(input_ids, attention_mask, position_ids, cache, segment_ids)
 
     def word_embedding_matrix(self):
         return self.decoder.word_embedding_matrix()
@@ -261,7 +262,7 @@ class OPTModel(nn.Module):
 
 class OPTForCausalLM(CausalLM):
     """OPT with its LM head (tied to `model.decoder.embed_tokens` unless tie_word_embeddings is False). position_ids
-    None: counted from the attention mask, continuing from the cache."""
+    None: counted from the attention mask, continuing from the cache (with segment_ids: from 0 in each example)."""
 
     config: OPTConfig
     body, body_name = OPTModel, "model"

@@ -181,10 +181,12 @@ class Phi3ForCausalLM(nn.Module):
         return self.config.rope["rope_type"] == "longrope"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, cache=None,
+                 segment_ids=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = pad; None = all tokens), position_ids [B, T]
         (None: 0..T-1, or continuing from the cache) -> logits [B, T, V] float32, or (logits, cache) when a cache
-        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic."""
+        from `init_cache` is given. Dropout needs the "dropout" rng when not deterministic. segment_ids [B, T]:
+        packed rows, as gpt2.CausalLM."""
         cfg = self.config
         body = Phi3Model(cfg, self.dtype, self.gradient_checkpointing, deterministic, name="model")
         head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.initializer_range, name="lm_head")
@@ -195,9 +197,9 @@ class Phi3ForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if cache is None:
-            return logits(body(input_ids, attention_mask, position_ids, None)[0])
-        if not self._recomputes:
-            x, cache = body(input_ids, attention_mask, position_ids, cache)
+            return logits(body(input_ids, attention_mask, position_ids, None, segment_ids)[0])
+        if not self._recomputes or segment_ids is not None:  # (segment_ids with a cache: causal_mask refuses them)
+            x, cache = body(input_ids, attention_mask, position_ids, cache, segment_ids)
             return logits(x), cache
 
         index, length = cache["index"], input_ids.shape[1]

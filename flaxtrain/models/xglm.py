@@ -141,18 +141,18 @@ class XGLMModel(nn.Module):
                                   in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
         self.layer_norm = opt.layer_norm(cfg, self.dtype, None)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
         """[B, T] ints -> (hidden [B, T, D], updated cache or None). See XGLMForCausalLM."""
         cfg = self.config
         start = 0 if cache is None else cache["index"]
         if position_ids is None:
-            position_ids = default_positions(input_ids, cache)
+            position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.embed_tokens(input_ids)
         if cfg.scale_embedding:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         x = x + sinusoidal_positions(position_ids, cfg.d_model, cfg.pad_token_id, x.dtype)
         x = self.drop(x, deterministic=self.deterministic)
-        mask, valid = causal_mask(attention_mask, cache)
+        mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
         x, self_cache = self.layers(x, mask, start, None if cache is None else cache["self"])
         return self.layer_norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
