@@ -11,6 +11,15 @@ Pretrain from scratch (tokenizer + config + corpus) or continue training a check
 
 Documents are tokenized, joined with the end-of-sequence token between them, and cut into blocks of --block_size.
 Run the same command again to resume; `--do_predict --prompt "..."` writes continuations to generations.jsonl.
+
+Instruction and chat fine-tuning (SFT) on json/jsonl/csv/parquet files or a Hub dataset whose columns say the format,
+as TRL's SFTTrainer reads them: `prompt` and `completion` (loss on the completion), or `messages` (a conversation
+rendered with the tokenizer's chat template, or --chat_template; loss on the assistant turns). Examples are packed
+into rows of --block_size that attention never crosses (--packing, on by default), or padded one a row.
+`--do_predict --prompts_file chats.jsonl` (a `messages` column) writes the model's replies.
+
+    python run_clm_flax.py --output_dir=./sft --model_name_or_path=Qwen/Qwen3-0.6B --train_file=chats.jsonl \
+        --block_size=2048 --per_device_train_batch_size=8 --learning_rate=2e-5 --num_train_epochs=3 --fsdp=8
 """
 
 import functools
@@ -24,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, exits, generate, lifecycle, loop, parallel, storage, streaming, training
+from flaxtrain import (data, exits, generate, lifecycle, loop, packing, parallel, sft_data, storage, streaming,
+                       training)
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_clm_flax")
@@ -37,6 +47,20 @@ class ClmDataArguments(DataArguments, StreamingArguments):
     block_size: Optional[int] = field(
         default=None, metadata={"help": "Tokens per training block (default: min(1024, the model's positions))."}
     )
+    dataset_format: Optional[str] = field(default=None, metadata={
+        "help": "text, prompt_completion or conversational (default: from the columns: text; prompt and "
+                "completion; messages)."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "A Jinja chat template (a .jinja file or the text) that replaces the tokenizer's; saved with it."})
+    completion_only_loss: bool = field(default=True, metadata={
+        "help": "prompt_completion: train on the completion's tokens only (false: on the prompt's too)."})
+    assistant_only_loss: bool = field(default=True, metadata={
+        "help": "conversational: train on the assistant turns only (false: on every token)."})
+    packing: Optional[bool] = field(default=None, metadata={
+        "help": "SFT formats: several examples a row of --block_size, attending within their own (default: true); "
+                "false: one a row, padded to the longest of a length-grouped batch."})
+    drop_long_examples: bool = field(default=False, metadata={
+        "help": "SFT formats: drop the examples longer than --block_size rather than truncate them."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
     prompt: Optional[str] = field(default=None, metadata={"help": "--do_predict: a prompt to continue."})
     prompts_file: Optional[str] = field(default=None, metadata={"help": "--do_predict: prompts, one per line."})
@@ -73,6 +97,30 @@ def to_batch(ids):
     return {"input_ids": ids, "weights": weights}
 
 
+def encode_sft(raw, tokenizer, data_format, block_size, data_args):
+    """The SFT formats: each split's examples as input_ids and loss_mask (sft_data), at most block_size tokens (the
+    longer truncated or dropped, logged), those with nothing to train left out."""
+    encoded = raw.map(sft_data.sft_encoder(tokenizer, data_format, block_size, data_args.drop_long_examples,
+                                           data_args.completion_only_loss, data_args.assistant_only_loss),
+                      batched=True, num_proc=data_args.preprocessing_num_workers,
+                      remove_columns=next(iter(raw.values())).column_names,
+                      load_from_cache_file=not data_args.overwrite_cache)
+    for split, examples in encoded.items():
+        counts = sft_data.length_counts(examples, block_size)
+        if counts["long"]:
+            logger.warning("%s: %d of %d examples are longer than --block_size=%d: %s.", split, counts["long"],
+                           counts["examples"], block_size,
+                           "dropped (--drop_long_examples)" if data_args.drop_long_examples else "truncated")
+        if counts["kept"] < counts["examples"]:
+            logger.info("%s: %d examples have no token to train on: left out.", split,
+                        counts["examples"] - counts["kept"])
+    return encoded.filter(lambda n: n > 0, input_columns="num_trained").select_columns(["input_ids", "loss_mask"])
+
+
+def lengths_of(examples) -> np.ndarray:
+    return np.fromiter(map(len, examples["input_ids"]), np.int64, len(examples))
+
+
 # --------------------------------------------------------------------------------------------------- steps
 def next_token_sums(logits, batch):
     """(loss sum, correct sum, weight sum) over the weighted targets: the logits at t predict the token at t + 1.
@@ -82,13 +130,23 @@ def next_token_sums(logits, batch):
     return training.cross_entropy_sums(logits, shift(batch["input_ids"]), shift(batch["weights"]).at[:, -1].set(0))
 
 
+def example_inputs(batch) -> dict:
+    """The model's inputs beyond the tokens for rows of examples laid out by flaxtrain.packing: their segments
+    (attention stays within an example, never on padding) and positions (restarting at each example)."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids": batch["segment_ids"], "position_ids": batch["positions"]}
+
+
 def train_step(state, batch, rng, accumulation_steps):
-    """Token-weighted loss over every target token of the global batch."""
+    """Token-weighted loss over every target token of the global batch (an example's first token and padding are
+    no one's target: weight 0, so no prediction crosses from one packed example into the next)."""
     rng = jax.random.fold_in(rng, state.step)
     total_weight = jnp.maximum(batch["weights"][:, 1:].sum(), 1.0)
 
     def loss_fn(params, micro, rng):
-        logits = state.apply_fn({"params": params}, micro["input_ids"], deterministic=False, rngs={"dropout": rng})
+        logits = state.apply_fn({"params": params}, micro["input_ids"], **example_inputs(micro), deterministic=False,
+                                rngs={"dropout": rng})
         loss_sum, _, _ = next_token_sums(logits, micro)
         return loss_sum / total_weight, loss_sum
 
@@ -97,26 +155,30 @@ def train_step(state, batch, rng, accumulation_steps):
 
 
 def eval_step(state, batch):
-    logits = state.apply_fn({"params": state.params}, batch["input_ids"])
+    logits = state.apply_fn({"params": state.params}, batch["input_ids"], **example_inputs(batch))
     loss, correct, weight = next_token_sums(logits, batch)
     return {"loss": loss, "accuracy": correct, "weight": weight}
 
 
-def write_generations(path, model, params, mesh, tokenizer, prompts, data_args, seed):
-    """Greedy and sampled continuations of each prompt, one JSON line per prompt. Every host runs it (the params
-    may be split over them); process 0 writes."""
+def write_generations(path, model, params, mesh, tokenizer, prompts, data_args, seed, stop_ids):
+    """Greedy and sampled continuations of each prompt, one JSON line per prompt: `prompts` are strings (continued
+    as text) or conversations (lists of messages, answered through the chat template, until one of `stop_ids`).
+    Every host runs it (the params may be split over them); process 0 writes."""
+    chats = bool(prompts) and not isinstance(prompts[0], str)
+    ids = ([sft_data.generation_prompt_ids(tokenizer, messages) for messages in prompts] if chats else
+           tokenizer(prompts, verbose=False)["input_ids"])
     tokenizer.padding_side = "left"  # the cache needs every row's last prompt token in the same slot
-    encoded = tokenizer(prompts, padding=True, return_tensors="np")
+    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="np")
     ids, mask = (parallel.on_every_device(encoded[k].astype(np.int32), mesh) for k in ("input_ids", "attention_mask"))
-    options = dict(max_new_tokens=data_args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+    options = dict(max_new_tokens=data_args.max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     greedy = generate.generate(model, params, ids, mask, **options)
     sampled = generate.generate(model, params, ids, mask, do_sample=True, temperature=data_args.temperature,
                                 top_k=data_args.top_k, top_p=data_args.top_p, rng=jax.random.key(seed), **options)
     greedy, sampled = parallel.fetch((greedy, sampled))
     if jax.process_index() == 0:
+        key = "messages" if chats else "prompt"
         storage.write_text(path, "".join(
-            json.dumps({"prompt": prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
+            json.dumps({key: prompt, "greedy": tokenizer.decode(g, skip_special_tokens=True),
                         "sampled": tokenizer.decode(s, skip_special_tokens=True)}) + "\n"
             for prompt, g, s in zip(prompts, greedy, sampled)))
 
@@ -130,72 +192,116 @@ def main(argv=None):
 
 
 def run(job, data_args, training_args, prompts):
-    # Cheap checks first: tokenizer, config, lengths.
+    # Cheap checks first: tokenizer, chat template, config, lengths.
     tokenizer = job.tokenizer()
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no end-of-sequence token, which this script puts between documents.")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only prompts are ever padded, and masked
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked
+    if data_args.chat_template:  # before any tokenization; exported with the tokenizer
+        sft_data.set_chat_template(tokenizer, data_args.chat_template)
+    if prompts and not isinstance(prompts[0], str):
+        sft_data.generation_prompt_ids(tokenizer, prompts[0])  # (no chat template: refused now, not after training)
+    stop_ids = sft_data.stop_token_ids(tokenizer)  # EOS, and the chat template's end of turn
+    job.generation_config = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                             "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0]}
     family, model = job.model(job.config(), tokenizer, "CausalLM")
     model_max = family.max_positions(model.config)
     block_size = data_args.block_size or min(1024, model_max)
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
+    if data_args.streaming and data_args.dataset_format not in (None, "text"):
+        raise ValueError(f"--streaming reads text only, not --dataset_format={data_args.dataset_format}.")
 
-    raw, train_set, eval_blocks = None, None, np.zeros((0, block_size), np.int32)
+    raw, data_format, train_set, eval_set = None, "text", None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
         stream = job.stream_files()
     elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
         raw = data.load_raw_datasets(job.settings.data, training_args.do_train, training_args.do_eval,
                                      keep_linebreaks=data_args.keep_linebreaks)
-        column = data.text_column(next(iter(raw.values())))
-        tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
-                            num_proc=data_args.preprocessing_num_workers,
-                            remove_columns=next(iter(raw.values())).column_names,
-                            load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+        data_format = sft_data.detect_format(next(iter(raw.values())).features, data_args.dataset_format)
+        if data_format == "text":  # documents joined and cut into blocks
+            column = data.text_column(next(iter(raw.values())))
+            tokenized = raw.map(blocks_of(tokenizer, column, block_size), batched=True,
+                                num_proc=data_args.preprocessing_num_workers,
+                                remove_columns=next(iter(raw.values())).column_names,
+                                load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+        else:  # examples with loss masks, packed or padded below
+            tokenized = encode_sft(raw, tokenizer, data_format, block_size, data_args)
+        too_short = (f"gives no block of {block_size} tokens: the text is too short. Use more text or a smaller "
+                     "--block_size." if data_format == "text" else "has no example with a token to train on.")
         if training_args.do_train:
             train_set = data.take(tokenized["train"], data_args.max_train_samples)
             if len(train_set) == 0:
-                raise ValueError(f"The train data gives no block of {block_size} tokens: the text is too short. "
-                                 "Use more text or a smaller --block_size.")
+                raise ValueError(f"The train data {too_short}")
         if training_args.do_eval:
-            eval_blocks = data.take(tokenized["validation"], data_args.max_eval_samples)["input_ids"]
-            if len(eval_blocks) == 0:
-                raise ValueError(f"The validation data gives no block of {block_size} tokens: the text is too "
-                                 "short. Use more text or a smaller --block_size.")
+            eval_set = data.take(tokenized["validation"], data_args.max_eval_samples)
+            if len(eval_set) == 0:
+                raise ValueError(f"The validation data {too_short}")
+            if data_format == "text":
+                eval_set = eval_set["input_ids"]
+    examples = data_format != "text"  # rows of whole examples (flaxtrain/packing.py), not blocks of text
+    packed = examples and data_args.packing is not False
+    plan = packing.plan_packing(lengths_of(train_set), block_size) if packed and training_args.do_train else None
+    if plan is not None:
+        logger.info("%s: %d examples packed into %d rows of %d tokens, %.1f%% of them real.", data_format,
+                    len(train_set), plan.num_rows, block_size, 100 * plan.fill)
+    elif examples and training_args.do_train:
+        logger.info("%s: %d examples, one a row, padded to the bucket of a batch's longest (--packing=false).",
+                    data_format, len(train_set))
 
     # The optimizer, the mesh and the train state split over it.
-    train_examples = None if data_args.streaming else len(train_set) if training_args.do_train else 0
+    train_examples = (None if data_args.streaming else 0 if not training_args.do_train else
+                      plan.num_rows if packed else len(train_set))
     state = job.prepare(train_examples)
-    mesh, update_batch, eval_batch = job.mesh, job.update_batch, job.eval_batch
+    mesh, update_batch, eval_batch, pad_id = job.mesh, job.update_batch, job.eval_batch, tokenizer.pad_token_id
     encode = functools.partial(encode_documents, tokenizer=tokenizer)
-    stream_options = dict(encode=encode, length=block_size, pad={"input_ids": tokenizer.pad_token_id},
+    stream_options = dict(encode=encode, length=block_size, pad={"input_ids": pad_id},
                           keep_linebreaks=data_args.keep_linebreaks)
     if data_args.streaming and training_args.do_eval:  # this host's share of the blocks
-        eval_blocks, eval_examples, eval_samples = streaming.evaluation_blocks(
+        eval_set, eval_examples, eval_samples = streaming.evaluation_blocks(
             stream["validation"], mesh, eval_batch, **stream_options, limit=data_args.max_eval_samples)
-        eval_blocks = eval_blocks["input_ids"]
+        eval_set = eval_set["input_ids"]
+    elif examples and training_args.do_eval:  # packed, whatever training does: the same loss in fewer rows
+        eval_plan, eval_samples = packing.plan_packing(lengths_of(eval_set), block_size), len(eval_set)
+        eval_examples = eval_plan.num_rows
     else:
-        eval_examples = eval_samples = len(eval_blocks)
+        eval_examples = eval_samples = len(eval_set)
 
     p_eval_step = job.layout.eval_step(eval_step)
 
+    def eval_rows(indices, _):
+        if examples:
+            return packing.packed_batch(eval_set, eval_plan, indices, pad_id)
+        return to_batch(eval_set[indices])
+
     def run_eval(state):
-        return loop.evaluate(state, p_eval_step, lambda indices, _: to_batch(eval_blocks[indices]), eval_examples,
-                             mesh, eval_batch, training_args.seed, per_host=data_args.streaming)
+        return loop.evaluate(state, p_eval_step, eval_rows, eval_examples, mesh, eval_batch, training_args.seed,
+                             per_host=data_args.streaming)
 
     eval_metrics = None
     if training_args.do_train:
-        rows, input_iterator = parallel.host_rows(mesh, update_batch), None
+        rows, input_iterator, seed = parallel.host_rows(mesh, update_batch), None, training_args.seed
+        steps = (job.start_step, job.total_steps)
+        tokens_per_step = update_batch * block_size
         if data_args.streaming:
             input_iterator = job.training_stream(stream["train"], **stream_options)
             batches = (to_batch(batch["input_ids"]) for batch in input_iterator)
+        elif packed:
+            batches = (packing.packed_batch(train_set, plan, indices[rows], pad_id)
+                       for _, _, indices in data.epoch_batches(plan.num_rows, update_batch, seed, *steps))
+            tokens_per_step = round(plan.real_tokens / plan.num_rows * update_batch)
+        elif examples:  # each global batch padded to the bucket of its longest example (the same on every host)
+            lengths, buckets = lengths_of(train_set), packing.bucket_lengths(block_size)
+            batches = (packing.padded_batch(train_set, indices[rows], packing.bucket_width(buckets, lengths[indices]),
+                                            pad_id)
+                       for _, _, indices in packing.length_grouped_batches(lengths, update_batch, seed, *steps))
+            tokens_per_step = round(lengths.mean() * update_batch)
         else:
             batches = (to_batch(train_set[indices[rows].tolist()]["input_ids"])
-                       for _, _, indices in data.epoch_batches(len(train_set), update_batch, training_args.seed,
-                                                               job.start_step, job.total_steps))
-        outcome = job.train(state, train_step, batches, tokens_per_step=update_batch * block_size,
-                            evaluate=run_eval, input_iterator=input_iterator)
+                       for _, _, indices in data.epoch_batches(len(train_set), update_batch, seed, *steps))
+        outcome = job.train(state, train_step, batches, tokens_per_step=tokens_per_step, evaluate=run_eval,
+                            input_iterator=input_iterator)
         state, eval_metrics = outcome.state, outcome.eval_metrics
         if outcome.trained:
             samples = job.total_steps * update_batch if data_args.streaming else len(train_set)
@@ -206,21 +312,40 @@ def run(job, data_args, training_args, prompts):
         job.write_results("eval", {**eval_metrics, "eval_samples": eval_samples})
     if prompts:
         path = storage.join(training_args.output_dir, "generations.jsonl")
-        write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed)
-        logger.info("Wrote continuations of %d prompts to %s", len(prompts), path)
+        write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed,
+                          stop_ids)
+        logger.info("Wrote the model's %s of %d prompts to %s", "continuations" if isinstance(prompts[0], str)
+                    else "replies", len(prompts), path)
     job.finish()
 
 
 def read_prompts(data_args):
+    """--prompt and --prompts_file's lines (text to continue), or a .jsonl --prompts_file's conversations (its
+    `messages`, to answer)."""
     prompts = [data_args.prompt] if data_args.prompt else []
     if data_args.prompts_file:
         if not os.path.isfile(data_args.prompts_file):
             raise FileNotFoundError(f"--prompts_file={data_args.prompts_file}: no such file.")
         with open(data_args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if data_args.prompts_file.endswith((".jsonl", ".json")):
+            if prompts:
+                raise ValueError("--prompt is text to continue and --prompts_file holds conversations: give one.")
+            return [conversation(line, data_args.prompts_file, number) for number, line in enumerate(lines, 1)]
+        prompts += lines
     if not prompts:
         raise ValueError("--do_predict needs --prompt or --prompts_file.")
     return prompts
+
+
+def conversation(line, path, number):
+    try:
+        messages = json.loads(line)["messages"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--prompts_file={path}: line {number} is not a JSON object with \"messages\".") from None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"--prompts_file={path}: line {number}'s messages are not a list of {{role, content}}.")
+    return messages
 
 
 if __name__ == "__main__":

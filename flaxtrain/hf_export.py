@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import safetensors.numpy
+import transformers
 from flax import traverse_util
 
 from flaxtrain import storage
@@ -79,7 +80,8 @@ def _remove_stale_weights(output_dir: str, keep: Iterable[str]) -> None:
 
 
 def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer: Any = None, *,
-                    architecture: str, max_shard_size: int | str = 5 * 2**30, save_dtype: Any = None) -> None:
+                    architecture: str, max_shard_size: int | str = 5 * 2**30, save_dtype: Any = None,
+                    generation_config: Mapping | None = None) -> None:
     """Write a checkpoint that `transformers.AutoModelFor...from_pretrained(output_dir)` loads: config.json (with
     `architectures=[architecture]`, e.g. model.hf_architecture), the weights, and the tokenizer files.
 
@@ -91,6 +93,8 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
       ... (a tensor larger than the limit alone in its shard) listed in model.safetensors.index.json.
     save_dtype: dtype of the floating-point weights written, e.g. "bfloat16" (default float32); config.json says it,
       so transformers loads the model in it.
+    generation_config: settings for generation_config.json (e.g. a chat model's eos_token_id list, so that
+      transformers' generate and pipeline stop at the end of its turn).
     Every file is written under a temporary name and renamed, so a killed save never leaves a truncated one; the
     weight files of an earlier export that this one does not replace are removed once the new ones are in place.
     A bucket URL as output_dir: the files are written locally, then uploaded.
@@ -98,7 +102,7 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
     if storage.is_remote(output_dir):
         with tempfile.TemporaryDirectory(prefix="flaxtrain-export-") as local:
             save_pretrained(local, params, hf_config, tokenizer, architecture=architecture,
-                            max_shard_size=max_shard_size, save_dtype=save_dtype)
+                            max_shard_size=max_shard_size, save_dtype=save_dtype, generation_config=generation_config)
             if jax.process_index() == 0:
                 storage.put(local, output_dir)
                 _remove_stale_weights(output_dir, keep=os.listdir(local))
@@ -116,6 +120,8 @@ def save_pretrained(output_dir: str, params: Mapping, hf_config: Any, tokenizer:
         config.architectures = [architecture]
         config.dtype = dtype.name  # what we write; transformers loads in the config's dtype by default
         config.save_pretrained(output_dir)
+        if generation_config:
+            transformers.GenerationConfig(**generation_config).save_pretrained(output_dir)
         for stale in glob.glob(os.path.join(output_dir, ".model*.tmp")):  # left by a killed save
             os.remove(stale)
 

@@ -34,6 +34,7 @@ class Job:
         self._flags, self.task = (model_args, data_args, training_args), task  # task: the Hub pipeline tag
         self.settings: Optional[settings.RunSettings] = None
         self.lock = self.repo = self.start = None
+        self.generation_config: Optional[dict] = None  # generation_config.json's settings, where the script has any
 
     # ------------------------------------------------------------------------------------------ start
     def __enter__(self):
@@ -145,7 +146,8 @@ class Job:
     def export(self, params):
         """The Hugging Face model folder in output_dir: config, weights, tokenizer (every host calls it)."""
         hf_export.save_pretrained(self.settings.output.directory, params, self.hf_config, self._tokenizer,
-                                  architecture=self._model.hf_architecture, save_dtype=self.settings.output.save_dtype)
+                                  architecture=self._model.hf_architecture, save_dtype=self.settings.output.save_dtype,
+                                  generation_config=self.generation_config)
 
     # ------------------------------------------------------------------------------------------ the end
     def write_results(self, split: str, metrics: Optional[dict]):
