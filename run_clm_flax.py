@@ -18,8 +18,9 @@ rendered with the tokenizer's chat template, or --chat_template; loss on the ass
 into rows of --block_size that attention never crosses (--packing, on by default), or padded one a row.
 `--do_predict --prompts_file chats.jsonl` (a `messages` column) writes the model's replies.
 
-    python run_clm_flax.py --output_dir=./sft --model_name_or_path=Qwen/Qwen3-0.6B --train_file=chats.jsonl \
-        --block_size=2048 --per_device_train_batch_size=8 --learning_rate=2e-5 --num_train_epochs=3 --fsdp=8
+    python run_clm_flax.py --output_dir=./sft --model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct \
+        --train_file=chats.jsonl --block_size=2048 --per_device_train_batch_size=8 --learning_rate=2e-5 \
+        --num_train_epochs=3 --fsdp=8
 """
 
 import functools
@@ -33,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import (data, exits, generate, lifecycle, loop, packing, parallel, sft_data, storage, streaming,
-                       training)
+from flaxtrain import (data, exits, generate, lifecycle, loop, packing, parallel, pretrained, sft_data, storage,
+                       streaming, text_files, training)
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_clm_flax")
@@ -61,9 +62,17 @@ class ClmDataArguments(DataArguments, StreamingArguments):
                 "false: one a row, padded to the longest of a length-grouped batch."})
     drop_long_examples: bool = field(default=False, metadata={
         "help": "SFT formats: drop the examples longer than --block_size rather than truncate them."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset_format is not None and self.dataset_format not in sft_data.FORMATS:
+            raise ValueError(f"--dataset_format={self.dataset_format}: use one of {', '.join(sft_data.FORMATS)}.")
+        if self.streaming and self.dataset_format not in (None, "text"):
+            raise ValueError(f"--streaming reads text only, not --dataset_format={self.dataset_format}.")
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files."})
     prompt: Optional[str] = field(default=None, metadata={"help": "--do_predict: a prompt to continue."})
-    prompts_file: Optional[str] = field(default=None, metadata={"help": "--do_predict: prompts, one per line."})
+    prompts_file: Optional[str] = field(default=None, metadata={
+        "help": "--do_predict: prompts, one per line; or a .jsonl file of conversations (`messages`) to answer."})
     max_new_tokens: int = field(default=50, metadata={"help": "--do_predict: tokens to generate per prompt."})
     temperature: float = field(default=1.0, metadata={"help": "--do_predict: sampling temperature."})
     top_k: int = field(default=50, metadata={"help": "--do_predict: sample among the k likeliest tokens (0: all)."})
@@ -100,6 +109,10 @@ def to_batch(ids):
 def encode_sft(raw, tokenizer, data_format, block_size, data_args):
     """The SFT formats: each split's examples as input_ids and loss_mask (sft_data), at most block_size tokens (the
     longer truncated or dropped, logged), those with nothing to train left out."""
+    for split, examples in raw.items():  # a template or a row that cannot work: one line now, not in a map worker
+        if len(examples):
+            sft_data.encode_example(tokenizer, examples[0], data_format, data_args.completion_only_loss,
+                                    data_args.assistant_only_loss)
     encoded = raw.map(sft_data.sft_encoder(tokenizer, data_format, block_size, data_args.drop_long_examples,
                                            data_args.completion_only_loss, data_args.assistant_only_loss),
                       batched=True, num_proc=data_args.preprocessing_num_workers,
@@ -200,22 +213,20 @@ def run(job, data_args, training_args, prompts):
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked
     if data_args.chat_template:  # before any tokenization; exported with the tokenizer
         sft_data.set_chat_template(tokenizer, data_args.chat_template)
-    if prompts and not isinstance(prompts[0], str):
+    chats = bool(prompts) and not isinstance(prompts[0], str)
+    if chats:
         sft_data.generation_prompt_ids(tokenizer, prompts[0])  # (no chat template: refused now, not after training)
-    stop_ids = sft_data.stop_token_ids(tokenizer)  # EOS, and the chat template's end of turn
-    job.generation_config = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                             "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0]}
     family, model = job.model(job.config(), tokenizer, "CausalLM")
     model_max = family.max_positions(model.config)
     block_size = data_args.block_size or min(1024, model_max)
     if block_size > model_max:
         raise ValueError(f"--block_size={block_size} is more than the model's {model_max} positions.")
-    if data_args.streaming and data_args.dataset_format not in (None, "text"):
-        raise ValueError(f"--streaming reads text only, not --dataset_format={data_args.dataset_format}.")
 
     raw, data_format, train_set, eval_set = None, "text", None, np.zeros((0, block_size), np.int32)
     if data_args.streaming:  # the files now, their text once the mesh says which share is this host's
         stream = job.stream_files()
+        # The first record refuses fine-tuning data here, not later inside an input worker.
+        next(iter(text_files.TextRecords(stream["train"][:1] if training_args.do_train else [])), None)
     elif training_args.do_train or training_args.do_eval:  # (prediction alone needs no data)
         raw = data.load_raw_datasets(job.settings.data, training_args.do_train, training_args.do_eval,
                                      keep_linebreaks=data_args.keep_linebreaks)
@@ -242,10 +253,23 @@ def run(job, data_args, training_args, prompts):
                 eval_set = eval_set["input_ids"]
     examples = data_format != "text"  # rows of whole examples (flaxtrain/packing.py), not blocks of text
     packed = examples and data_args.packing is not False
+    stop_ids = [tokenizer.eos_token_id]
+    if examples or chats:  # a chat model: its turns end with the template's end-of-turn token, which it learns
+        base = pretrained.load_generation_settings(job.model_source)  # (its sampling defaults, its stop tokens)
+        listed = base.get("eos_token_id", [])
+        stop_ids = [*dict.fromkeys([*(listed if isinstance(listed, list) else [listed]),
+                                    *sft_data.stop_token_ids(tokenizer)])]
+        job.generation_config = {**base, "bos_token_id": tokenizer.bos_token_id,
+                                 "pad_token_id": tokenizer.pad_token_id,
+                                 "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0]}
     plan = packing.plan_packing(lengths_of(train_set), block_size) if packed and training_args.do_train else None
     if plan is not None:
         logger.info("%s: %d examples packed into %d rows of %d tokens, %.1f%% of them real.", data_format,
                     len(train_set), plan.num_rows, block_size, 100 * plan.fill)
+        if plan.num_rows < job.update_batch:
+            raise ValueError(f"The {len(train_set)} training examples pack into {plan.num_rows} rows of --block_size="
+                             f"{block_size}, fewer than one global batch of {job.update_batch} rows: use more data, "
+                             "a smaller batch, or --packing=false.")
     elif examples and training_args.do_train:
         logger.info("%s: %d examples, one a row, padded to the bucket of a batch's longest (--packing=false).",
                     data_format, len(train_set))
@@ -320,15 +344,15 @@ def run(job, data_args, training_args, prompts):
 
 
 def read_prompts(data_args):
-    """--prompt and --prompts_file's lines (text to continue), or a .jsonl --prompts_file's conversations (its
-    `messages`, to answer)."""
+    """--prompt and --prompts_file's lines (text to continue), or a .jsonl --prompts_file's conversations (each
+    line's `messages`, to answer)."""
     prompts = [data_args.prompt] if data_args.prompt else []
     if data_args.prompts_file:
         if not os.path.isfile(data_args.prompts_file):
             raise FileNotFoundError(f"--prompts_file={data_args.prompts_file}: no such file.")
         with open(data_args.prompts_file) as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
-        if data_args.prompts_file.endswith((".jsonl", ".json")):
+        if data_args.prompts_file.endswith(".jsonl"):
             if prompts:
                 raise ValueError("--prompt is text to continue and --prompts_file holds conversations: give one.")
             return [conversation(line, data_args.prompts_file, number) for number, line in enumerate(lines, 1)]

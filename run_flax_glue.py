@@ -26,7 +26,7 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from flaxtrain import data, exits, lifecycle, loop, models, parallel, storage, training
+from flaxtrain import data, exits, lifecycle, loop, models, packing, parallel, storage, training
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_flax_glue")
@@ -206,20 +206,12 @@ def tokenize(dataset, tokenizer, task: Task, max_len: int, data_args):
 
 
 def bucket_lengths(max_len: int, pad_to_max_length: bool) -> list[int]:
-    """Padded lengths a batch may have: powers of two from 16, and max_len."""
-    if pad_to_max_length:
-        return [max_len]
-    return sorted({min(2 ** k, max_len) for k in range(4, max_len.bit_length() + 1)} | {max_len})
-
-
-def bucket_width(buckets: list[int], lengths: np.ndarray) -> int:
-    """The smallest bucket that fits the longest of `lengths`: those of a whole global batch, so that every host
-    pads its rows of the batch to the same width."""
-    return next(b for b in buckets if b >= lengths.max())
+    """Padded lengths a batch may have: powers of two from 16, and max_len (packing.bucket_lengths)."""
+    return [max_len] if pad_to_max_length else packing.bucket_lengths(max_len)
 
 
 def gather(dataset, indices, width, pad_id, is_regression):
-    """Examples `indices` (this host's rows of a global batch) as [b, width] arrays, padded (see bucket_width)."""
+    """Examples `indices` (this host's rows of a global batch) as [b, width] arrays, padded (packing.bucket_width)."""
     examples = dataset[indices.tolist()]
     n = len(indices)
     batch = {"input_ids": np.full((n, width), pad_id, np.int32), "attention_mask": np.zeros((n, width), np.int32),
@@ -343,7 +335,7 @@ def run(job, data_args, training_args):
         dataset = splits[split]
         # The width of each global batch, in the order loop.eval_batches asks for them (make_batch sees only this
         # host's rows, and the widths must agree between hosts).
-        widths = iter([bucket_width(buckets, lengths[split][indices])
+        widths = iter([packing.bucket_width(buckets, lengths[split][indices])
                        for indices, _ in data.eval_batches(len(dataset), eval_batch)])
 
         def make_batch(indices, _):
@@ -369,7 +361,7 @@ def run(job, data_args, training_args):
     eval_metrics = None
     if training_args.do_train:
         rows = parallel.host_rows(mesh, update_batch)
-        batches = (gather(splits["train"], indices[rows], bucket_width(buckets, lengths["train"][indices]),
+        batches = (gather(splits["train"], indices[rows], packing.bucket_width(buckets, lengths["train"][indices]),
                           tokenizer.pad_token_id, task.is_regression)
                    for _, _, indices in data.epoch_batches(train_examples, update_batch, training_args.seed,
                                                            job.start_step, job.total_steps))

@@ -29,7 +29,7 @@ RNG_STREAMS = {"data order": "[seed, 1, epoch]", "training masks": "[seed, 2, ep
                "streamed training masks": "[seed, 4, share, step, row]",
                "streamed evaluation masks": "[seed, 5, share, block index]", "stream file order": "[seed, 6, pass]"}
 
-BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 SCAN_CHUNK = 1 << 20  # bytes read at a time when looking for what datasets could not read in a file
 
 
@@ -119,6 +119,8 @@ def load_raw_datasets(source, need_train: bool, need_eval: bool,
 
 def _file_problem(path: str) -> Optional[str]:
     """What datasets cannot read in a local data file (invalid UTF-8; in json, a malformed line), or None."""
+    if BUILDERS[path.rsplit(".", 1)[-1].lower()] == "parquet":  # (binary: pyarrow names its own problems)
+        return None
     problem = _utf8_problem(path)
     if problem is None and BUILDERS[path.rsplit(".", 1)[-1].lower()] == "json":
         problem = _json_problem(path)

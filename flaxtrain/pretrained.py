@@ -7,7 +7,7 @@ import os
 import tempfile
 
 import jax.numpy as jnp
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from flaxtrain import storage
 
@@ -38,6 +38,18 @@ def load_config(source, **overrides):
     if not source.model_type:
         raise ValueError("Give --model_name_or_path, --config_name or --model_type to say which model to train.")
     return AutoConfig.for_model(source.model_type, **overrides)
+
+
+def load_generation_settings(source) -> dict:
+    """--model_name_or_path's generation_config.json as a dict (its stop tokens, sampling defaults), {} without one."""
+    if not source.name_or_path:
+        return {}
+    try:
+        settings = GenerationConfig.from_pretrained(local_copy(source.name_or_path), cache_dir=source.cache_dir,
+                                                    revision=source.revision, token=source.token)
+    except OSError:  # (no such file in the model: most base models and every config made from scratch)
+        return {}
+    return settings.to_diff_dict()
 
 
 def load_tokenizer(source):

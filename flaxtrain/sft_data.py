@@ -45,6 +45,15 @@ STOP_PROBE = [{"role": "user", "content": "Name a colour."}, {"role": "assistant
 def detect_format(columns, override: str | None = None) -> str:
     """One of FORMATS from a dataset's columns: a list of names, or its `features` (then any string column makes it
     "text", as data.text_column picks it). `override`: --dataset_format, checked against the columns."""
+    data_format = _format_of(columns, override)
+    messages = columns.get("messages") if isinstance(columns, Mapping) else None
+    if data_format == "conversational" and getattr(messages, "dtype", None) in ("string", "large_string"):
+        raise ValueError("The column 'messages' holds text (as a CSV file has it), not a list of {role, content} per "
+                         "row: give the conversations as JSON Lines or parquet, or --dataset_format=text.")
+    return data_format
+
+
+def _format_of(columns, override: str | None) -> str:
     names = list(columns)
     if override:
         if override not in FORMATS:

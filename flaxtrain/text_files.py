@@ -272,6 +272,10 @@ class _TextRecordsIterator(grain.DatasetIterator):
     def _field(self, path: str, number: int, row: dict) -> str:
         column = self.source.column
         if column is None:
+            fine_tuning = "messages" in row or {"prompt", "completion"} <= row.keys()
+            if fine_tuning and "text" not in row:  # (its first string field is only the prompt)
+                raise ValueError(f"{path}: record {number} is fine-tuning data ({', '.join(row)}), which a stream "
+                                 "does not read: drop --streaming.")
             column = "text" if "text" in row else next((k for k, v in row.items() if isinstance(v, str)), None)
             if column is None:
                 raise ValueError(f"{path}: record {number} has no text field (expected 'text' or any string "

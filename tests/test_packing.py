@@ -201,7 +201,7 @@ def test_padded_batches_are_one_example_a_row_at_a_bucket_width():
     assert packing.bucket_lengths(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
     assert packing.bucket_lengths(100) == [16, 32, 64, 100]
     glue = [sorted({min(2 ** k, n) for k in range(4, n.bit_length() + 1)} | {n}) for n in range(1, 3000)]
-    assert [packing.bucket_lengths(n) for n in range(1, 3000)] == glue  # run_flax_glue.py's rule
+    assert [packing.bucket_lengths(n) for n in range(1, 3000)] == glue  # the rule run_flax_glue.py had
     assert packing.bucket_lengths(512, per_octave=2) == [16, 32, 48, 64, 96, 128, 192, 256, 368, 512]
     assert packing.bucket_width(packing.bucket_lengths(100), np.array([3, 65, 20])) == 100
     input_ids, loss_mask = examples_of([5, 1, 3])

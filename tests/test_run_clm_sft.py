@@ -44,6 +44,8 @@ def setup(tmp_path_factory):
     write_jsonl(work / "train.jsonl", [seen[i] for i in rng.permutation(len(seen))])
     write_jsonl(work / "valid.jsonl", seen[::5])
     write_jsonl(work / "held_out.jsonl", [chat(HELD_OUT.format(thing)) for thing in COLOURS])
+    (work / "chats.csv").write_text("messages\n" + "".join(f'"{json.dumps(c)}"\n'.replace('"', "'")
+                                                            for c in seen[:4]))
     (work / "pairs.jsonl").write_text("".join(json.dumps({"prompt": c[1]["content"], "completion": c[2]["content"]})
                                               + "\n" for c in seen))
     corpus = work / "corpus.txt"
@@ -106,10 +108,26 @@ def test_prompt_completion_one_example_a_padded_row_also_learns(setup, tmp_path)
     assert tiny.read_json(out / "eval_results.json")["eval_loss"] < 0.5
 
 
+def test_packed_rows_train_the_same_split_over_devices_with_remat(setup, tmp_path):
+    """On 8 devices (one row each), --fsdp 4 --tensor_parallel 2 with --gradient_checkpointing trains what data
+    parallelism trains on the packed rows: the segments reach the split, rematerialised layers."""
+    args = [f"--train_file={setup / 'train.jsonl'}", f"--validation_file={setup / 'valid.jsonl'}",
+            f"--config_name={setup / 'model'}", f"--tokenizer_name={setup / 'model'}",
+            f"--chat_template={TEMPLATE}", "--gradient_checkpointing", *FLAGS, "--per_device_train_batch_size=1",
+            "--per_device_eval_batch_size=1", "--max_steps=20", "--save_steps=20", "--eval_steps=20",
+            "--logging_steps=5"]
+    layouts = tiny.sharded_runs("run_clm_flax.py", args, tmp_path, meshes=("fsdp1", "fsdp4_tp2"))
+    tiny.assert_same_training(tmp_path / "fsdp4_tp2", tmp_path / "fsdp1")
+    tiny.assert_split(layouts["fsdp4_tp2"], 4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--train_file=train.jsonl"], "has no chat template"),  # conversations, and the tokenizer has none
     (["--train_file=train.jsonl", "--dataset_format=conversational", "--streaming", "--max_steps=5"],
      "--streaming reads text only"),
+    (["--train_file=train.jsonl", "--streaming", "--max_steps=5"], "is fine-tuning data (messages)"),
+    (["--train_file=chats.csv", "--chat_template=chat.jinja"], "'messages' holds text (as a CSV file has it)"),
+    (["--train_file=train.jsonl", "--dataset_format=chats"], "--dataset_format=chats: use one of"),
     (["--train_file=pairs.jsonl", "--dataset_format=conversational"], "needs the column(s) messages"),
 ])
 def test_what_cannot_work_is_refused_before_training(setup, monkeypatch, flags, message):
