@@ -36,11 +36,11 @@ def conversation_lengths(n: int, block_size: int, median: float, sigma: float, s
     return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), 1, block_size).astype(int)
 
 
-def conversations(n: int, block_size: int, median: float, sigma: float):
+def conversations(n: int, block_size: int, median: float, sigma: float, vocab_size: int = 32000):
     """(lengths, input_ids, loss_mask) of n generated conversations: the loss on the last 40% of each."""
     lengths = conversation_lengths(n, block_size, median, sigma)
     rng = np.random.default_rng([SEED, 1])
-    input_ids = [rng.integers(1, 32000, k).tolist() for k in lengths]
+    input_ids = [rng.integers(1, vocab_size, k).tolist() for k in lengths]
     loss_mask = [[0] * (k - int(round(ANSWER * k))) + [1] * int(round(ANSWER * k)) for k in lengths]
     return lengths, input_ids, loss_mask
 

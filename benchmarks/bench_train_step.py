@@ -30,6 +30,7 @@ import resource
 import sys
 import time
 import types
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,10 @@ CONFIGS = {
     "llama-small": dict(type="llama", seq=256, batch=4, model=dict(
         vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
         intermediate_size=2048, max_position_embeddings=2048, tie_word_embeddings=False)),
+    # Llama's architecture small enough for bench_sft_step.py's several shapes and epochs on a 2-core CPU.
+    "llama-mini": dict(type="llama", seq=512, batch=8, model=dict(
+        vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=768, max_position_embeddings=2048, tie_word_embeddings=False)),
     # The shapes of Llama-3.2-1B (its RoPE scaling aside), Llama-2-7B and GPT-2 XL, for --compile_only plans.
     "llama-1b": dict(type="llama", seq=2048, batch=8, model=dict(
         vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -102,6 +107,32 @@ def model_flops_per_step(params, hf_config, batch: int, seq: int, target: int = 
     decoder = (6 * (matrix_params(params, "decoder") + matrix_params(params, "lm_head") + output)
                + 12 * decoder_layers * (target + seq) * width)
     return batch * (seq * encoder + target * decoder)
+
+
+class TrainSetup(NamedTuple):
+    hf_config: object
+    family: object
+    model: object
+    script: object  # the run_*.py module whose train_step this is
+    mesh: object
+    layout: parallel.StateLayout
+    step: object  # the script's train_step jitted for the state's shardings (layout.train_step)
+
+
+def train_setup(config: str, dtype=jnp.float32, gradient_checkpointing: bool = False, fsdp: int = 1,
+                tensor_parallel: int = 1) -> TrainSetup:
+    """The model of CONFIGS[config], its train state's layout on the mesh (float32 AdamW) and its script's real
+    train step jitted with the state's shardings, as the scripts build them (bench_sft_step.py uses it too)."""
+    spec = CONFIGS[config]
+    hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
+    head, script = TASKS[spec["type"]]
+    family, model = models.create(hf_config, head, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+    tx = training.make_optimizer(1e-4, weight_decay=0.01)
+    mesh = parallel.make_mesh(fsdp, tensor_parallel)
+    layout = parallel.StateLayout(model, family.init_params, tx, mesh, parallel.RULES)
+    step = layout.train_step(functools.partial(script.train_step, accumulation_steps=1,
+                                               **STEP_OPTIONS.get(script, {})))
+    return TrainSetup(hf_config, family, model, script, mesh, layout, step)
 
 
 def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, rng) -> dict:
@@ -158,15 +189,9 @@ def main(argv=None):
 
     spec = CONFIGS[args.config]
     seq, target, batch = args.seq or spec["seq"], spec.get("target", 0), args.batch or spec["batch"]
-    hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
-    head, script = TASKS[spec["type"]]
     dtype = jnp.dtype(args.dtype)
-    family, model = models.create(hf_config, head, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
-    tx = training.make_optimizer(1e-4, weight_decay=0.01)
-    mesh = parallel.make_mesh(args.fsdp, args.tensor_parallel)
-    layout = parallel.StateLayout(model, family.init_params, tx, mesh, parallel.RULES)
-    step = layout.train_step(functools.partial(script.train_step, accumulation_steps=1,
-                                               **STEP_OPTIONS.get(script, {})))
+    hf_config, family, model, script, mesh, layout, step = train_setup(
+        args.config, dtype, args.gradient_checkpointing, args.fsdp, args.tensor_parallel)
     host = synthetic_batch(script, hf_config.vocab_size, batch, seq, target, np.random.default_rng(0))
     abstract_state = layout.abstract_state()
     params = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
