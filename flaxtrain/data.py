@@ -118,8 +118,16 @@ def load_raw_datasets(source, need_train: bool, need_eval: bool,
 
 
 def _file_problem(path: str) -> Optional[str]:
-    """What datasets cannot read in a local data file (invalid UTF-8; in json, a malformed line), or None."""
-    if BUILDERS[path.rsplit(".", 1)[-1].lower()] == "parquet":  # (binary: pyarrow names its own problems)
+    """What datasets cannot read in a local data file (invalid UTF-8; in json, a malformed line; a parquet file
+    pyarrow cannot open), or None."""
+    if BUILDERS[path.rsplit(".", 1)[-1].lower()] == "parquet":
+        import pyarrow.parquet
+
+        try:
+            with storage.open_read(path) as f:
+                pyarrow.parquet.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001  (pyarrow raises several kinds)
+            return f"not a parquet file pyarrow can read ({e})."
         return None
     problem = _utf8_problem(path)
     if problem is None and BUILDERS[path.rsplit(".", 1)[-1].lower()] == "json":

@@ -38,8 +38,14 @@ def test_empty_train_file(tmp_path, model):
 
 
 def test_unsupported_file_type(tmp_path, model):
+    (tmp_path / "data.xlsx").write_text("x")
+    fails(tmp_path, model, f"--train_file={tmp_path}/data.xlsx", match="unsupported file type")
+
+
+def test_a_parquet_file_that_is_not_one(tmp_path, model):
     (tmp_path / "data.parquet").write_text("x")
-    fails(tmp_path, model, f"--train_file={tmp_path}/data.parquet", match="unsupported file type")
+    fails(tmp_path, model, f"--train_file={tmp_path}/data.parquet",
+          match=r"--train_file=.*data\.parquet: not a parquet file pyarrow can read")
 
 
 def test_csv_without_a_text_column(tmp_path, model):
