@@ -143,6 +143,16 @@ def next_token_sums(logits, batch):
     return training.cross_entropy_sums(logits, shift(batch["input_ids"]), shift(batch["weights"]).at[:, -1].set(0))
 
 
+def chat_generation_settings(source, tokenizer) -> dict:
+    """generation_config.json of a fine-tuned chat model: the source model's own (its sampling defaults and stop
+    tokens), with EOS and the chat template's end-of-turn token among the stops (eos_token_id: always a list)."""
+    base = pretrained.load_generation_settings(source)
+    listed = base.get("eos_token_id", [])
+    stops = [*dict.fromkeys([*(listed if isinstance(listed, list) else [listed]), *sft_data.stop_token_ids(tokenizer)])]
+    return {**base, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": stops}
+
+
 def example_inputs(batch) -> dict:
     """The model's inputs beyond the tokens for rows of examples laid out by flaxtrain.packing: their segments
     (attention stays within an example, never on padding) and positions (restarting at each example)."""
@@ -255,13 +265,8 @@ def run(job, data_args, training_args, prompts):
     packed = examples and data_args.packing is not False
     stop_ids = [tokenizer.eos_token_id]
     if examples or chats:  # a chat model: its turns end with the template's end-of-turn token, which it learns
-        base = pretrained.load_generation_settings(job.model_source)  # (its sampling defaults, its stop tokens)
-        listed = base.get("eos_token_id", [])
-        stop_ids = [*dict.fromkeys([*(listed if isinstance(listed, list) else [listed]),
-                                    *sft_data.stop_token_ids(tokenizer)])]
-        job.generation_config = {**base, "bos_token_id": tokenizer.bos_token_id,
-                                 "pad_token_id": tokenizer.pad_token_id,
-                                 "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0]}
+        job.generation_config = chat_generation_settings(job.model_source, tokenizer)
+        stop_ids = job.generation_config["eos_token_id"]
     plan = packing.plan_packing(lengths_of(train_set), block_size) if packed and training_args.do_train else None
     if plan is not None:
         logger.info("%s: %d examples packed into %d rows of %d tokens, %.1f%% of them real.", data_format,
