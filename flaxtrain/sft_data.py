@@ -6,7 +6,7 @@ Formats, told by the column names as TRL tells them:
                        after it), or lists of messages (TRL's conversational prompt/completion: the prompt rendered
                        with the chat template's generation prompt, the loss on what the completion adds to it);
   "conversational"     `messages`: [{"role", "content"}, ...] rendered with the tokenizer's chat template, the loss on
-                       the assistant turns;
+  "text"               plain language modelling, which run_clm_flax.py reads its own way (documents joined into blocks).
   "text"               plain language modelling: every token.
 
 Assistant turns are found (a) from the template's {% generation %} ... {% endgeneration %} markers when it has them
@@ -182,27 +182,20 @@ def encode_prompt_completion(tokenizer, prompt, completion, completion_only_loss
     return ids, mask
 
 
-def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """(input_ids [T], loss_mask [T]) of a document and EOS, every token trained."""
-    ids = [*tokenizer(text, **QUIET)["input_ids"], tokenizer.eos_token_id]
-    return ids, [1] * len(ids)
-
-
 def encode_example(tokenizer, example: Mapping, data_format: str, completion_only_loss: bool = True,
-                   assistant_only_loss: bool = True, text_column: str = "text") -> tuple[list[int], list[int]]:
-    """(input_ids [T], loss_mask [T]) of one example (a row: column -> value) of `data_format`."""
+                   assistant_only_loss: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids [T], loss_mask [T]) of one example (a row: column -> value) of `data_format`, an SFT format
+    (text is run_clm_flax's own path: documents joined and cut into blocks)."""
     if data_format == "prompt_completion":
         return encode_prompt_completion(tokenizer, example["prompt"], example["completion"], completion_only_loss,
                                         assistant_only_loss)
     if data_format == "conversational":
         return encode_conversation(tokenizer, example["messages"], assistant_only_loss)
-    if data_format == "text":
-        return encode_text(tokenizer, example[text_column])
     raise ValueError(f"Unknown data format {data_format!r}: use one of {', '.join(FORMATS)}.")
 
 
 def sft_encoder(tokenizer, data_format: str, max_length: int, drop_long: bool = False,
-                completion_only_loss: bool = True, assistant_only_loss: bool = True, text_column: str = "text"):
+                completion_only_loss: bool = True, assistant_only_loss: bool = True):
     """A batched map function (datasets' `.map(batched=True)`): a dict of columns in, one row out per row in:
       input_ids [T] and loss_mask [T], T <= max_length;
       num_tokens: the example's length before truncation (> max_length: it was truncated, or dropped);
@@ -216,7 +209,7 @@ def sft_encoder(tokenizer, data_format: str, max_length: int, drop_long: bool = 
         names = list(examples)
         for values in zip(*examples.values()):
             ids, mask = encode_example(tokenizer, dict(zip(names, values)), data_format, completion_only_loss,
-                                       assistant_only_loss, text_column)
+                                       assistant_only_loss)
             out["num_tokens"].append(len(ids))
             if len(ids) > max_length:
                 ids, mask = ([], []) if drop_long else (ids[:max_length], mask[:max_length])

@@ -322,13 +322,6 @@ def test_the_encoder_maps_a_dataset_in_batches(backend):
     assert len(encoded.filter(lambda n: n > 0, input_columns="num_trained")) == 2
 
 
-def test_text_examples_end_with_eos(backend):
-    tokenizer = tokenizer_of(backend)
-    out = sft_data.sft_encoder(tokenizer, "text", 100, text_column="content")({"content": ["amber basil."]})
-    assert out["input_ids"] == [tokenizer("amber basil.")["input_ids"] + [tokenizer.eos_token_id]]
-    assert out["loss_mask"] == [[1] * len(out["input_ids"][0])]
-
-
 # --- generation
 
 
