@@ -8,12 +8,17 @@ on TPUs, GPUs or CPUs, watch ROUGE, and write summaries of a test set.
         --per_device_eval_batch_size=64 --learning_rate=5e-5 --warmup_steps=0 --num_train_epochs=6 \
         --logging_steps=100 --eval_steps=1000 --save_steps=1000 --overwrite_output_dir
 
-Documents are truncated and padded to --max_source_length, summaries to --max_target_length (evaluation and test:
---val_max_target_length), so every batch has one shape. Run the same command again to resume.
+Documents are truncated to --max_source_length, summaries to --max_target_length (evaluation and test:
+--val_max_target_length). A batch is padded to the smallest of a few bucket widths that fits its longest document
+and its longest summary, and training takes examples of similar length together (evaluation and prediction: in order
+of length, the summaries written back in the data's order), so that little of a step is padding and only a few
+shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths, as the original script did (one
+shape, batches in random order). Run the same command again to resume.
 """
 
 import dataclasses
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -22,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, exits, generate_seq2seq, lifecycle, loop, parallel, pretrained, storage, training
+from flaxtrain import (data, exits, generate_seq2seq, lifecycle, loop, packing, parallel, pretrained, storage,
+                       training)
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_summarization_flax")
@@ -60,12 +66,14 @@ class SummarizationDataArguments(DataArguments):
     max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many test examples."})
     source_prefix: Optional[str] = field(default=None, metadata={"help": "Put before every document, e.g. "
                                                                          "'summarize: ' for the original T5s."})
-    max_source_length: int = field(default=1024, metadata={"help": "Document tokens (truncated and padded)."})
+    max_source_length: int = field(default=1024, metadata={"help": "Document tokens (longer ones are truncated)."})
     max_target_length: int = field(default=128, metadata={"help": "Summary tokens in training."})
     val_max_target_length: Optional[int] = field(
         default=None, metadata={"help": "Summary tokens in evaluation and test (default: --max_target_length)."})
-    pad_to_max_length: bool = field(default=False, metadata={"help": "Accepted; batches are always padded to the "
-                                                                     "maximum lengths (one compiled shape)."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every batch to the maximum lengths (one compiled shape, batches in "
+                                         "random order). Otherwise a batch is padded to the smallest of a few "
+                                         "bucket widths that fits it, and examples of similar length go together."})
     predict_with_generate: bool = field(default=False, metadata={"help": "Generate summaries in evaluation and "
                                                                          "report ROUGE (--do_predict always does)."})
     num_beams: int = field(default=1, metadata={"help": "Beams in generation (1: greedy)."})
@@ -157,27 +165,71 @@ def drop_empty(dataset, split, text_column, summary_column, data_args):
 
 
 def tokenize_fn(tokenizer, text_column, summary_column, prefix, source_length, target_length):
-    """A batched map function: prefix + document -> input_ids, attention_mask [source_length]; summary (when
-    `summary_column`) -> labels, label_mask [target_length]; all truncated and padded at the end."""
+    """A batched map function: prefix + document -> input_ids (at most source_length tokens) and source_length; the
+    summary (when `summary_column`) -> labels (at most target_length) and target_length. Not padded: see
+    seq2seq_batch."""
     def tokenize(examples):
-        inputs = tokenizer([prefix + (text or "") for text in examples[text_column]], max_length=source_length,
-                           padding="max_length", truncation=True)
-        out = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        ids = tokenizer([prefix + (text or "") for text in examples[text_column]], max_length=source_length,
+                        truncation=True)["input_ids"]
+        out = {"input_ids": ids, "source_length": [len(x) for x in ids]}
         if summary_column:
-            targets = tokenizer(text_target=[s or "" for s in examples[summary_column]], max_length=target_length,
-                                padding="max_length", truncation=True)
-            out.update(labels=targets["input_ids"], label_mask=targets["attention_mask"])
+            labels = tokenizer(text_target=[s or "" for s in examples[summary_column]], max_length=target_length,
+                               truncation=True)["input_ids"]
+            out.update(labels=labels, target_length=[len(x) for x in labels])
         return out
     return tokenize
 
 
-def to_batch(examples, shift_right):
-    """Rows of the tokenized data -> a teacher-forcing batch; weights [b, T] mark real summary tokens (EOS too)."""
-    labels = np.asarray(examples["labels"], np.int32)
-    return {"input_ids": np.asarray(examples["input_ids"], np.int32),
-            "attention_mask": np.asarray(examples["attention_mask"], np.int32),
-            "labels": labels, "decoder_input_ids": np.asarray(shift_right(labels), np.int32),
-            "weights": np.asarray(examples["label_mask"], np.float32)}
+def padded(rows, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> ([n, width] int32 ids padded at the end with pad_id, [n, width] bool: real tokens)."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    real = np.arange(width) < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
+    return ids, real
+
+
+def seq2seq_batch(examples, widths: tuple[int, int], pad_id: int, shift_right) -> dict[str, np.ndarray]:
+    """Tokenized rows -> a teacher-forcing batch, documents padded to widths[0] and summaries (if any) to widths[1];
+    weights [b, T] mark real summary tokens (EOS too)."""
+    input_ids, attention_mask = padded(examples["input_ids"], widths[0], pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask.astype(np.int32)}
+    if "labels" in examples:
+        labels, weights = padded(examples["labels"], widths[1], pad_id)
+        batch.update(labels=labels, decoder_input_ids=np.asarray(shift_right(labels), np.int32),
+                     weights=weights.astype(np.float32))
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The widths a batch's documents and summaries may be padded to (packing.bucket_lengths): a global batch
+    takes the smallest that fits its longest of each, the same on every host."""
+    source: list[int]
+    target: list[int]
+
+    @classmethod
+    def of(cls, source_length: int, target_length: int, pad_to_max_length: bool) -> "Buckets":
+        if pad_to_max_length:
+            return cls([source_length], [target_length])
+        return cls(packing.bucket_lengths(source_length), packing.bucket_lengths(target_length))
+
+    def widths(self, lengths: "Lengths", indices: np.ndarray) -> tuple[int, int]:
+        """(document width, summary width) of the global batch of examples `indices`."""
+        target = self.target[0] if lengths.target is None else packing.bucket_width(self.target, lengths.target[indices])
+        return packing.bucket_width(self.source, lengths.source[indices]), target
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """A tokenized split's document and summary lengths [N] (target None: a test set without summaries)."""
+    source: np.ndarray
+    target: Optional[np.ndarray]
+
+    @classmethod
+    def of(cls, dataset) -> "Lengths":
+        return cls(np.asarray(dataset["source_length"]),
+                   np.asarray(dataset["target_length"]) if "target_length" in dataset.column_names else None)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -308,6 +360,10 @@ def run(job, data_args, training_args):
                    if generating else {})
 
     splits, references = load_splits(job.settings.data, data_args, training_args, tokenizer)
+    lengths = {split: Lengths.of(dataset) for split, dataset in splits.items()}
+    buckets = {split: Buckets.of(data_args.max_source_length, data_args.max_target_length if split == "train"
+                                 else data_args.val_max_target_length, data_args.pad_to_max_length)
+               for split in splits}
     # labels [B, T] -> decoder_input_ids [B, T]: the start token, then labels[:, :-1].
     shift_right = functools.partial(family.shift_right, decoder_start_token_id=model.config.decoder_start_token_id,
                                     pad_token_id=tokenizer.pad_token_id)
@@ -323,46 +379,60 @@ def run(job, data_args, training_args):
         ids = jax.ShapeDtypeStruct((eval_batch, data_args.max_source_length), jnp.int32)
         p_generate.lower(state.params, ids, ids)
 
-    def make_batch(dataset, indices, keys=None):  # this host's rows (nothing here is random: no keys needed)
-        return to_batch(dataset[indices.tolist()], shift_right)
+    def in_length_order(split):
+        """(make_batch(indices, keys) for loop.eval_batches, order): the split's examples taken shortest first, so
+        that each batch pads little; position i of the batches is example order[i]. The widths are the global
+        batches', in the order loop.eval_batches asks for them (make_batch sees only this host's rows; the padding
+        rows of the last batch repeat position 0, the shortest example, which fits any width)."""
+        dataset, split_lengths = splits[split], lengths[split]
+        order = np.argsort(split_lengths.source, kind="stable")
+        widths = iter([buckets[split].widths(split_lengths, order[indices])
+                       for indices, _ in data.eval_batches(len(dataset), eval_batch)])
 
-    def summarize(params, dataset):
-        """Token ids [N, generation_max_length] of every example's summary, in order."""
+        def make_batch(indices, _):  # this host's rows (nothing here is random: no keys needed)
+            return seq2seq_batch(dataset[order[indices].tolist()], next(widths), tokenizer.pad_token_id,
+                                 shift_right)
+        return make_batch, order
 
-        def make_batch(indices, _):  # this host's rows
-            host = dataset[indices.tolist()]
-            return {k: np.asarray(host[k], np.int32) for k in ("input_ids", "attention_mask")}
-
+    def summarize(params, split):
+        """Token ids [N, generation_max_length] of every example's summary, in the data's order."""
+        make_batch, order = in_length_order(split)
         outputs = [(p_generate(params, batch["input_ids"], batch["attention_mask"]), n_real) for batch, n_real in
-                   loop.eval_batches(make_batch, len(dataset), mesh, eval_batch, training_args.seed)]
-        return np.concatenate([parallel.fetch(tokens)[:n_real] for tokens, n_real in outputs])
+                   loop.eval_batches(make_batch, len(order), mesh, eval_batch, training_args.seed)]
+        tokens = np.concatenate([parallel.fetch(tokens)[:n_real] for tokens, n_real in outputs])
+        in_data_order = np.empty_like(tokens)
+        in_data_order[order] = tokens
+        return in_data_order
 
     def evaluate(state, split="validation", generate=data_args.predict_with_generate):
         """{"eval_loss", ..., "eval_rouge1", ..., "eval_gen_len"} of a split and its summaries (None if not
         generating). Every example counts once: the last batch is padded with rows of weight zero."""
-        dataset, metrics, predictions = splits[split], {}, None
-        if "labels" in dataset.column_names:
-            metrics = loop.evaluate(state, p_eval_step, functools.partial(make_batch, dataset), len(dataset), mesh,
+        metrics, predictions = {}, None
+        if lengths[split].target is not None:
+            metrics = loop.evaluate(state, p_eval_step, in_length_order(split)[0], len(splits[split]), mesh,
                                     eval_batch, training_args.seed)
         if generate:
-            tokens = summarize(state.params, dataset)
-            lengths = generated_lengths(tokens, gen_options["eos_token_id"])
+            tokens = summarize(state.params, split)
+            generated = generated_lengths(tokens, gen_options["eos_token_id"])
             predictions = [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                           for row, n in zip(tokens, lengths)]
-            metrics["eval_gen_len"] = float(lengths.mean())
+                           for row, n in zip(tokens, generated)]
+            metrics["eval_gen_len"] = float(generated.mean())
             if references[split] is not None:
                 metrics.update({f"eval_{k}": v for k, v in rouge_scores(predictions, references[split]).items()})
         return metrics, predictions
 
     eval_metrics = None
     if training_args.do_train:
-        rows = parallel.host_rows(mesh, update_batch)
-        batches = (make_batch(splits["train"], indices[rows])
-                   for _, _, indices in data.epoch_batches(len(splits["train"]), update_batch, training_args.seed,
-                                                           job.start_step, job.total_steps))
+        rows, train, train_lengths = parallel.host_rows(mesh, update_batch), splits["train"], lengths["train"]
+        steps = (update_batch, training_args.seed, job.start_step, job.total_steps)
+        order = (data.epoch_batches(len(train), *steps) if data_args.pad_to_max_length else
+                 packing.length_grouped_batches(train_lengths.source, *steps))
+        batches = (seq2seq_batch(train[indices[rows].tolist()], buckets["train"].widths(train_lengths, indices),
+                                 tokenizer.pad_token_id, shift_right)
+                   for _, _, indices in order)
+        real_tokens = train_lengths.source.mean() + train_lengths.target.mean()
         outcome = job.train(state, functools.partial(train_step, label_smoothing=training_args.label_smoothing_factor),
-                            batches, tokens_per_step=update_batch * (data_args.max_source_length
-                                                                     + data_args.max_target_length),
+                            batches, tokens_per_step=int(update_batch * real_tokens),  # real tokens, not padding
                             evaluate=lambda state: evaluate(state)[0],
                             best_metric="eval_rougeLsum" if data_args.predict_with_generate else "eval_loss")
         state, eval_metrics = outcome.state, outcome.eval_metrics
@@ -413,7 +483,7 @@ def load_splits(source, data_args, training_args, tokenizer):
         splits[split] = dataset.map(
             tokenize_fn(tokenizer, text_column, summaries, prefix, data_args.max_source_length, target_length),
             batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=dataset.column_names,
-            load_from_cache_file=not data_args.overwrite_cache).with_format("numpy")
+            load_from_cache_file=not data_args.overwrite_cache)
     return splits, references
 
 
