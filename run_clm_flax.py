@@ -336,13 +336,14 @@ def run(job, data_args, training_args, prompts):
             samples = job.total_steps * update_batch if data_args.streaming else len(train_set)
             job.write_results("train", {**outcome.train_metrics, "train_samples": samples})
     elif training_args.do_eval:
-        eval_metrics = run_eval(state)
+        eval_metrics = job.phases.timed("evaluate", run_eval)(state)
     if eval_metrics:
         job.write_results("eval", {**eval_metrics, "eval_samples": eval_samples})
     if prompts:
         path = storage.join(training_args.output_dir, "generations.jsonl")
-        write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed,
-                          stop_ids)
+        with job.phases.within("predict"):
+            write_generations(path, model, state.params, mesh, tokenizer, prompts, data_args, training_args.seed,
+                              stop_ids)
         logger.info("Wrote the model's %s of %d prompts to %s", "continuations" if isinstance(prompts[0], str)
                     else "replies", len(prompts), path)
     job.finish()

@@ -372,14 +372,15 @@ def run(job, data_args, training_args):
         if outcome.trained:
             job.write_results("train", {**outcome.train_metrics, "train_samples": train_examples})
     elif training_args.do_eval:
-        eval_metrics = run_eval(state)
+        eval_metrics = job.phases.timed("evaluate", run_eval)(state)
     if eval_metrics:
         job.write_results("eval", {**eval_metrics, "eval_samples": sum(len(splits[s]) for s in evals)})
 
     if training_args.do_predict:
         test_metrics = {}
         for split, name in tests.items():
-            loss, predictions, labels = predict(state, split)
+            with job.phases.within("predict"):
+                loss, predictions, labels = predict(state, split)
             write_predictions(training_args.output_dir, name, predictions, task)
             if loss is not None:  # the test data has labels
                 prefix = "test" if split in ("test", "test_matched") else "test_mm"

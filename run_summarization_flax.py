@@ -439,11 +439,12 @@ def run(job, data_args, training_args):
         if outcome.trained:
             job.write_results("train", {**outcome.train_metrics, "train_samples": train_examples})
     elif training_args.do_eval:
-        eval_metrics = evaluate(state)[0]
+        eval_metrics = job.phases.timed("evaluate", evaluate)(state)[0]
     if eval_metrics:
         job.write_results("eval", {**eval_metrics, "eval_samples": len(splits["validation"])})
     if training_args.do_predict:
-        test_metrics, predictions = evaluate(state, "test", generate=True)
+        with job.phases.within("predict"):
+            test_metrics, predictions = evaluate(state, "test", generate=True)
         test_metrics = {k.replace("eval_", "test_", 1): v for k, v in test_metrics.items()}
         job.write_results("test", {**test_metrics, "test_samples": len(splits["test"])})
         if jax.process_index() == 0:

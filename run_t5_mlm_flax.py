@@ -350,7 +350,7 @@ def run(job, data_args, training_args):
             samples = job.total_steps * update_batch if data_args.streaming else len(splits["train"])
             job.write_results("train", {**outcome.train_metrics, "train_samples": samples})
     elif training_args.do_eval:
-        eval_metrics = run_eval(state)
+        eval_metrics = job.phases.timed("evaluate", run_eval)(state)
     if eval_metrics:
         job.write_results("eval", {**eval_metrics, "eval_samples": eval_samples})
     job.finish()

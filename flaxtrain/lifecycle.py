@@ -22,8 +22,8 @@ from typing import Optional
 
 import jax
 
-from flaxtrain import (compilation_cache, exits, hf_export, hub, loop, models, output_lock, parallel, pretrained,
-                       resume, settings, streaming, text_files, training)
+from flaxtrain import (compilation_cache, exits, hf_export, hub, loop, models, output_lock, parallel, phases,
+                       pretrained, resume, settings, streaming, text_files, training)
 from flaxtrain.reporting import setup_logging, write_results
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Job:
 
     # ------------------------------------------------------------------------------------------ start
     def __enter__(self):
+        self.phases = phases.Phases("start-up")  # (see phases.py: the run's phases are this class's steps)
         parallel.initialize_distributed()  # before anything else touches JAX
         setup_logging()
         exits.interrupts_raise()
@@ -58,6 +59,7 @@ class Job:
     def __exit__(self, *exc):
         if self.repo is not None and exc[0] is not None:
             self.repo.close()  # (its uploads so far; the final push is finish's)
+        self.phases.close()
         self.lock.release()
 
     @property
@@ -80,6 +82,7 @@ class Job:
         family, model = models.create(hf_config, head, dtype=pretrained.DTYPES[source.dtype],
                                       gradient_checkpointing=self.settings.gradient_checkpointing)
         self.hf_config, self._tokenizer, self.family, self._model = hf_config, tokenizer, family, model
+        self.phases.switch("data")  # what the script does next: read and tokenize
         return family, model
 
     # --------------------------------------------------------------------------------------- the state
@@ -89,6 +92,7 @@ class Job:
         --model_name_or_path loaded with `load_rules`, see hf_io.load_pretrained). Records this start in
         training_args.json. Returns the state; `mesh`, `layout`, `start_step`, `total_steps` are set."""
         exits.stop_if_interrupted()  # (after tokenizing, which may take hours)
+        self.phases.switch("state")
         s, source = self.settings, self.model_source
         self.train_examples = train_examples
         self.steps_per_epoch, self.total_steps, self.schedule, tx = training.plan(
@@ -100,6 +104,7 @@ class Job:
         state, self.start_step, self.meta = loop.start_state(self.layout, self.start, train_examples,
                                                              seed=s.cadence.seed, load=load)
         resume.record_start(s.output.directory, self.start_step if s.do_train else None, s.flags, s.identity)
+        self.phases.switch("other")
         return state
 
     # ----------------------------------------------------------------------------------------- --streaming
@@ -139,9 +144,11 @@ class Job:
                                                            accumulation_steps=s.optimization.accumulation_steps))
         plan = loop.Plan(self.start_step, self.total_steps, self.steps_per_epoch, self.schedule, self.update_batch,
                          tokens_per_step)
-        run = loop.Run(s.output, s.cadence, plan, evaluate=evaluate if s.do_eval else None, export=self.export,
+        evaluate = self.phases.timed("evaluate", evaluate if s.do_eval else None)
+        run = loop.Run(s.output, s.cadence, plan, evaluate=evaluate, export=self.phases.timed("export", self.export),
                        meta=self.meta, hub=self.repo, best_metric=best_metric, input_iterator=input_iterator)
-        return loop.train(state, step_fn, batches, plan, run, mesh=self.mesh, seed=s.cadence.seed)
+        with self.phases.within("train"):
+            return loop.train(state, step_fn, batches, plan, run, mesh=self.mesh, seed=s.cadence.seed)
 
     def export(self, params):
         """The Hugging Face model folder in output_dir: config, weights, tokenizer (every host calls it)."""
@@ -158,7 +165,9 @@ class Job:
             write_results(self.settings.output.directory, split, metrics)
 
     def finish(self):
-        """The model card and the last Hub push (waited for), then the last log line."""
+        """The model card and the last Hub push (waited for), then where the time went and the last log line."""
+        self.phases.switch("finish")
         repo, self.repo = self.repo, None
         hub.finish(repo, self.task, self.settings.flags, self.settings.changed_flags)
+        self.phases.report()
         logger.info("Done: the model, tokenizer and results are in %s", self.settings.output.directory)
