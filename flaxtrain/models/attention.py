@@ -8,9 +8,18 @@ of its own example, and `segment_positions` restarts the positions at 0 in each,
 it would alone in its own row. Built here once, every family (sliding windows included) gets it.
 
 `attention` takes heads already projected. Without attention dropout (evaluation, generation, and training with a
-rate of 0) and without a soft cap it is jax.nn.dot_product_attention, which picks a fused kernel on GPU and TPU;
-otherwise it is an explicit float32 softmax, because the probabilities are dropped before they meet the values, and
-the logits capped before the softmax, and dot_product_attention has no place for either.
+rate of 0) and without a soft cap it is jax.nn.dot_product_attention; otherwise it is an explicit float32 softmax,
+because the probabilities are dropped before they meet the values, and the logits capped before the softmax, and
+dot_product_attention has no place for either.
+
+Which kernel dot_product_attention runs is one process-wide setting, FLAXTRAIN_ATTENTION (or
+`select_implementation` in code): unset, JAX chooses (today XLA's attention on every platform); "xla" names that;
+"cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only bfloat16/float16 heads of a size
+that is a multiple of 8 (up to 128, 256 from Hopper on) and, with a mask or bias while training, even lengths;
+anything else, or no NVIDIA GPU, runs XLA's attention instead and says why once (logged, and kept in
+`cudnn_fallbacks`). The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked blocks the way
+is_causal would, since the mask's structure (causal, padding, segments) is not known here. The Pallas kernels of
+TPUs (splash/flash attention) are not wired for the same reason: they need that structure, not a dense mask.
 
 The cache, one layout for the decoders (GPT-2, Llama-style) and the encoder-decoders (T5, BART), made by
 `init_cache`; buffers are stacked on the layer axis so that the scanned layers read and write their slice:
@@ -27,6 +36,8 @@ Shapes: B batch, T queries (the new tokens), S keys, N query heads, K key/value 
 size, L layers.
 """
 
+import logging
+import os
 from typing import Any
 
 import jax
@@ -34,6 +45,27 @@ import jax.numpy as jnp
 from jax import lax
 
 from flaxtrain.models.dropout import Dropout
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+ENVIRONMENT = "FLAXTRAIN_ATTENTION"
+# Read once, checked when attention first runs: a bad value is then a refusal of the run, not an import error.
+_implementation = os.environ.get(ENVIRONMENT) or None
+cudnn_fallbacks: list[str] = []  # why calls that asked for cuDNN ran XLA's attention, each reason once, in order
+
+
+def select_implementation(name: str | None) -> None:
+    """The kernel of every later trace of `attention` (steps already compiled keep theirs): None (JAX's choice),
+    "xla" or "cudnn"; see the module's docstring."""
+    global _implementation
+    _implementation = name
+    selected_implementation()
+
+
+def selected_implementation() -> str | None:
+    if _implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"{ENVIRONMENT}={_implementation}: expected one of {', '.join(IMPLEMENTATIONS)} "
+                         "(or unset, JAX's choice)")
+    return _implementation
 
 
 def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, softcap: float | None = None,
@@ -49,7 +81,10 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
     """
     dropout = not deterministic and dropout_rate != 0.0
     if not dropout and softcap is None:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+        implementation = selected_implementation()
+        if implementation == "cudnn":
+            return _cudnn_attention(q, k, v, mask, bias, scale)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
     # Grouped key/value heads are repeated, so logits and dropout mask are [B, N, T, S] in every family. JAX's random
     # bits follow the flat index: each query head is dropped as a [B, K, N // K, T, S] layout would drop it.
     groups = q.shape[2] // k.shape[2]
@@ -67,6 +102,44 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
     if dropout:
         probs = Dropout(dropout_rate)(probs, deterministic=False)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def cudnn_refusal(q, k, v, mask=None, bias=None) -> str | None:
+    """Why cuDNN's flash attention cannot take these arguments while training (None: it can), by the rules jax
+    checks for implementation="cudnn" (check_layout and check_is_flash_attention of jax/_src/cudnn/
+    fused_attention_stablehlo.py). Checked here because jax checks the backward pass's rule only when it
+    differentiates, which under nn.scan is after attention() has returned, too late to fall back."""
+    if jax.default_backend() != "gpu":
+        return f"no NVIDIA GPU (the backend is {jax.default_backend()})"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16)):
+        return f"cuDNN takes bfloat16 or float16 heads, these are {q.dtype} (train with --dtype bfloat16)"
+    compute_capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    largest = 256 if tuple(map(int, compute_capability.split("."))) >= (9, 0) else 128
+    if q.shape[-1] % 8 or q.shape[-1] > largest:
+        return f"head size {q.shape[-1]}: cuDNN takes multiples of 8 up to {largest} on this GPU"
+    if (mask is not None or bias is not None) and (q.shape[1] % 2 or k.shape[1] % 2):
+        return f"a mask or bias over an odd length ({q.shape[1]} queries, {k.shape[1]} keys): cuDNN needs even ones"
+    return None
+
+
+def _cudnn_attention(q, k, v, mask, bias, scale):
+    """jax.nn.dot_product_attention(implementation="cudnn"), or XLA's where cuDNN refuses (`cudnn_refusal`, and
+    whatever jax refuses while tracing: its own checks raise before anything runs)."""
+    reason = cudnn_refusal(q, k, v, mask, bias)
+    if reason is None:
+        # cuDNN wants the mask and bias over every query and key ([., ., T, S], its heads and batch may broadcast)
+        # and a bias in the heads' dtype, to which jax adds the mask (a large negative number where False).
+        full = lambda x: jnp.broadcast_to(x, (*x.shape[:-2], q.shape[1], k.shape[1]))  # noqa: E731
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, bias=None if bias is None else full(bias).astype(q.dtype),
+                mask=None if mask is None else full(mask), scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as error:
+            reason = f"jax refused: {str(error).splitlines()[0]}"
+    if reason not in cudnn_fallbacks:
+        cudnn_fallbacks.append(reason)
+        logging.getLogger(__name__).warning("%s=cudnn: XLA's attention instead, %s", ENVIRONMENT, reason)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
 
 
 def init_cache(num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype: Any, *,
