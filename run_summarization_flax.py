@@ -9,8 +9,8 @@ on TPUs, GPUs or CPUs, watch ROUGE, and write summaries of a test set.
         --logging_steps=100 --eval_steps=1000 --save_steps=1000 --overwrite_output_dir
 
 Documents are truncated to --max_source_length, summaries to --max_target_length (evaluation and test:
---val_max_target_length). A batch is padded to the smallest of a few bucket widths that fits its longest document
-and its longest summary, and training takes examples of similar length together (evaluation and prediction: in order
+--val_max_target_length). A batch is padded to the smallest of a few widths fitted to the data that fits its longest
+document, its summaries to the longest summary's, and training takes examples of similar length together (evaluation and prediction: in order
 of length, the summaries written back in the data's order), so that little of a step is padding and only a few
 shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths, as the original script did (one
 shape, batches in random order). Run the same command again to resume.
@@ -73,7 +73,8 @@ class SummarizationDataArguments(DataArguments):
     pad_to_max_length: bool = field(
         default=False, metadata={"help": "Pad every batch to the maximum lengths (one compiled shape, batches in "
                                          "random order). Otherwise a batch is padded to the smallest of a few "
-                                         "bucket widths that fits it, and examples of similar length go together."})
+                                         "widths fitted to the data that fits it, and examples of similar length go "
+                                         "together."})
     predict_with_generate: bool = field(default=False, metadata={"help": "Generate summaries in evaluation and "
                                                                          "report ROUGE (--do_predict always does)."})
     num_beams: int = field(default=1, metadata={"help": "Beams in generation (1: greedy)."})
@@ -201,18 +202,27 @@ def seq2seq_batch(examples, widths: tuple[int, int], pad_id: int, shift_right) -
     return batch
 
 
+# How many document widths a split's batches may have (packing.fitted_widths): each is one more compiled step (the
+# generation loop's too, in evaluation); summaries have one, their longest's.
+TRAIN_WIDTHS, EVAL_WIDTHS = 4, 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """The widths a batch's documents and summaries may be padded to (packing.bucket_lengths): a global batch
-    takes the smallest that fits its longest of each, the same on every host."""
+    """The widths a batch's documents and summaries may be padded to: a global batch takes the smallest that fits
+    its longest of each, the same on every host."""
     source: list[int]
     target: list[int]
 
     @classmethod
-    def of(cls, source_length: int, target_length: int, pad_to_max_length: bool) -> "Buckets":
+    def of(cls, lengths: "Lengths", source_length: int, target_length: int, count: int,
+           pad_to_max_length: bool) -> "Buckets":
+        """Fitted to the split's `lengths` (at most `count` document widths); or the maximum lengths alone."""
         if pad_to_max_length:
             return cls([source_length], [target_length])
-        return cls(packing.bucket_lengths(source_length), packing.bucket_lengths(target_length))
+        return cls(packing.fitted_widths(lengths.source, count, source_length),
+                   [target_length] if lengths.target is None else
+                   packing.fitted_widths(lengths.target, 1, target_length))
 
     def widths(self, lengths: "Lengths", indices: np.ndarray) -> tuple[int, int]:
         """(document width, summary width) of the global batch of examples `indices`."""
@@ -361,8 +371,9 @@ def run(job, data_args, training_args):
 
     splits, references = load_splits(job.settings.data, data_args, training_args, tokenizer)
     lengths = {split: Lengths.of(dataset) for split, dataset in splits.items()}
-    buckets = {split: Buckets.of(data_args.max_source_length, data_args.max_target_length if split == "train"
-                                 else data_args.val_max_target_length, data_args.pad_to_max_length)
+    buckets = {split: Buckets.of(lengths[split], data_args.max_source_length,
+                                 data_args.max_target_length if split == "train" else data_args.val_max_target_length,
+                                 TRAIN_WIDTHS if split == "train" else EVAL_WIDTHS, data_args.pad_to_max_length)
                for split in splits}
     # labels [B, T] -> decoder_input_ids [B, T]: the start token, then labels[:, :-1].
     shift_right = functools.partial(family.shift_right, decoder_start_token_id=model.config.decoder_start_token_id,

@@ -229,3 +229,13 @@ def test_length_grouped_batches_cover_each_epoch_resume_and_pad_less():
     plain = [b for _, _, b in packing.data.epoch_batches(len(lengths), 32, 0, 0, 31)]
     padded = [sum(packing.bucket_width(buckets, lengths[b]) for b in bs) for bs in ([b for *_, b in grouped], plain)]
     assert padded[0] < 0.6 * padded[1] * len(grouped) / len(plain)
+
+
+def test_fitted_widths_follow_the_data_and_stay_few():
+    lengths = np.array([27, 40, 44, 69, 70, 71, 97, 130])
+    assert packing.fitted_widths(lengths, 4, 256) == [48, 80, 112, 144]  # (powers of two: 32, 64, 128, 256)
+    assert packing.fitted_widths(lengths, 1, 256) == [144]
+    assert packing.fitted_widths(lengths, 4, 100) == [48, 80, 100]  # capped at the maximum
+    assert packing.fitted_widths(np.full(50, 7), 4, 256) == [16]  # one length: one width
+    widths = packing.fitted_widths(np.random.default_rng(0).integers(1, 1000, 5000), 3, 1024)
+    assert len(widths) == 3 and widths[-1] == 1008 and all(w % 16 == 0 for w in widths)
