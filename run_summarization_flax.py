@@ -9,10 +9,10 @@ on TPUs, GPUs or CPUs, watch ROUGE, and write summaries of a test set.
         --logging_steps=100 --eval_steps=1000 --save_steps=1000 --overwrite_output_dir
 
 Documents are truncated to --max_source_length, summaries to --max_target_length (evaluation and test:
---val_max_target_length). A batch is padded to the smallest of a few widths fitted to the data that fits its longest
-document, its summaries to the longest summary's, and training takes examples of similar length together (evaluation and prediction: in order
-of length, the summaries written back in the data's order), so that little of a step is padding and only a few
-shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths, as the original script did (one
+--val_max_target_length). A batch's documents are padded to the smallest of a few widths fitted to the data that
+fits its longest, its summaries to the longest summary's, and training takes examples of similar length together
+(evaluation and prediction: in order of length, the summaries written back in the data's order), so that little of
+a step is padding and only a few shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths, as the original script did (one
 shape, batches in random order). Run the same command again to resume.
 """
 
@@ -226,7 +226,8 @@ class Buckets:
 
     def widths(self, lengths: "Lengths", indices: np.ndarray) -> tuple[int, int]:
         """(document width, summary width) of the global batch of examples `indices`."""
-        target = self.target[0] if lengths.target is None else packing.bucket_width(self.target, lengths.target[indices])
+        target = (self.target[0] if lengths.target is None
+                  else packing.bucket_width(self.target, lengths.target[indices]))
         return packing.bucket_width(self.source, lengths.source[indices]), target
 
 

@@ -172,7 +172,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping, *, sc
                          tied: Mapping[str, str] | None = None, fresh: Sequence[str] = (), drop: Sequence[str] = (),
                          base_model_prefix: str | None = None, untransposed: Sequence[str] = (),
                          renamed: Mapping[str, str] | None = None, zeros: Sequence[str] = (),
-                         place: Place | None = None) -> dict:
+                         place: Place | None = None, init: Callable[[], Mapping] | None = None) -> dict:
     """PyTorch state dict -> params tree shaped and typed like `template` (init'd, `jax.eval_shape`d or sharded
     params).
 
@@ -180,8 +180,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping, *, sc
       tensors still on disk. Keys and shapes are all checked first; then each leaf is built in turn (transposed,
       stacked over layers, cast to the template's dtype), reading only its own tensors.
     fresh: regexes over checkpoint keys of template params that may be absent from the checkpoint; those keep the
-      template's values (so the template must hold real arrays for them; a jax.Array stays as it is, on its devices),
-      e.g. a new classifier head.
+      template's values (a jax.Array stays as it is, on its devices), e.g. a new classifier head; or, where the
+      template is eval_shape'd, take them from `init()`: initialised params, made only if some leaf is fresh (so a
+      checkpoint that has every weight spares the model's initialisation).
     drop: regexes over checkpoint keys that may be left unused, e.g. an MLM head when loading a classifier.
     tied: {key: source} checkpoint keys that are copies of another weight; checked equal to the source and dropped,
       unless the template has a param of that key (a model configured with untied weights), which the source
@@ -232,9 +233,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping, *, sc
                 zeroed.add(path)
                 fresh_keys += keys
             elif len(absent) == len(keys) and all(_matches(k, fresh) for k in keys):
-                if isinstance(leaf, jax.ShapeDtypeStruct):
+                if isinstance(leaf, jax.ShapeDtypeStruct) and init is None:
                     raise ValueError(f"{keys[0]} is allowed fresh but the template has no values for it: "
-                                     "pass init'd params, not eval_shape'd ones")
+                                     "pass init'd params, not eval_shape'd ones, or `init`")
                 fresh_keys += keys
             else:
                 missing += absent
@@ -261,6 +262,10 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping, *, sc
     if unused:
         logger.info("in the checkpoint, not used by the model: %s", _listing(sorted(unused)))
 
+    if init is not None and any(isinstance(flat[path], jax.ShapeDtypeStruct) for path in flat
+                                if path not in loaded and path not in zeroed):
+        flat = {**flat, **{path: leaf for path, leaf in traverse_util.flatten_dict(init()).items()
+                           if path not in loaded and path not in zeroed}}
     params = {}
     for path, leaf in flat.items():
         if path in loaded:
@@ -375,7 +380,7 @@ def load_state_dict(model_name_or_path: str, revision: str | None = None, **hub)
 
 def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_type: str,
                     fresh: Sequence[str] = (), drop: Sequence[str] = (), revision: str | None = None,
-                    place: Place | None = None, **hub) -> dict:
+                    place: Place | None = None, init: Callable[[], Mapping] | None = None, **hub) -> dict:
     """Params for a model of `model_type` from a local or Hub checkpoint; see `state_dict_to_params` for fresh/drop.
 
     A safetensors checkpoint (model.safetensors, or the shards of model.safetensors.index.json) is read tensor by
@@ -393,4 +398,4 @@ def load_pretrained(model_name_or_path: str, template_params: Mapping, *, model_
     return state_dict_to_params(
         state, template_params, scanned=rules.scanned, tied=rules.tied, fresh=fresh, drop=(*drop, *rules.ignored),
         base_model_prefix=rules.base_prefix.get(model_type), untransposed=rules.untransposed, renamed=rules.renamed,
-        zeros=rules.zeros, place=place)
+        zeros=rules.zeros, place=place, init=init)

@@ -42,9 +42,10 @@ def layout(model, family, tx, shape) -> parallel.StateLayout:
 def start_state(layout, run, train_examples: int, *, seed: int, load=None):
     """The TrainState, split over the mesh as `layout` (parallel.StateLayout) says: restored from `run.checkpoint`
     (resume.start's answer) straight into its shards, falling back to older checkpoints past one whose state does
-    not restore; else created from params initialised from `seed`, then given to `load(params, place=...)` when
-    set (pretrained weights: pretrained.load_weights with the script's rules). Returns (state, its step, the
-    metadata this run saves with its checkpoints: its record, `train_examples`, and the best-model record and
+    not restore; else created from params initialised from `seed`, or, when `load` is set, loaded by
+    `load(eval_shape'd params, place=..., init=...)` (pretrained weights: pretrained.load_weights with the script's
+    rules; `init()` gives the initialised params it needs for weights the checkpoint lacks). Returns (state, its
+    step, the metadata this run saves with its checkpoints: its record, `train_examples`, and the best-model record and
     unlogged progress it resumed with)."""
     meta = {**run.record, "train_examples": train_examples}
     while run.checkpoint is not None:
@@ -58,9 +59,11 @@ def start_state(layout, run, train_examples: int, *, seed: int, load=None):
             continue
         meta.update({key: saved[key] for key in ("best", "progress") if key in saved})
         return restored, int(parallel.fetch(restored.step)), meta
-    params = layout.init(jax.random.key(seed))
-    if load is not None:
-        params = load(params, place=layout.place)
+    key = jax.random.key(seed)
+    if load is None:
+        params = layout.init(key)
+    else:  # initialised only if the checkpoint lacks a weight (a new head): init compiles the whole model
+        params = load(jax.eval_shape(layout.init, key), place=layout.place, init=lambda: layout.init(key))
     return layout.create(params), 0, meta
 
 

@@ -189,6 +189,16 @@ def test_state_dict_layouts_and_old_checkpoint_spellings(tmp_path):
     assert_same_tree(hf_io.state_dict_to_params(bare, params, fresh=[r"^cls\."], **rules), params)
     with pytest.raises(ValueError, match="cls.predictions.bias is allowed fresh but the template has no values"):
         hf_io.state_dict_to_params(bare, template, fresh=[r"^cls\."], **rules)
+    # An eval_shape'd template with `init`: called once where a weight is fresh, never where none is.
+    calls = []
+
+    def init():
+        calls.append(1)
+        return params
+
+    assert_same_tree(hf_io.state_dict_to_params(bare, template, fresh=[r"^cls\."], init=init, **rules), params)
+    assert_same_tree(hf_io.state_dict_to_params(state, template, fresh=[r"^cls\."], init=init, **rules), params)
+    assert calls == [1]
 
     untied = dict(old, **{"cls.predictions.decoder.weight": old["cls.predictions.decoder.weight"] + 1})
     with pytest.raises(ValueError, match="differs"):
