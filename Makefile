@@ -18,8 +18,8 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 XLA_FLAGS=--xla_force_host_platform_device_count=2 \
 	$(PY) run_mlm_flax.py --output_dir=$(DEMO)/run --model_type=roberta \
 	  --config_name=$(DEMO)/my-roberta --tokenizer_name=$(DEMO)/my-roberta --train_file=$(DEMO)/corpus.txt \
-	  --max_seq_length=64 --per_device_train_batch_size=16 --per_device_eval_batch_size=64 \
-	  --learning_rate=1e-3 --warmup_steps=100 --weight_decay=0.01 --adam_beta2=0.98 --max_steps=1000 \
+	  --line_by_line --max_seq_length=32 --per_device_train_batch_size=32 --per_device_eval_batch_size=64 \
+	  --learning_rate=2e-3 --warmup_steps=100 --weight_decay=0.01 --adam_beta2=0.98 --max_steps=1000 \
 	  --logging_steps=100 --eval_steps=500 --save_steps=500 --overwrite_output_dir --resume_from_checkpoint=none \
 	  --do_train --do_eval
 	HF_HUB_OFFLINE=1 $(PY) demo/check.py $(DEMO)/run $(DEMO)/corpus.txt
