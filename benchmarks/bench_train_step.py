@@ -12,7 +12,8 @@ against this machine's measured peak matmul throughput, and peak memory.
 --compile_only builds the train state abstractly (jax.eval_shape), lowers and compiles the real train step for the
 mesh of --fsdp and --tensor_parallel, and prints the per-device bytes of parameters and optimizer state
 (`state_GiB_per_device`, from the shardings) and XLA's memory_analysis() of the compiled step (`argument_GiB`,
-`temp_GiB`, `output_GiB`, per device): what the run needs on the accelerator, planned on simulated CPU devices.
+`temp_GiB`, `output_GiB`, per device): what the run needs on the accelerator, planned on simulated CPU devices
+(llama-70b: 256 of them, `--fsdp 256` or `--fsdp 64 --tensor_parallel 4`; see benchmarks/README.md).
 
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
@@ -67,6 +68,10 @@ CONFIGS = {
     "llama-7b": dict(type="llama", seq=2048, batch=8, model=dict(
         vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
         intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False)),
+    # Llama-2-70B: grouped-query attention (8 key/value heads), for plans of a pod (--fsdp 256, or 64 x tensor 4).
+    "llama-70b": dict(type="llama", seq=2048, batch=256, model=dict(
+        vocab_size=32000, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)),
     "gpt2-xl": dict(type="gpt2", seq=1024, batch=8, model=dict(
         vocab_size=50257, n_embd=1600, n_layer=48, n_head=25, n_positions=1024)),
     "t5-small": dict(type="t5", seq=128, target=32, batch=8, model=dict(

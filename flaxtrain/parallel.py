@@ -259,6 +259,24 @@ def split_batch(x):
     return jax.lax.with_sharding_constraint(x, P(BATCH))
 
 
+def split_residual(x):
+    """Inside a step compiled under a mesh: the residual stream x [B, T, ...] between two layers, its rows split over
+    the batch axes (split_batch) and, with --tensor_parallel, its positions split over the tensor axis: sequence
+    parallelism (Megatron-LM's, MaxText's), so that what a device keeps of every layer's input for the backward pass
+    shrinks by the tensor degree. XLA then gathers the positions where a layer's heads or MLP need all of them, and
+    reduce-scatters the layer's output (where it all-reduced it). Outside a mesh, without a tensor axis, or for a
+    length the axis does not divide (decoding one token): split_batch(x)."""
+    x = split_batch(x)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1 or x.ndim < 3:
+        return x
+    if x.shape[1] % mesh.shape["tensor"]:
+        return x
+    ways = math.prod(mesh.shape[axis] for axis in BATCH)
+    rows = BATCH if ways > 1 and x.shape[0] % ways == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(rows, "tensor"))
+
+
 class _UnderMesh:
     """A jitted function traced with the mesh in context (so that split_batch sees it): calling it, or lowering it
     for a memory plan."""
@@ -275,6 +293,29 @@ class _UnderMesh:
             return self.jitted.lower(*args)
 
 
+MATRICES = ("kernel", "embedding")  # the param names of Dense kernels and embedding tables: the bulk of the bytes
+
+
+def in_compute_dtype(params, dtype, params_shardings):
+    """`params` with every matrix (MATRICES) cast to the computation `dtype` where its shard lies, pinned there
+    before XLA gathers it for a layer (MaxText's way): the gathered copies and those a rematerialised layer
+    recomputes from are bfloat16 under --dtype bfloat16 (llama-70b on a TPU v5e-256 plan: 1 GiB less a device,
+    benchmarks/README.md). The layers cast their matrices to `dtype` anyway, so the forward values are the same;
+    the gradients come back through the cast, reduced over the devices in `dtype` before they become float32 (the
+    params and optimizer state stay float32). Norm scales and biases (small, some used in float32) stay as they
+    are; with a float32 `dtype`, `params` as they are."""
+    if jax.numpy.dtype(dtype) == jax.numpy.float32:
+        return params
+
+    def cast(path, x, sharding):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names[-1] not in MATRICES or x.dtype == dtype:
+            return x
+        return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
+
+    return jax.tree_util.tree_map_with_path(cast, params, params_shardings)
+
+
 class StateLayout:
     """Where a model's params and TrainState live on the mesh (shardings from their logical axis names), and the
     steps compiled for them. `init_params(model, rng, unbox=...)` is the family's init (models/*.py)."""
@@ -282,8 +323,12 @@ class StateLayout:
     def __init__(self, model, init_params, tx, mesh: Mesh, rules: dict):
         from flaxtrain.training import TrainState
 
+        def apply(variables, *args, **kwargs):  # the model, its matrices cast (where they lie) to its dtype
+            params = in_compute_dtype(variables["params"], getattr(model, "dtype", jax.numpy.float32), self.params)
+            return model.apply({**variables, "params": params}, *args, **kwargs)
+
         def create(params):
-            return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+            return TrainState.create(apply_fn=apply, params=params, tx=tx)
 
         boxed = jax.eval_shape(functools.partial(init_params, model, unbox=False), jax.random.key(0))
         self.mesh, self.params = mesh, shardings(boxed, mesh, rules)

@@ -3,15 +3,16 @@
 import flax.linen as nn
 
 from flaxtrain.models.partitioning import LAYERS
-from flaxtrain.parallel import split_batch
+from flaxtrain.parallel import split_residual
 
 
 def _batch_split_input(layer: type[nn.Module]) -> type[nn.Module]:
-    """`layer` whose input x [B, ...] (the scan's carry) stays split over the batch axes of the mesh (see
-    parallel.split_batch): one constraint per layer keeps XLA from splitting activations like the weights."""
+    """`layer` whose input x [B, T, ...] (the scan's carry) stays split over the batch axes of the mesh, and its
+    positions over the tensor axis (parallel.split_residual): one constraint per layer keeps XLA from splitting
+    activations like the weights, and what the backward pass keeps of every layer shrinks with --tensor_parallel."""
     class BatchSplit(layer):
         def __call__(self, x, *args):
-            return super().__call__(split_batch(x), *args)
+            return super().__call__(split_residual(x), *args)
 
     BatchSplit.__name__ = layer.__name__  # (flax names nothing after the class, but logs and errors do)
     return BatchSplit
