@@ -8,6 +8,7 @@ frequencies.
 
 import collections
 import json
+import keyword
 import math
 import os
 import random
@@ -37,23 +38,28 @@ def whole_words(line: str, offsets) -> list:
             and not is_word_char(start - 1) and not is_word_char(end)]
 
 
-def word_counts(tokenizer, lines) -> collections.Counter:
-    """How often each token id is a whole word (whole_words) in lines."""
+def python_keywords(line: str, offsets) -> list:
+    """The whole words (whole_words) that are Python keywords: def, return, if, in, not, None, ..."""
+    return [i for i in whole_words(line, offsets) if keyword.iskeyword(line[offsets[i][0]:offsets[i][1]])]
+
+
+def word_counts(tokenizer, lines, words=whole_words) -> collections.Counter:
+    """How often each token id is a whole word (`words`: whole_words or python_keywords) in lines."""
     encoded = tokenizer(lines, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return collections.Counter(ids[i] for line, ids, offsets in zip(lines, encoded["input_ids"],
                                                                     encoded["offset_mapping"])
-                               for i in whole_words(line, offsets))
+                               for i in words(line, offsets))
 
 
-def cloze_items(tokenizer, lines, seed: int = 0):
-    """One cloze per line that has a whole word: (token ids with <s> and </s>, the masked position, the word's token
-    id), the word drawn at random from the line's whole words."""
+def cloze_items(tokenizer, lines, seed: int = 0, words=whole_words):
+    """One cloze per line that has a whole word (`words`: whole_words or python_keywords): (token ids with <s> and
+    </s>, the masked position, the word's token id), the word drawn at random from the line's."""
     rng, items = random.Random(seed), []
     encoded = tokenizer(lines, return_offsets_mapping=True, truncation=True)
     for line, ids, offsets in zip(lines, encoded["input_ids"], encoded["offset_mapping"]):
-        words = whole_words(line, offsets)
-        if words:
-            position = rng.choice(words)
+        words_here = words(line, offsets)
+        if words_here:
+            position = rng.choice(words_here)
             items.append((ids, position, ids[position]))
     return items
 
@@ -110,16 +116,21 @@ def main(run: str, corpus: str, examples: int = 12):
     tokenizer = AutoTokenizer.from_pretrained(run)
     held_out, training = split_lines(corpus)
 
-    items = cloze_items(tokenizer, held_out)
-    guesses = cloze_guesses(model, tokenizer, items)
-    right = [guess == answer for guess, answer in zip(guesses, (answer for _, _, answer in items))]
-    frequent, _ = word_counts(tokenizer, training).most_common(1)[0]
-    unigram_right = sum(answer == frequent for _, _, answer in items)
-    print(f"\nCloze on {len(items)} held-out lines of code (never trained on), one whole word of each masked (a name "
-          f"or keyword that is one token, drawn at random):")
-    print(f"  the model's first guess is the word:         {sum(right) / len(items):6.1%}")
-    print(f"  always guessing the most frequent word "
-          f"({tokenizer.decode([frequent]).strip()!r}): {unigram_right / len(items):6.1%}")
+    scores = {}
+    for words, what in ((whole_words, "a name or keyword that is one token"),
+                        (python_keywords, "a Python keyword: def, return, if, in, not, None, ...")):
+        items = cloze_items(tokenizer, held_out, words=words)
+        guesses = cloze_guesses(model, tokenizer, items)
+        right = [guess == answer for guess, answer in zip(guesses, (answer for _, _, answer in items))]
+        frequent, _ = word_counts(tokenizer, training, words).most_common(1)[0]
+        unigram_right = sum(answer == frequent for _, _, answer in items)
+        print(f"\nCloze on {len(items)} held-out lines of code (never trained on), one word of each masked ({what}, "
+              f"drawn at random):")
+        print(f"  the model's first guess is the word:         {sum(right) / len(items):6.1%}")
+        print(f"  always guessing the most frequent one "
+              f"({tokenizer.decode([frequent]).strip()!r}): {unigram_right / len(items):6.1%}")
+        scores[words] = items, guesses, right
+    items, guesses, right = scores[whole_words]
 
     print(f"\n{examples} of them, the model's guess in [brackets] (-> the word, where it is wrong):")
     for k in random.Random(1).sample(range(len(items)), min(examples, len(items))):

@@ -16,6 +16,7 @@ def test_a_whole_word_is_a_name_not_part_of_a_longer_one():
     # not load or module (load_module), not "_" (no letter), not "x" where the token is "x" of "x1"
     assert words == ["def", "self", "fqname", "return", "x1"]
     assert check.whole_words(LINE, [(0, 0), (41, 42), (38, 39)]) == []  # special token, "+", the "x" of "x1"
+    assert [LINE[slice(*OFFSETS[i])] for i in check.python_keywords(LINE, OFFSETS)] == ["def", "return"]
 
 
 def test_held_out_lines_are_the_ones_the_training_script_holds_out(tmp_path):
