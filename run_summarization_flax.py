@@ -12,8 +12,8 @@ Documents are truncated to --max_source_length, summaries to --max_target_length
 --val_max_target_length). A batch's documents are padded to the smallest of a few widths fitted to the data that
 fits its longest, its summaries to the longest summary's, and training takes examples of similar length together
 (evaluation and prediction: in order of length, the summaries written back in the data's order), so that little of
-a step is padding and only a few shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths, as the original script did (one
-shape, batches in random order). Run the same command again to resume.
+a step is padding and only a few shapes are compiled. --pad_to_max_length pads every batch to the maximum lengths,
+as the original script did (one shape, batches in random order). Run the same command again to resume.
 """
 
 import dataclasses
@@ -202,6 +202,18 @@ def seq2seq_batch(examples, widths: tuple[int, int], pad_id: int, shift_right) -
     return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """A tokenized split's document and summary lengths [N] (target None: a test set without summaries)."""
+    source: np.ndarray
+    target: Optional[np.ndarray]
+
+    @classmethod
+    def of(cls, dataset) -> "Lengths":
+        return cls(np.asarray(dataset["source_length"]),
+                   np.asarray(dataset["target_length"]) if "target_length" in dataset.column_names else None)
+
+
 # How many document widths a split's batches may have (packing.fitted_widths): each is one more compiled step (the
 # generation loop's too, in evaluation); summaries have one, their longest's.
 TRAIN_WIDTHS, EVAL_WIDTHS = 4, 2
@@ -215,7 +227,7 @@ class Buckets:
     target: list[int]
 
     @classmethod
-    def of(cls, lengths: "Lengths", source_length: int, target_length: int, count: int,
+    def of(cls, lengths: Lengths, source_length: int, target_length: int, count: int,
            pad_to_max_length: bool) -> "Buckets":
         """Fitted to the split's `lengths` (at most `count` document widths); or the maximum lengths alone."""
         if pad_to_max_length:
@@ -224,23 +236,11 @@ class Buckets:
                    [target_length] if lengths.target is None else
                    packing.fitted_widths(lengths.target, 1, target_length))
 
-    def widths(self, lengths: "Lengths", indices: np.ndarray) -> tuple[int, int]:
+    def widths(self, lengths: Lengths, indices: np.ndarray) -> tuple[int, int]:
         """(document width, summary width) of the global batch of examples `indices`."""
         target = (self.target[0] if lengths.target is None
                   else packing.bucket_width(self.target, lengths.target[indices]))
         return packing.bucket_width(self.source, lengths.source[indices]), target
-
-
-@dataclasses.dataclass(frozen=True)
-class Lengths:
-    """A tokenized split's document and summary lengths [N] (target None: a test set without summaries)."""
-    source: np.ndarray
-    target: Optional[np.ndarray]
-
-    @classmethod
-    def of(cls, dataset) -> "Lengths":
-        return cls(np.asarray(dataset["source_length"]),
-                   np.asarray(dataset["target_length"]) if "target_length" in dataset.column_names else None)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
