@@ -93,6 +93,7 @@ def ours(name: str, assets: str, out: str, cache: str) -> dict:
 
 def original(name: str, assets: str, out: str, scripts: str, python: str) -> dict:
     r = recipe(name, assets)
+    os.makedirs(out, exist_ok=True)  # (the original MLM script writes its results into a folder only a save makes)
     wall, _ = timed([python, os.path.join(scripts, r["script"]), "--output_dir", out, "--overwrite_output_dir",
                      *r["flags"], *r["original_only"]], os.path.join(scripts, "metrics"),
                     {"NLTK_DATA": os.path.join(assets, "nltk_data")})
