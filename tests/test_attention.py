@@ -1,6 +1,6 @@
 """The attention, masks and key/value cache every family shares (flaxtrain/models/attention.py): the dropout path
 against jax.nn.dot_product_attention in each family's configuration, soft-capping, the cache layout, and the causal
-and sliding-window masks over a cache."""
+and sliding-window masks over a cache; long sequences' attention in query blocks against one call."""
 
 import functools
 
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtrain.models.attention import (attention, causal_mask, default_positions, init_cache, layer_masks,
-                                        next_cache, write_cache)
+from flaxtrain.models import attention as attention_module
+from flaxtrain.models.attention import (attention, causal_mask, chunked_attention, default_positions, init_cache,
+                                        layer_masks, next_cache, write_cache)
 
 # rbg keys: compiling the default threefry hash costs seconds per graph on a small CPU.
 key = functools.partial(jax.random.key, impl="rbg")
@@ -117,3 +118,61 @@ def test_masks_over_a_cache():
     np.testing.assert_array_equal(default_positions(jnp.zeros((1, 2), jnp.int32), cache), [[3, 4]])
     moved = next_cache(cache, {}, valid, 2)
     assert int(moved["index"]) == 5 and moved["mask"] is valid and next_cache(None, {}, valid, 2) is None
+
+
+def long_inputs(length=40, heads=4, kv_heads=2):
+    rng = np.random.default_rng(5)
+    shapes = [(2, length, heads, 8), *[(2, length, kv_heads, 8)] * 2]
+    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes)
+
+
+def long_masks(length=40):
+    """(mask, bias) of each family's case over `length` tokens: causal grouped heads with a left-padded row, padded
+    keys only ([B, 1, 1, S]: the same for every query), packed rows (segments), a per-head bias with no mask."""
+    padded = jnp.ones((2, length), jnp.int32).at[1, :7].set(0)
+    segments = jnp.concatenate([jnp.full((2, 15), 1), jnp.full((2, length - 20), 2), jnp.zeros((2, 5), int)], 1)
+    bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 4, length, length)), jnp.float32)
+    return {"causal": (causal_mask(padded)[0], None), "keys": (padded.astype(bool)[:, None, None, :], None),
+            "packed": (causal_mask(jnp.ones((2, length), jnp.int32), segment_ids=segments)[0], None),
+            "bias": (None, bias)}
+
+
+@pytest.mark.parametrize("case", ["causal", "keys", "packed", "bias"])
+def test_chunked_attention_matches_one_call(case):
+    """Query blocks of 16 over 40 tokens (the last block padded): the values and the gradients of q, k, v and the
+    bias are those of one jax.nn.dot_product_attention call, to float rounding."""
+    mask, bias = long_masks()[case]
+    q, k, v = long_inputs()
+
+    def loss(fn, q, k, v, bias):
+        return (fn(q, k, v, mask=mask, bias=bias) * jnp.cos(jnp.arange(8.0))).sum()
+
+    chunked = functools.partial(chunked_attention, block=16)
+    np.testing.assert_allclose(chunked(q, k, v, mask, bias), jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                                                                          bias=bias), atol=1e-6)
+    argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+    got = jax.grad(functools.partial(loss, chunked), argnums)(q, k, v, bias)
+    expected = jax.grad(functools.partial(loss, jax.nn.dot_product_attention), argnums)(q, k, v, bias)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=2e-5)
+
+
+def test_chunked_attention_only_for_long_sequences(monkeypatch):
+    """attention() takes the query blocks from CHUNKED_FROM queries on (one lax.map in the graph), one call below;
+    never with attention dropout, whose probabilities take the explicit path."""
+    monkeypatch.setattr(attention_module, "CHUNKED_FROM", 32)
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 16)
+    mask, _ = long_masks()["causal"]
+
+    def scans(length, **options):
+        q, k, v = long_inputs(length)
+        graph = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask[..., :length, :length], **options))(q, k, v)
+        return str(graph).count("scan[")
+
+    assert scans(31) == 0 and scans(32) == 1 and scans(40) == 1
+    dropout = Attend(0.5).apply({}, *long_inputs(40), mask, None, None, rngs={"dropout": key(2)})
+    assert dropout.shape == (2, 40, 4, 8)
+    assert str(jax.make_jaxpr(lambda *x: Attend(0.5).apply({}, *x, mask, None, None, rngs={"dropout": key(2)}))(
+        *long_inputs(40))).count("scan[") == 0
+    q, k, v = long_inputs(40)
+    np.testing.assert_allclose(attention(q, k, v, mask), jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-6)

@@ -1,6 +1,7 @@
 """benchmarks/bench_train_step.py --compile_only: the memory plan of a 7B model on simulated devices, allocating
 nothing. With --fsdp over every device, each device holds 1/N of the parameters and their AdamW moments. And what
-sequence parallelism and the cast before the gather (flaxtrain/parallel.py) save, on a tiny Llama, loss unchanged."""
+sequence parallelism and the cast before the gather (flaxtrain/parallel.py) save, on a tiny Llama, loss unchanged;
+and what attention in query blocks (flaxtrain/models/attention.py) saves over 2048 tokens, gradients unchanged."""
 
 import json
 import os
@@ -81,3 +82,45 @@ def test_sequence_parallel_shrinks_temporaries_and_keeps_the_loss(dtype, toleran
     assert loss_now == pytest.approx(np.log(256), rel=0.05)  # an untrained model: about uniform over the vocabulary
     # Each layer's saved input is split over the 2 tensor devices along the positions.
     assert temp_now < 0.8 * temp_before, (temp_now, temp_before)
+
+
+# The forward and backward of one attention over 2048 tokens (8 heads, grouped 2 to a key/value head) under
+# jax.checkpoint, as a rematerialised layer runs it: XLA's temporaries and the gradient of q, with attention()'s
+# query blocks (models/attention.py, from CHUNKED_FROM queries on) and with one call. Prints {"blocks": [bytes,
+# gradient], "one_call": [...]}.
+ATTENTION_PLAN = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flaxtrain.models import attention as attention_module
+
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.normal(size=(1, 2048, 8, 32)), jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(1, 2048, 4, 32)), jnp.float32) for _ in range(2))
+mask = attention_module.causal_mask(jnp.ones((1, 2048), jnp.int32))[0]
+
+def plan():
+    loss = jax.checkpoint(lambda q, k, v: (attention_module.attention(q, k, v, mask) ** 2).sum())
+    step = jax.jit(jax.grad(loss, (0, 1, 2)))
+    temp = step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    return temp, np.asarray(step(q, k, v)[0]).tolist()
+
+out = {"blocks": plan()}
+attention_module.CHUNKED_FROM = 10**9
+out["one_call"] = plan()
+print(json.dumps(out))
+"""
+
+
+def test_attention_in_query_blocks_keeps_one_block_of_scores():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", ATTENTION_PLAN], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    (temp_blocks, grad_blocks), (temp_one, grad_one) = out["blocks"], out["one_call"]
+    np.testing.assert_allclose(grad_blocks, grad_one, atol=1e-4)
+    scores = 8 * 2048 * 2048 * 4  # float32 [heads, T, S] of the row: 128 MiB
+    assert temp_one > scores, temp_one  # one call keeps at least the whole row's scores
+    assert temp_blocks < 0.5 * temp_one, (temp_blocks, temp_one)  # 512 of the 2048 queries at a time

@@ -12,6 +12,12 @@ rate of 0) and without a soft cap it is jax.nn.dot_product_attention; otherwise 
 because the probabilities are dropped before they meet the values, and the logits capped before the softmax, and
 dot_product_attention has no place for either.
 
+Long sequences (at least CHUNKED_FROM queries, XLA's attention): the queries go through dot_product_attention
+QUERY_BLOCK at a time (`chunked_attention`, lax.map under jax.checkpoint), so that one block's float32 scores
+[B, N, QUERY_BLOCK, S] are alive, not all T rows', in the forward and in the backward pass. Each query's softmax is
+over all its keys either way: the same numbers as one call, to float rounding. (Llama-2-70B at 2048 tokens: 1 GiB of
+scores a row; see benchmarks/README.md's memory plans.)
+
 Which kernel dot_product_attention runs is one process-wide setting, FLAXTRAIN_ATTENTION (or
 `select_implementation` in code): unset, JAX chooses (today XLA's attention on every platform); "xla" names that;
 "cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only bfloat16/float16 heads of a size
@@ -50,6 +56,8 @@ IMPLEMENTATIONS = ("xla", "cudnn")
 ENVIRONMENT = "FLAXTRAIN_ATTENTION"
 # Read once, checked when attention first runs: a bad value is then a refusal of the run, not an import error.
 _implementation = os.environ.get(ENVIRONMENT) or None
+CHUNKED_FROM = 1024  # queries; shorter sequences take one call (their scores are small, one call is faster)
+QUERY_BLOCK = 512
 cudnn_fallbacks: list[str] = []  # why calls that asked for cuDNN ran XLA's attention, each reason once, in order
 
 
@@ -84,6 +92,8 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
         implementation = selected_implementation()
         if implementation == "cudnn":
             return _cudnn_attention(q, k, v, mask, bias, scale)
+        if q.shape[1] >= CHUNKED_FROM:
+            return chunked_attention(q, k, v, mask, bias, scale, implementation, QUERY_BLOCK)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
     # Grouped key/value heads are repeated, so logits and dropout mask are [B, N, T, S] in every family. JAX's random
     # bits follow the flat index: each query head is dropped as a [B, K, N // K, T, S] layout would drop it.
@@ -102,6 +112,40 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
     if dropout:
         probs = Dropout(dropout_rate)(probs, deterministic=False)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def chunked_attention(q, k, v, mask=None, bias=None, scale: float | None = None, implementation: str | None = None,
+                      block: int = QUERY_BLOCK):
+    """jax.nn.dot_product_attention over QUERY_BLOCK queries at a time (shapes and arguments as `attention`'s): a
+    lax.map over the blocks, each rematerialised in the backward pass, so that only one block's scores are alive.
+    T need not be a multiple of the block: the last block is padded with queries that see no key, then cut off."""
+    batch, length, heads, size = q.shape
+    blocks = -(-length // block)
+    padding = blocks * block - length
+
+    def by_block(x):  # [..., T, S] (or [..., 1, S]) -> [blocks, ..., block, S] (or None: the same for every block)
+        if x is None or x.shape[-2] == 1:
+            return None
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padding), (0, 0)])
+        x = x.reshape(*x.shape[:-2], blocks, block, x.shape[-1])
+        return jnp.moveaxis(x, -3, 0)
+
+    def full(x):  # mask and bias broadcastable to [B, N, T, S]: rank 4, so their query axis is -2
+        return None if x is None else x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+    mask, bias = full(mask), full(bias)
+    q_blocks = jnp.pad(q, ((0, 0), (0, padding), (0, 0), (0, 0))).reshape(batch, blocks, block, heads, size)
+    xs = (jnp.moveaxis(q_blocks, 1, 0), by_block(mask), by_block(bias))
+
+    @jax.checkpoint
+    def one_block(x):
+        q_block, mask_block, bias_block = x
+        return jax.nn.dot_product_attention(
+            q_block, k, v, scale=scale, implementation=implementation,
+            mask=mask if mask_block is None else mask_block, bias=bias if bias_block is None else bias_block)
+
+    out = lax.map(one_block, xs)  # [blocks, B, block, N, H]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, heads, size)[:, :length]
 
 
 def cudnn_refusal(q, k, v, mask=None, bias=None) -> str | None:
