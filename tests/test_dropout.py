@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain.models.dropout import Dropout, keep_mask
+from flaxtrain.models.dropout import Dropout, keep_mask, random_words
 
 
 def test_the_mask_keeps_one_minus_rate_and_its_draws_are_independent():
@@ -29,3 +29,12 @@ def test_dropout_scales_what_it_keeps_and_passes_through_when_deterministic():
     assert apply(0.1, False).dtype == x.dtype
     assert Dropout(0.1).apply({}, x.astype(jnp.bfloat16), deterministic=False,
                               rngs={"dropout": jax.random.key(2)}).dtype == jnp.bfloat16
+
+
+def test_random_words_are_jax_random_bits_drawn_flat():
+    """The two-dimensional draw gives exactly the bits of `shape` (so masks, and every run's numbers, are as before)."""
+    key = jax.random.key(7)
+    for shape in [(5,), (3, 4), (2, 3, 5), (2, 3, 4, 5)]:
+        assert (random_words(key, shape) == jax.random.bits(key, shape, jnp.uint32)).all(), shape
+    jitted = jax.jit(lambda k: random_words(k, (2, 3, 4, 5)))
+    assert (jitted(key) == jax.random.bits(key, (2, 3, 4, 5), jnp.uint32)).all()
