@@ -14,6 +14,9 @@ mesh of --fsdp and --tensor_parallel, and prints the per-device bytes of paramet
 (`state_GiB_per_device`, from the shardings) and XLA's memory_analysis() of the compiled step (`argument_GiB`,
 `temp_GiB`, `output_GiB`, per device): what the run needs on the accelerator, planned on simulated CPU devices
 (llama-70b: 256 of them, `--fsdp 256` or `--fsdp 64 --tensor_parallel 4`; see benchmarks/README.md).
+--compile_topology v5e-256 (implies --compile_only) compiles it instead for a TPU pod's devices, ahead of time on
+this machine, with the TPU's own compiler: what the chip would plan. It needs libtpu importable (pip install
+libtpu==<the version jax pins>, into a folder put on PYTHONPATH) and JAX_PLATFORMS=cpu.
 
 The batch is the global batch (split over all devices). MFU counts 6 FLOPs per parameter per token for the
 matrices (forward and backward: every parameter but the embedding lookups, plus the output layer when it is tied
@@ -125,19 +128,42 @@ class TrainSetup(NamedTuple):
 
 
 def train_setup(config: str, dtype=jnp.float32, gradient_checkpointing: bool = False, fsdp: int = 1,
-                tensor_parallel: int = 1) -> TrainSetup:
+                tensor_parallel: int = 1, mesh=None) -> TrainSetup:
     """The model of CONFIGS[config], its train state's layout on the mesh (float32 AdamW) and its script's real
-    train step jitted with the state's shardings, as the scripts build them (bench_sft_step.py uses it too)."""
+    train step jitted with the state's shardings, as the scripts build them (bench_sft_step.py uses it too).
+    mesh: None, parallel.make_mesh's over the devices at hand; or one given (`topology_mesh`)."""
     spec = CONFIGS[config]
     hf_config = AutoConfig.for_model(spec["type"], **spec["model"])
     head, script = TASKS[spec["type"]]
     family, model = models.create(hf_config, head, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
     tx = training.make_optimizer(1e-4, weight_decay=0.01)
-    mesh = parallel.make_mesh(fsdp, tensor_parallel)
+    mesh = mesh or parallel.make_mesh(fsdp, tensor_parallel)
     layout = parallel.StateLayout(model, family.init_params, tx, mesh, parallel.RULES)
     step = layout.train_step(functools.partial(script.train_step, accumulation_steps=1,
                                                **STEP_OPTIONS.get(script, {})))
     return TrainSetup(hf_config, family, model, script, mesh, layout, step)
+
+
+# The TPU pods --compile_topology compiles for: jax.experimental.topologies' description of their devices.
+TOPOLOGIES = {"v5e-256": dict(topology_name="v5e:16x16", chips_per_host_bounds=(2, 2, 1))}
+
+
+def topology_mesh(name: str, fsdp: int, tensor_parallel: int):
+    """The (data, fsdp, tensor) mesh over the devices of TOPOLOGIES[name], for an ahead-of-time compile by libtpu on
+    this machine (MaxText's train_compile.py way); nothing runs on them."""
+    from jax.experimental import mesh_utils, topologies
+    from jax.sharding import AxisType, Mesh
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"--compile_topology {name}: libtpu is not importable (pip install libtpu==<the version jax "
+                         "pins> into a folder on PYTHONPATH; see benchmarks/README.md)") from None
+    devices = topologies.get_topology_desc(platform="tpu", chip_config_name="default", num_slices=1,
+                                           wrap=(False, False, False), **TOPOLOGIES[name]).devices
+    shape = parallel.mesh_shape(len(devices), fsdp, tensor_parallel)
+    grid = mesh_utils.create_device_mesh([shape[axis] for axis in parallel.AXES], devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, parallel.AXES, axis_types=(AxisType.Auto,) * len(parallel.AXES))
 
 
 def synthetic_batch(script, vocab_size: int, batch: int, seq: int, target: int, rng) -> dict:
@@ -190,19 +216,25 @@ def main(argv=None):
     parser.add_argument("--fsdp", type=int, default=1, help="devices the state is split over (-1: all)")
     parser.add_argument("--tensor_parallel", type=int, default=1)
     parser.add_argument("--compile_only", action="store_true", help="plan memory: compile, allocate nothing")
+    parser.add_argument("--compile_topology", choices=sorted(TOPOLOGIES),
+                        help="plan memory for this TPU pod with libtpu's compiler (implies --compile_only)")
     args = parser.parse_args(argv)
+    mesh = None
+    if args.compile_topology:
+        args.compile_only = True
+        mesh = topology_mesh(args.compile_topology, args.fsdp, args.tensor_parallel)
 
     spec = CONFIGS[args.config]
     seq, target, batch = args.seq or spec["seq"], spec.get("target", 0), args.batch or spec["batch"]
     dtype = jnp.dtype(args.dtype)
     hf_config, family, model, script, mesh, layout, step = train_setup(
-        args.config, dtype, args.gradient_checkpointing, args.fsdp, args.tensor_parallel)
+        args.config, dtype, args.gradient_checkpointing, args.fsdp, args.tensor_parallel, mesh)
     host = synthetic_batch(script, hf_config.vocab_size, batch, seq, target, np.random.default_rng(0))
     abstract_state = layout.abstract_state()
     params = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    result = {"config": args.config, "dtype": args.dtype, "devices": f"{jax.device_count()} x "
-              f"{jax.devices()[0].device_kind}", "mesh": dict(mesh.shape), "params_M": round(n_params / 1e6, 2),
+    result = {"config": args.config, "dtype": args.dtype, "devices": f"{mesh.devices.size} x "
+              f"{mesh.devices.flat[0].device_kind}", "mesh": dict(mesh.shape), "params_M": round(n_params / 1e6, 2),
               "global_batch": batch, "seq": seq, **({"target": target} if target else {}),
               "gradient_checkpointing": args.gradient_checkpointing,
               "state_GiB_per_device": round(state_bytes_per_device(abstract_state) / 2**30, 3)}
