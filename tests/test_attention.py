@@ -158,8 +158,10 @@ def test_chunked_attention_matches_one_call(case):
 
 
 def test_chunked_attention_only_for_long_sequences(monkeypatch):
-    """attention() takes the query blocks from CHUNKED_FROM queries on (one lax.map in the graph), one call below;
-    never with attention dropout, whose probabilities take the explicit path."""
+    """Selected ("chunked"), attention() takes the query blocks from CHUNKED_FROM queries on (one lax.map in the
+    graph), one call below; never with attention dropout, whose probabilities take the explicit path; and never
+    unless selected."""
+    monkeypatch.setattr(attention_module, "_implementation", None)
     monkeypatch.setattr(attention_module, "CHUNKED_FROM", 32)
     monkeypatch.setattr(attention_module, "QUERY_BLOCK", 16)
     mask, _ = long_masks()["causal"]
@@ -169,6 +171,8 @@ def test_chunked_attention_only_for_long_sequences(monkeypatch):
         graph = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask[..., :length, :length], **options))(q, k, v)
         return str(graph).count("scan[")
 
+    assert scans(40) == 0
+    monkeypatch.setattr(attention_module, "_implementation", "chunked")
     assert scans(31) == 0 and scans(32) == 1 and scans(40) == 1
     dropout = Attend(0.5).apply({}, *long_inputs(40), mask, None, None, rngs={"dropout": key(2)})
     assert dropout.shape == (2, 40, 4, 8)

@@ -86,7 +86,7 @@ def test_sequence_parallel_shrinks_temporaries_and_keeps_the_loss(dtype, toleran
 
 # The forward and backward of one attention over 2048 tokens (8 heads, grouped 2 to a key/value head) under
 # jax.checkpoint, as a rematerialised layer runs it: XLA's temporaries and the gradient of q, with attention()'s
-# query blocks (models/attention.py, from CHUNKED_FROM queries on) and with one call. Prints {"blocks": [bytes,
+# query blocks (models/attention.py, FLAXTRAIN_ATTENTION=chunked) and with one call. Prints {"blocks": [bytes,
 # gradient], "one_call": [...]}.
 ATTENTION_PLAN = """
 import json
@@ -104,8 +104,9 @@ def plan():
     temp = step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     return temp, np.asarray(step(q, k, v)[0]).tolist()
 
+attention_module.select_implementation("chunked")
 out = {"blocks": plan()}
-attention_module.CHUNKED_FROM = 10**9
+attention_module.select_implementation(None)
 out["one_call"] = plan()
 print(json.dumps(out))
 """

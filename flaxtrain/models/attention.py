@@ -12,15 +12,14 @@ rate of 0) and without a soft cap it is jax.nn.dot_product_attention; otherwise 
 because the probabilities are dropped before they meet the values, and the logits capped before the softmax, and
 dot_product_attention has no place for either.
 
-Long sequences (at least CHUNKED_FROM queries, XLA's attention): the queries go through dot_product_attention
-QUERY_BLOCK at a time (`chunked_attention`, lax.map under jax.checkpoint), so that one block's float32 scores
-[B, N, QUERY_BLOCK, S] are alive, not all T rows', in the forward and in the backward pass. Each query's softmax is
-over all its keys either way: the same numbers as one call, to float rounding. (Llama-2-70B at 2048 tokens: 1 GiB of
-scores a row; see benchmarks/README.md's memory plans.)
-
 Which kernel dot_product_attention runs is one process-wide setting, FLAXTRAIN_ATTENTION (or
 `select_implementation` in code): unset, JAX chooses (today XLA's attention on every platform); "xla" names that;
-"cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only bfloat16/float16 heads of a size
+"chunked" is XLA's attention in query blocks for long sequences (at least CHUNKED_FROM queries): the queries go
+through dot_product_attention QUERY_BLOCK at a time (`chunked_attention`, lax.map under jax.checkpoint), so that one
+block's float32 scores [B, N, QUERY_BLOCK, S] are alive, not all T rows', in the forward and in the backward pass;
+each query's softmax is over all its keys either way, the same numbers as one call to float rounding. It saves
+memory (Llama-2-70B at 2048 tokens: 1 GiB of scores a row; see benchmarks/README.md's memory plans) and is not the
+default, as its speed is not measured on an accelerator yet. "cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only bfloat16/float16 heads of a size
 that is a multiple of 8 (up to 128, 256 from Hopper on) and, with a mask or bias while training, even lengths;
 anything else, or no NVIDIA GPU, runs XLA's attention instead and says why once (logged, and kept in
 `cudnn_fallbacks`). The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked blocks the way
@@ -52,18 +51,18 @@ from jax import lax
 
 from flaxtrain.models.dropout import Dropout
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
 ENVIRONMENT = "FLAXTRAIN_ATTENTION"
 # Read once, checked when attention first runs: a bad value is then a refusal of the run, not an import error.
 _implementation = os.environ.get(ENVIRONMENT) or None
-CHUNKED_FROM = 1024  # queries; shorter sequences take one call (their scores are small, one call is faster)
+CHUNKED_FROM = 1024  # "chunked": shorter sequences take one call (their scores are small, one call is faster)
 QUERY_BLOCK = 512
 cudnn_fallbacks: list[str] = []  # why calls that asked for cuDNN ran XLA's attention, each reason once, in order
 
 
 def select_implementation(name: str | None) -> None:
     """The kernel of every later trace of `attention` (steps already compiled keep theirs): None (JAX's choice),
-    "xla" or "cudnn"; see the module's docstring."""
+    "xla", "chunked" or "cudnn"; see the module's docstring."""
     global _implementation
     _implementation = name
     selected_implementation()
@@ -92,8 +91,10 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
         implementation = selected_implementation()
         if implementation == "cudnn":
             return _cudnn_attention(q, k, v, mask, bias, scale)
-        if q.shape[1] >= CHUNKED_FROM:
-            return chunked_attention(q, k, v, mask, bias, scale, implementation, QUERY_BLOCK)
+        if implementation == "chunked":
+            if q.shape[1] >= CHUNKED_FROM:
+                return chunked_attention(q, k, v, mask, bias, scale, None, QUERY_BLOCK)
+            implementation = None
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
     # Grouped key/value heads are repeated, so logits and dropout mask are [B, N, T, S] in every family. JAX's random
     # bits follow the flat index: each query head is dropped as a [B, K, N // K, T, S] layout would drop it.
