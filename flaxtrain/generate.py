@@ -93,6 +93,35 @@ def decode(step, logits: jax.Array, state: Any, *, max_new_tokens: int, eos_toke
     return lax.while_loop(cond, body, (jnp.int32(1), sequences, done, token, state))[1][:, offset:]
 
 
+def per_layer(tree: Any) -> tuple:
+    """A tree of arrays stacked on a leading layer axis [L, ...] -> a tuple of L trees, one per layer."""
+    return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0]))
+
+
+def unroll_layers(model, params: dict | None, cache: dict) -> tuple[dict | None, dict]:
+    """(params, cache) for the decoding loop: a model that names its scanned layers' params `model.layer_stack` (a
+    path, e.g. ("transformer", "h")) gets them, and the stacked cache entries (cache["self"] {"key", "value"} [L, B,
+    S, K, H], and an encoder-decoder's filled cache["cross"], whose keys and values go keys last, [B, K, H, S], as
+    the attention's products read them), split per layer (`per_layer`); its cached forward pass then runs the
+    layers unrolled, each on its own buffers. The split copies the weights once per call, outside the loop; inside
+    it a scan would slice (copy) every layer's weights and cache buffers on every step (XLA does not hoist slices
+    out of loops): on a CPU gpt2-small and bart-small went from 0.5-0.76 of the original's generation speed to
+    1.0-1.9 (benchmarks/README.md). Called after the first (prompt or encoder-reading) step, which stays as the
+    model runs it, so that the unrolled layers are compiled once, in the loop. Other models: as they are. params
+    None: None."""
+    path = getattr(model, "layer_stack", None)
+    if path is None:
+        return params, cache
+
+    def split(tree, path):
+        return per_layer(tree) if not path else {**tree, path[0]: split(tree[path[0]], path[1:])}
+
+    cache = {**cache, "self": per_layer(cache["self"])}
+    if jax.tree.leaves(cache.get("cross")):  # [L, B, S, K, H] -> per layer [B, K, H, S]
+        cache["cross"] = per_layer(jax.tree.map(lambda x: jnp.transpose(x, (0, 1, 3, 4, 2)), cache["cross"]))
+    return None if params is None else split(params, path), cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def _generate_decoder_only(model, params, input_ids, attention_mask, rng, eos_token_ids, pad_token_id, sampling, *,
                            max_new_tokens):
@@ -100,6 +129,7 @@ def _generate_decoder_only(model, params, input_ids, attention_mask, rng, eos_to
     cache = model.init_cache(batch_size, prompt_length + max_new_tokens)
     position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask, position_ids, cache=cache)
+    params, cache = unroll_layers(model, params, cache)
 
     def step(state, token):
         cache, positions = state
@@ -134,7 +164,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
         attention_mask = jnp.ones_like(input_ids)
     try:
         mask = np.asarray(fetchable(attention_mask))
-    except jax.errors.TracerArrayConversionError:  # called under a jit of the caller's: cannot check
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):  # under a caller's jit
         mask = None
     if mask is not None and (np.diff(mask, axis=1) < 0).any():
         raise ValueError("generate takes left-padded prompts (pads first, as tokenizer(padding_side='left') "

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flaxtrain.generate import decode
+from flaxtrain.generate import decode, unroll_layers
 
 # transformers' stand-in for "impossible" in beam scores (an added -1e9, not -inf, so sums stay ordered).
 NEG = -1.0e9
@@ -110,8 +110,9 @@ def _greedy_search(model, params, input_ids, attention_mask, knobs: dict, s: _Se
     encoder_hidden, cache = _start(model, params, input_ids, attention_mask, s.max_new_tokens)
     start = jnp.full((input_ids.shape[0], 1), s.decoder_start_token_id, jnp.int32)
     # Outside the loop: this call adds the cross-attention keys/values to the cache, so the loop's carry keeps one
-    # structure from then on.
+    # structure from then on; then the layers are split for the loop (`unroll_layers`).
     logits, cache = _decode_step(model, params, cache, start[:, 0], encoder_hidden, attention_mask)
+    params, cache = unroll_layers(model, params, cache)
 
     def step(cache, token):
         return _decode_step(model, params, cache, token, None, attention_mask)
@@ -125,10 +126,10 @@ def _greedy_search(model, params, input_ids, attention_mask, knobs: dict, s: _Se
 
 
 def _cache_batch_axes(model, max_length: int) -> dict:
-    """{tree path: batch axis} of the leaves of `model.init_cache` (found from the shapes of two batch sizes,
-    without allocating); leaves without one (the write index) are absent."""
-    two, three = (jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: model.init_cache(b, max_length)))[0]
-                  for b in (2, 3))
+    """{tree path: batch axis} of the leaves of `model.init_cache` in the decoding loop's layout (`unroll_layers`),
+    found from the shapes of two batch sizes without allocating; leaves without one (the write index) are absent."""
+    two, three = (jax.tree_util.tree_flatten_with_path(jax.eval_shape(
+        lambda: unroll_layers(model, None, model.init_cache(b, max_length))[1]))[0] for b in (2, 3))
     axes = {}
     for (path, a), (_, b) in zip(two, three):
         differ = [axis for axis, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
@@ -214,6 +215,7 @@ def _beam_search(model, params, input_ids, attention_mask, knobs: dict, s: _Sett
         finished=jnp.zeros((batch_size, num_beams), bool), improvable=jnp.ones((batch_size, 1), bool))
     # Outside the loop: this call adds the cross-attention keys/values to the cache (see `_greedy_search`).
     logits, cache = _decode_step(model, params, cache, running[:, :, 0].reshape(-1), encoder_hidden, attention_mask)
+    params, cache = unroll_layers(model, params, cache)
     state = select(state, logits, 0)
 
     def body(carry):

@@ -100,6 +100,31 @@ def test_cached_steps_equal_recomputing():
     np.testing.assert_allclose(np.concatenate(got, 1)[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+def test_unrolled_steps_equal_the_scan():
+    """The decoding loop's per-layer layout (generate.unroll_layers: GPT-2's blocks unrolled, each on its own weights
+    and cache buffers) computes what the scanned layers compute on the stacked cache: logits and cache."""
+    model, params, apply = tiny("gpt2")
+    ids, mask = prompts()
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    _, cache = apply({"params": params}, ids, mask, positions, cache=model.init_cache(3, 9))
+    split_params, split_cache = generate.unroll_layers(model, params, cache)
+    assert len(split_cache["self"]) == 2 and split_cache["self"][0]["key"].shape == (3, 9, 4, 8)
+    token, ones, position = ids[:, -1:] + 1, np.ones((3, 1), np.int32), positions[:, -1:] + 1
+    expected, stacked = apply({"params": params}, token, ones, position, cache=cache)
+    got, unrolled = apply({"params": split_params}, token, ones, position, cache=split_cache)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.stack([layer["key"] for layer in unrolled["self"]]), stacked["self"]["key"],
+                               atol=1e-6)
+    np.testing.assert_array_equal(unrolled["mask"], stacked["mask"])
+
+
+def test_generate_under_a_callers_jit():
+    model, params, _ = tiny("gpt2")
+    ids, mask = prompts()
+    run = functools.partial(generate.generate, model, max_new_tokens=4, eos_token_id=2)
+    np.testing.assert_array_equal(jax.jit(run)(params, ids, mask), run(params, ids, mask))
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model, params, _ = tiny("mistral")
     ids, mask = prompts()

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from flaxtrain import generate_seq2seq, hf_io, models  # noqa: E402
+from flaxtrain import generate, generate_seq2seq, hf_io, models  # noqa: E402
 
 VOCAB, STEPS = 24, 12  # a small vocabulary: end-of-sequence is then a likely candidate, and n-grams repeat
 # Tiny configs whose end-of-sequence token wins often enough that beams finish at many lengths (see `checkpoint`).
@@ -115,6 +115,25 @@ def transformers_generate(reference, family, settings):
 def ours(family, tmp_root, settings):
     _, model, params, _ = checkpoint(family, tmp_root)
     return np.asarray(generate_seq2seq.generate(model, params, *inputs(family), max_new_tokens=STEPS, **settings))
+
+
+def test_unrolled_steps_equal_the_scan(tmp_root):
+    """BART in the decoding loop's per-layer layout (generate.unroll_layers: layers unrolled on their own weights and
+    buffers, cross-attention keys and values keys last) computes what the scanned layers compute: logits and the
+    self-attention cache of two steps after the first."""
+    _, model, params, _ = checkpoint("bart", tmp_root)
+    ids, mask = inputs("bart")
+    decode = jax.jit(functools.partial(model.apply, method=model.decode))
+    hidden = model.apply({"params": params}, ids, mask, method=model.encode)
+    _, cache = decode({"params": params}, np.full((8, 1), 2), hidden, mask, cache=model.init_cache(8, 5))
+    split_params, split_cache = generate.unroll_layers(model, params, cache)
+    assert split_cache["cross"][1]["key"].shape == (8, 4, 8, 7)  # [B, N, H, S]
+    for token in (5, 9):
+        expected, cache = decode({"params": params}, np.full((8, 1), token), None, mask, cache=cache)
+        got, split_cache = decode({"params": split_params}, np.full((8, 1), token), None, mask, cache=split_cache)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.stack([layer["value"] for layer in split_cache["self"]]), cache["self"]["value"],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("family,name", [(f, n) for f in CONFIGS for n in cases(f)])

@@ -178,8 +178,23 @@ class GPT2Model(nn.Module):
             position_ids = default_positions(input_ids, cache, segment_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=self.deterministic)
         mask, valid = causal_mask(attention_mask, cache, segment_ids=segment_ids)
-        x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
+        if cache is not None and isinstance(cache["self"], tuple):  # generation's per-layer layout
+            x, self_cache = self._unrolled(x, mask, start, cache["self"])
+        else:
+            x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
+
+    def _unrolled(self, x, mask, index, caches: tuple):
+        """The blocks one after another, as flaxtrain.generate.unroll_layers splits them for the decoding loop: the
+        params of `h` and the cache a tuple of one entry per layer ([B, S, N, H] key/value buffers), so that each
+        step reads every layer's own weights and writes its own cache buffer in place, where the scan would copy
+        each layer's weight and cache slices out of the stacked buffers on every step."""
+        block = GPT2Block(self.config, self.dtype, parent=None)
+        new = []
+        for params, layer_cache in zip(self.variables["params"]["h"], caches, strict=True):
+            x, layer_cache = block.apply({"params": params}, x, mask, index, layer_cache)
+            new.append(layer_cache)
+        return x, tuple(new)
 
     def word_embedding_matrix(self):
         """[V, D] float32: the LM head's weights when tied to the input embeddings."""
@@ -230,6 +245,7 @@ class GPT2ForCausalLM(CausalLM):
     config: GPT2Config
     body, body_name = GPT2Model, "transformer"
     hf_architecture = "GPT2LMHeadModel"
+    layer_stack = ("transformer", "h")  # the scanned layers' params, which generation splits per layer
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """An empty key/value cache for `max_length` tokens (models/attention.py's layout)."""
