@@ -4,8 +4,8 @@ original Hugging Face Flax scripts when they are at hand.
 Runs this project's scripts from the repository root, one after another (never two at once), on the local data and
 models that ../shared/bench/original/make_assets.py makes, and prints one JSON line per run: the wall seconds, the
 seconds outside the job (interpreter start, imports, exit), each phase of flaxtrain/phases.py with its compile
-seconds, and the task metric (glue: eval_accuracy; summ, summ_beam4: test_rougeLsum; mlm: eval_accuracy; clm:
-eval_perplexity).
+seconds, and the task metrics (glue: eval_accuracy; summ, summ_beam4: test ROUGE-1/2/L/Lsum and gen_len; mlm:
+eval_accuracy; clm: eval_perplexity).
 
     python benchmarks/bench_recipes.py --assets ASSETS [--recipes glue summ summ_beam4 mlm clm] [--rounds 2]
         [--cache cold|warm] [--original_scripts DIR --original_python PY]
@@ -37,7 +37,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 
 def recipe(name: str, a: str) -> dict:
-    """script, flags both sides take, ours_only / original_only flags, and (results file, metric key)."""
+    """script, flags both sides take, ours_only / original_only flags, and (results file, metric keys...)."""
     if name == "glue":
         return dict(script="run_flax_glue.py", flags=[
             "--model_name_or_path", f"{a}/models/tiny-bert-cls", "--train_file", f"{a}/data/glue_train.csv",
@@ -53,7 +53,8 @@ def recipe(name: str, a: str) -> dict:
             "--predict_with_generate", "--max_source_length", "256", "--max_target_length", "64",
             "--num_beams", "4" if name == "summ_beam4" else "1", "--num_train_epochs", "2", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-            "--seed", "42"], ours_only=[], original_only=[], metric=("test_results.json", "test_rougeLsum"))
+            "--seed", "42"], ours_only=[], original_only=[],
+            metric=("test_results.json", "test_rouge1", "test_rouge2", "test_rougeL", "test_rougeLsum", "test_gen_len"))
     if name in ("mlm", "clm"):
         model, length = ("tiny-bert-mlm", "--max_seq_length") if name == "mlm" else ("tiny-gpt2", "--block_size")
         return dict(script=f"run_{name}_flax.py", flags=[
@@ -75,9 +76,11 @@ def timed(command: list[str], cwd: str, env: dict) -> tuple[float, str]:
     return wall, done.stderr
 
 
-def metric_of(out: str, spec: tuple[str, str]):
+def metrics_of(out: str, spec: tuple[str, ...]) -> dict:
+    """{key: value} of the metric keys spec[1:] in the results file spec[0] (None where absent)."""
     path = os.path.join(out, spec[0])
-    return json.load(open(path)).get(spec[1]) if os.path.exists(path) else None
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    return {key: results.get(key) for key in spec[1:]}
 
 
 def ours(name: str, assets: str, out: str, cache: str) -> dict:
@@ -87,8 +90,7 @@ def ours(name: str, assets: str, out: str, cache: str) -> dict:
                        *r["ours_only"]], ROOT, {})
     phases = json.loads(next(line for line in log.splitlines()[::-1] if PREFIX in line).split(PREFIX, 1)[1])
     return {"recipe": name, "side": "project", "wall_s": round(wall, 2),
-            "outside_job_s": round(wall - phases["total"], 2), "phases_s": phases,
-            r["metric"][1]: metric_of(out, r["metric"])}
+            "outside_job_s": round(wall - phases["total"], 2), "phases_s": phases, **metrics_of(out, r["metric"])}
 
 
 def original(name: str, assets: str, out: str, scripts: str, python: str) -> dict:
@@ -97,7 +99,7 @@ def original(name: str, assets: str, out: str, scripts: str, python: str) -> dic
     wall, _ = timed([python, os.path.join(scripts, r["script"]), "--output_dir", out, "--overwrite_output_dir",
                      *r["flags"], *r["original_only"]], os.path.join(scripts, "metrics"),
                     {"NLTK_DATA": os.path.join(assets, "nltk_data")})
-    return {"recipe": name, "side": "original", "wall_s": round(wall, 2), r["metric"][1]: metric_of(out, r["metric"])}
+    return {"recipe": name, "side": "original", "wall_s": round(wall, 2), **metrics_of(out, r["metric"])}
 
 
 def main(argv=None):
