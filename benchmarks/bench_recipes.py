@@ -60,7 +60,7 @@ def recipe(name: str, a: str) -> dict:
         return dict(script=f"run_{name}_flax.py", flags=[
             "--model_name_or_path", f"{a}/models/{model}", "--train_file", f"{a}/data/lm_train.txt",
             "--validation_file", f"{a}/data/lm_validation.txt", length, "128", "--num_train_epochs", "5",
-            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--logging_steps", "10", "--eval_steps", "100000", "--save_steps", "100000",
             "--seed", "42", "--do_train", "--do_eval"], ours_only=[], original_only=[],
             metric=("eval_results.json", "eval_accuracy" if name == "mlm" else "eval_perplexity"))
