@@ -18,7 +18,6 @@ as the original script did (one shape, batches in random order). Run the same co
 
 import dataclasses
 import functools
-import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -27,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import (data, exits, generate_seq2seq, lifecycle, loop, packing, parallel, pretrained, storage,
-                       training)
+from flaxtrain import (data, exits, generate_seq2seq, lifecycle, loop, packing, parallel, pretrained,
+                       seq2seq_batches, storage, training)
 from flaxtrain.args import DataArguments, ModelArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_summarization_flax")
@@ -181,68 +180,6 @@ def tokenize_fn(tokenizer, text_column, summary_column, prefix, source_length, t
     return tokenize
 
 
-def padded(rows, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> ([n, width] int32 ids padded at the end with pad_id, [n, width] bool: real tokens)."""
-    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-    real = np.arange(width) < lengths[:, None]
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
-    return ids, real
-
-
-def seq2seq_batch(examples, widths: tuple[int, int], pad_id: int, shift_right) -> dict[str, np.ndarray]:
-    """Tokenized rows -> a teacher-forcing batch, documents padded to widths[0] and summaries (if any) to widths[1];
-    weights [b, T] mark real summary tokens (EOS too)."""
-    input_ids, attention_mask = padded(examples["input_ids"], widths[0], pad_id)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask.astype(np.int32)}
-    if "labels" in examples:
-        labels, weights = padded(examples["labels"], widths[1], pad_id)
-        batch.update(labels=labels, decoder_input_ids=np.asarray(shift_right(labels), np.int32),
-                     weights=weights.astype(np.float32))
-    return batch
-
-
-@dataclasses.dataclass(frozen=True)
-class Lengths:
-    """A tokenized split's document and summary lengths [N] (target None: a test set without summaries)."""
-    source: np.ndarray
-    target: Optional[np.ndarray]
-
-    @classmethod
-    def of(cls, dataset) -> "Lengths":
-        return cls(np.asarray(dataset["source_length"]),
-                   np.asarray(dataset["target_length"]) if "target_length" in dataset.column_names else None)
-
-
-# How many document widths a split's batches may have (packing.fitted_widths): each is one more compiled step (the
-# generation loop's too, in evaluation); summaries have one, their longest's.
-TRAIN_WIDTHS, EVAL_WIDTHS = 4, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """The widths a batch's documents and summaries may be padded to: a global batch takes the smallest that fits
-    its longest of each, the same on every host."""
-    source: list[int]
-    target: list[int]
-
-    @classmethod
-    def of(cls, lengths: Lengths, source_length: int, target_length: int, count: int,
-           pad_to_max_length: bool) -> "Buckets":
-        """Fitted to the split's `lengths` (at most `count` document widths); or the maximum lengths alone."""
-        if pad_to_max_length:
-            return cls([source_length], [target_length])
-        return cls(packing.fitted_widths(lengths.source, count, source_length),
-                   [target_length] if lengths.target is None else
-                   packing.fitted_widths(lengths.target, 1, target_length))
-
-    def widths(self, lengths: Lengths, indices: np.ndarray) -> tuple[int, int]:
-        """(document width, summary width) of the global batch of examples `indices`."""
-        target = (self.target[0] if lengths.target is None
-                  else packing.bucket_width(self.target, lengths.target[indices]))
-        return packing.bucket_width(self.source, lengths.source[indices]), target
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 def generated_lengths(tokens, eos_token_ids):
     """tokens [N, T] -> int [N]: tokens up to and including the first end token (T where there is none)."""
@@ -371,11 +308,12 @@ def run(job, data_args, training_args):
                    if generating else {})
 
     splits, references = load_splits(job.settings.data, data_args, training_args, tokenizer)
-    lengths = {split: Lengths.of(dataset) for split, dataset in splits.items()}
-    buckets = {split: Buckets.of(lengths[split], data_args.max_source_length,
-                                 data_args.max_target_length if split == "train" else data_args.val_max_target_length,
-                                 TRAIN_WIDTHS if split == "train" else EVAL_WIDTHS, data_args.pad_to_max_length)
-               for split in splits}
+    lengths = {split: seq2seq_batches.Lengths.of(dataset) for split, dataset in splits.items()}
+    buckets = {split: seq2seq_batches.Buckets.of(
+        lengths[split], data_args.max_source_length,
+        data_args.max_target_length if split == "train" else data_args.val_max_target_length,
+        seq2seq_batches.TRAIN_WIDTHS if split == "train" else seq2seq_batches.EVAL_WIDTHS, data_args.pad_to_max_length)
+        for split in splits}
     # labels [B, T] -> decoder_input_ids [B, T]: the start token, then labels[:, :-1].
     shift_right = functools.partial(family.shift_right, decoder_start_token_id=model.config.decoder_start_token_id,
                                     pad_token_id=tokenizer.pad_token_id)
@@ -402,8 +340,8 @@ def run(job, data_args, training_args):
                        for indices, _ in data.eval_batches(len(dataset), eval_batch)])
 
         def make_batch(indices, _):  # this host's rows (nothing here is random: no keys needed)
-            return seq2seq_batch(dataset[order[indices].tolist()], next(widths), tokenizer.pad_token_id,
-                                 shift_right)
+            return seq2seq_batches.batch(dataset[order[indices].tolist()], next(widths), tokenizer.pad_token_id,
+                                         shift_right)
         return make_batch, order
 
     def summarize(params, split):
@@ -439,8 +377,8 @@ def run(job, data_args, training_args):
         steps = (update_batch, training_args.seed, job.start_step, job.total_steps)
         order = (data.epoch_batches(len(train), *steps) if data_args.pad_to_max_length else
                  packing.length_grouped_batches(train_lengths.source, *steps))
-        batches = (seq2seq_batch(train[indices[rows].tolist()], buckets["train"].widths(train_lengths, indices),
-                                 tokenizer.pad_token_id, shift_right)
+        batches = (seq2seq_batches.batch(train[indices[rows].tolist()], buckets["train"].widths(train_lengths, indices),
+                                         tokenizer.pad_token_id, shift_right)
                    for _, _, indices in order)
         real_tokens = train_lengths.source.mean() + train_lengths.target.mean()
         outcome = job.train(state, functools.partial(train_step, label_smoothing=training_args.label_smoothing_factor),

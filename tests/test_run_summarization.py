@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import run_summarization_flax
+from flaxtrain import seq2seq_batches
 from tests import tiny
 
 LENGTHS = ["--max_source_length=12", "--max_target_length=10"]
@@ -106,13 +107,13 @@ def test_length_buckets_give_what_padding_to_the_maximum_gives(task, t5_runs, tm
         for i, row in enumerate(map(json.loads, f)):
             out.write(json.dumps({**row, "document": " ".join([row["document"]] * (1 + i % 6))}) + "\n")
     widths = {}
-    padded_batch = run_summarization_flax.seq2seq_batch
+    padded_batch = seq2seq_batches.batch
 
     def recorded(examples, batch_widths, *args):
         widths[name].add(batch_widths)
         return padded_batch(examples, batch_widths, *args)
 
-    monkeypatch.setattr(run_summarization_flax, "seq2seq_batch", recorded)
+    monkeypatch.setattr(seq2seq_batches, "batch", recorded)
     for name, flags in (("buckets", []), ("padded", ["--pad_to_max_length"])):
         widths[name] = set()
         run_summarization_flax.main([
