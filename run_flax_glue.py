@@ -213,14 +213,10 @@ def bucket_lengths(max_len: int, pad_to_max_length: bool) -> list[int]:
 def gather(dataset, indices, width, pad_id, is_regression):
     """Examples `indices` (this host's rows of a global batch) as [b, width] arrays, padded (packing.bucket_width)."""
     examples = dataset[indices.tolist()]
-    n = len(indices)
-    batch = {"input_ids": np.full((n, width), pad_id, np.int32), "attention_mask": np.zeros((n, width), np.int32),
-             "token_type_ids": np.zeros((n, width), np.int32)}
-    for i, ids in enumerate(examples["input_ids"]):
-        batch["input_ids"][i, :len(ids)] = ids
-        batch["attention_mask"][i, :len(ids)] = 1
-        if "token_type_ids" in examples:
-            batch["token_type_ids"][i, :len(ids)] = examples["token_type_ids"][i]
+    input_ids, real = packing.padded(examples["input_ids"], width, pad_id)
+    token_type_ids = (packing.padded(examples["token_type_ids"], width, 0)[0] if "token_type_ids" in examples
+                      else np.zeros_like(input_ids))
+    batch = {"input_ids": input_ids, "attention_mask": real.astype(np.int32), "token_type_ids": token_type_ids}
     labels = np.asarray(examples["labels"], np.float32 if is_regression else np.int32)
     known = ~np.isnan(labels) if is_regression else labels >= 0
     batch["labels"] = np.where(known, labels, 0).astype(labels.dtype)

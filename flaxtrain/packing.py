@@ -156,6 +156,15 @@ def bucket_width(buckets: list[int], lengths: np.ndarray) -> int:
     return next(b for b in buckets if b >= np.max(lengths))
 
 
+def padded(rows, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> ([n, width] int32 ids padded at the end with pad_id, [n, width] bool: real tokens)."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    real = np.arange(width) < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
+    return ids, real
+
+
 def length_grouped_batches(lengths: np.ndarray, global_batch: int, seed: int, start_step: int, total_steps: int,
                            group: int = 50) -> Iterator[tuple[int, int, np.ndarray]]:
     """As data.epoch_batches (epoch, batch index in epoch, index array), with examples of similar length together.

@@ -5,7 +5,6 @@ lengths (--pad_to_max_length still does).
 """
 
 import dataclasses
-import itertools
 from typing import Optional
 
 import numpy as np
@@ -13,22 +12,13 @@ import numpy as np
 from flaxtrain import packing
 
 
-def padded(rows, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> ([n, width] int32 ids padded at the end with pad_id, [n, width] bool: real tokens)."""
-    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-    real = np.arange(width) < lengths[:, None]
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
-    return ids, real
-
-
 def batch(examples, widths: tuple[int, int], pad_id: int, shift_right) -> dict[str, np.ndarray]:
     """Tokenized rows -> a teacher-forcing batch, documents padded to widths[0] and summaries (if any) to widths[1];
     weights [b, T] mark real summary tokens (EOS too)."""
-    input_ids, attention_mask = padded(examples["input_ids"], widths[0], pad_id)
+    input_ids, attention_mask = packing.padded(examples["input_ids"], widths[0], pad_id)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask.astype(np.int32)}
     if "labels" in examples:
-        labels, weights = padded(examples["labels"], widths[1], pad_id)
+        labels, weights = packing.padded(examples["labels"], widths[1], pad_id)
         batch.update(labels=labels, decoder_input_ids=np.asarray(shift_right(labels), np.int32),
                      weights=weights.astype(np.float32))
     return batch
