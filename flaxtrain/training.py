@@ -87,8 +87,21 @@ def make_optimizer(schedule, *, adafactor: bool = False, b1: float = 0.9, b2: fl
     else:
         opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if max_grad_norm and max_grad_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+        opt = optax.chain(clip_by_global_norm(max_grad_norm), opt)
     return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm's clipping (and its empty state, so checkpoints are alike), as one multiplication
+    by a scalar: optax's `select(norm < max, g, g / norm * max)` holds a division, which XLA will not repeat in each
+    consumer of the clipped gradients (Adam's two moments), so it writes them out and reads them back: on a CPU a
+    gpt2-small step read 2.5 GB more memory than without clipping, and 0.5 GB more (the norm) this way."""
+    def update(updates, state, params=None):
+        del params
+        factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))  # norm 0: max / 0 = inf, factor 1
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
 
 
 def accumulate_gradients(loss_fn, params, batch: dict, rng, steps: int):

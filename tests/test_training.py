@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from flaxtrain import data, training
@@ -41,6 +42,18 @@ def test_optimizers_step_and_clip(adafactor):
     grads = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), params)  # clipped to norm 1 first
     updates, _ = tx.update(grads, tx.init(params), params)
     assert all(np.isfinite(x).all() and (x != 0).any() for x in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])  # below the threshold (untouched) and above it (clipped)
+def test_clipping_is_optax_clip_by_global_norm(scale):
+    grads = {"w": scale * jnp.arange(-6.0, 6.0).reshape(3, 4), "b": scale * jnp.ones(5)}
+    ours, theirs = training.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    state = ours.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(theirs.init(grads))  # resumable from either's checkpoints
+    clipped, _ = ours.update(grads, state)
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), clipped, expected)
+    assert float(optax.global_norm(clipped)) == pytest.approx(min(1.0, float(optax.global_norm(grads))), rel=1e-6)
 
 
 def test_accumulated_gradients_equal_the_big_batch():
