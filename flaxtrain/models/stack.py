@@ -23,21 +23,21 @@ def _batch_split_input(layer: type[nn.Module]) -> type[nn.Module]:
 
 
 def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool,
-                in_axes=(nn.broadcast,), unrolled: bool = False) -> type[nn.Module]:
+                in_axes=(nn.broadcast,), unrolled: bool = False, keep_only_products: bool = True) -> type[nn.Module]:
     """`layer` applied num_layers times by nn.scan ((carry, *inputs) -> (carry, output)): its params stacked
     [L, ...] (the new axis named LAYERS for the sharding rules), each layer with its own dropout rng, `in_axes`
     saying which inputs are the same for every layer (nn.broadcast) and which are sliced per layer (0, e.g. a
     per-layer cache). Rematerialised in the backward pass if gradient_checkpointing: inside scan XLA cannot CSE the
     recomputation away, so prevent_cse's barriers would only cost speed (jax.checkpoint's docs: unnecessary under
-    scan). Otherwise, on a CPU, the backward pass keeps only the layers' matrix products and recomputes the rest
-    (norms, activations, softmax, dropout masks): fewer stacked [L, ...] buffers to fill, write and read back, and a
-    step 1.15x faster for gpt2-small, 1.05x for bert-base, as fast for t5-small (benchmarks/README.md); on an
-    accelerator XLA keeps what it keeps until that is measured there. unrolled: the same params and init, applied by
-    a Python loop (_looped)."""
+    scan). Otherwise, on a CPU and if keep_only_products, the backward pass keeps only the layers' matrix products
+    and recomputes the rest (norms, activations, softmax, dropout masks): fewer stacked [L, ...] buffers to fill,
+    write and read back, and a step 1.15x faster for gpt2-small, 1.05x for bert-base (T5, 3% slower so, does not ask
+    for it; benchmarks/README.md); on an accelerator XLA keeps what it keeps until that is measured there. unrolled:
+    the same params and init, applied by a Python loop (_looped)."""
     layer = _batch_split_input(layer)
     if gradient_checkpointing:
         layer = nn.remat(layer, prevent_cse=False)
-    elif not unrolled and jax.default_backend() == "cpu":
+    elif keep_only_products and not unrolled and jax.default_backend() == "cpu":
         layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})

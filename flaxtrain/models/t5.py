@@ -323,7 +323,7 @@ class T5Stack(nn.Module):
             encoder_mask = encoder_mask.astype(bool)[:, None, None, :]
 
         blocks = scan_layers(T5Block, cfg.num_decoder_layers if self.is_decoder else cfg.num_layers,
-                             self.gradient_checkpointing, in_axes=(nn.broadcast,) * 5 + (0,))
+                             self.gradient_checkpointing, in_axes=(nn.broadcast,) * 5 + (0,), keep_only_products=False)
         dropout = Dropout(cfg.dropout_rate, deterministic=deterministic)
         layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "index"}
         x, layer_caches = blocks(cfg, self.dtype, self.is_decoder, deterministic, name="block")(
