@@ -52,6 +52,10 @@ from flaxtrain import example_rng, models, parallel, training  # noqa: E402
 CONFIGS = {
     "bert-small": dict(type="bert", seq=128, batch=16, model=dict(
         vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)),
+    # bert-small's shapes in RoBERTa's architecture (positions offset past the padding id), as side_by_side.sh has it.
+    "roberta-small": dict(type="roberta", seq=128, batch=16, model=dict(
+        vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
     "bert-base": dict(type="bert", seq=128, batch=8, model=dict(
         vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
     "gpt2-small": dict(type="gpt2", seq=256, batch=4, model=dict(
@@ -83,7 +87,7 @@ CONFIGS = {
         vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
         decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)),
 }
-TASKS = {"bert": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
+TASKS = {"bert": ("MaskedLM", run_mlm_flax), "roberta": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
          "t5": ("Seq2SeqLM", run_t5_mlm_flax), "bart": ("Seq2SeqLM", run_summarization_flax)}
 # Arguments a script's train_step takes besides accumulation_steps.
 STEP_OPTIONS = {run_summarization_flax: dict(label_smoothing=0.0)}
