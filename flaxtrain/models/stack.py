@@ -31,9 +31,10 @@ def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing:
     recomputation away, so prevent_cse's barriers would only cost speed (jax.checkpoint's docs: unnecessary under
     scan). Otherwise, on a CPU and if keep_only_products, the backward pass keeps only the layers' matrix products
     and recomputes the rest (norms, activations, softmax, dropout masks): fewer stacked [L, ...] buffers to fill,
-    write and read back, and a step 1.15x faster for gpt2-small, 1.05x for bert-base (T5, 3% slower so, does not ask
-    for it; benchmarks/README.md); on an accelerator XLA keeps what it keeps until that is measured there. unrolled:
-    the same params and init, applied by a Python loop (_looped)."""
+    write and read back, and a step 1.15x faster for gpt2-small, 1.05x for bert-base (T5's is 3% slower so: T5
+    keeps everything; benchmarks/README.md); on an accelerator XLA keeps what it keeps until that is measured
+    there (tests/test_stack.py: the same values). unrolled: the same params and init, applied by a Python loop
+    (_looped)."""
     layer = _batch_split_input(layer)
     if gradient_checkpointing:
         layer = nn.remat(layer, prevent_cse=False)
