@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtrain import data, example_rng, exits, lifecycle, loop, parallel, streaming, training
+from flaxtrain import data, example_rng, exits, lifecycle, loop, packing, parallel, streaming, training
 from flaxtrain.args import DataArguments, ModelArguments, StreamingArguments, TrainingArguments, parse_args
 
 logger = logging.getLogger("run_mlm_flax")
@@ -133,12 +133,8 @@ def mask_tokens(batch, keys, tokenizer, probability, predictions):
 def gather(dataset, indices, max_len, pad_id):
     """Rows `indices` of the tokenized dataset as [b, max_len] arrays, padded (special mask 1 on padding)."""
     rows = dataset[indices.tolist()]
-    out = {"input_ids": np.full((len(indices), max_len), pad_id, np.int64),
-           "special_tokens_mask": np.ones((len(indices), max_len), np.int8)}
-    for key in out:
-        for i, seq in enumerate(rows[key]):
-            out[key][i, :len(seq)] = seq
-    return out
+    return {"input_ids": packing.padded(rows["input_ids"], max_len, pad_id)[0],
+            "special_tokens_mask": packing.padded(rows["special_tokens_mask"], max_len, 1)[0].astype(np.int8)}
 
 
 def in_memory_splits(tokenizer, source, data_args, training_args, max_len):

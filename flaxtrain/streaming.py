@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
-from flaxtrain import parallel
+from flaxtrain import packing, parallel
 from flaxtrain.text_files import TextRecords
 
 TEXTS_PER_ENCODE = 256  # records tokenized in one call of the (batched, fast) tokenizer
@@ -89,11 +89,7 @@ class _BlocksIterator(grain.DatasetIterator):
 def padded_batch(pad: dict, length: int):
     """A Grain batch_fn: blocks of up to `length` tokens -> {column: [n, length]}, padded with pad[column]."""
     def stack(blocks):
-        out = {k: np.full((len(blocks), length), value, np.int32) for k, value in pad.items()}
-        for i, block in enumerate(blocks):
-            for k, values in block.items():
-                out[k][i, :len(values)] = values
-        return out
+        return {k: packing.padded([block.get(k, ()) for block in blocks], length, value)[0] for k, value in pad.items()}
     return stack
 
 
