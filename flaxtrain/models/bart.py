@@ -31,7 +31,7 @@ from flaxtrain.models.bart_config import (HF_ARCHITECTURES, BartConfig, max_posi
 from flaxtrain.models.bert import ACT_FNS, at_positions
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.layers import dense, layer_norm, token_embedding_init
+from flaxtrain.models.layers import dense, float32_logits, layer_norm, token_embedding_init
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
@@ -309,8 +309,7 @@ class BartForConditionalGeneration(nn.Module):
 
     def _logits(self, x):
         """[..., D] -> [..., V] float32. The matmul runs in the computation dtype with float32 accumulation."""
-        logits = jnp.einsum("...d,vd->...v", x, self.model.output_embedding().astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = float32_logits("...d,vd->...v", x, self.model.output_embedding())
         return logits + jax.lax.stop_gradient(self.final_logits_bias)[0]  # a buffer: never trained
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:

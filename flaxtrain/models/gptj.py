@@ -26,7 +26,7 @@ from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import init_params, tied_logits
-from flaxtrain.models.layers import dense, layer_norm
+from flaxtrain.models.layers import dense, float32_logits, layer_norm
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
 
@@ -210,7 +210,7 @@ class GPTJLMHead(nn.Module):
         else:
             kernel = self.param("kernel", named(nn.initializers.normal(self.initializer_range), EMBED, VOCAB),
                                 (x.shape[-1], self.vocab_size), jnp.float32)
-            logits = jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+            logits = float32_logits("btd,dv->btv", x, kernel)
         bias = self.param("bias", named(nn.initializers.zeros_init(), VOCAB), (self.vocab_size,), jnp.float32)
         return logits + bias
 

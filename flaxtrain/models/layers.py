@@ -7,6 +7,7 @@ epsilon), so one helper serves configs that name them differently. Module names 
 Shapes: B batch, T length, D width, V vocabulary.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -44,10 +45,37 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+def float32_logits(equation: str, x, matrix):
+    """einsum(equation, x, matrix) in x's dtype with float32 accumulation and output (bfloat16 logits would cost
+    the loss precision). The backward is a product in x's dtype: the logits' gradient is rounded to it first, so the
+    matrix's gradient [D, V] is made in bfloat16 under --dtype bfloat16, not float32 (1 GiB a device for Llama's
+    head, alive when the backward starts; benchmarks/README.md), as every other layer's is."""
+    matrix = matrix.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        return jnp.einsum(equation, x, matrix)
+    return _rounded_backward_logits(equation, x, matrix)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rounded_backward_logits(equation, x, matrix):
+    return jnp.einsum(equation, x, matrix, preferred_element_type=jnp.float32)
+
+
+def _rounded_backward_logits_fwd(equation, x, matrix):
+    return _rounded_backward_logits(equation, x, matrix), (x, matrix)
+
+
+def _rounded_backward_logits_bwd(equation, saved, g):
+    _, product_vjp = jax.vjp(functools.partial(jnp.einsum, equation), *saved)
+    return product_vjp(g.astype(saved[0].dtype))
+
+
+_rounded_backward_logits.defvjp(_rounded_backward_logits_fwd, _rounded_backward_logits_bwd)
+
+
 def tied_logits(x, embedding):
-    """x [B, T, D] -> [B, T, V] float32 = x @ embedding.T, in x's dtype with float32 accumulation and output (bf16
-    logits would cost the loss precision)."""
-    return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+    """x [B, T, D] -> [B, T, V] float32 = x @ embedding.T (float32_logits)."""
+    return float32_logits("btd,vd->btv", x, embedding)
 
 
 def tied_decoder(module: nn.Module, x, embedding):
@@ -77,7 +105,7 @@ class LMHead(nn.Module):
         """x [B, T, D] -> logits [B, T, V] float32."""
         kernel = self.param("kernel", named(nn.initializers.normal(self.initializer_range), EMBED, VOCAB),
                             (x.shape[-1], self.vocab_size), jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        return float32_logits("btd,dv->btv", x, kernel)
 
 
 def token_embedding_init(std: float, pad_token_id: int):

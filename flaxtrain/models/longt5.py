@@ -28,8 +28,8 @@ import numpy as np
 from flaxtrain.models import t5
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.layers import RMSNorm
-from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, VOCAB, embedding_init, named
+from flaxtrain.models.layers import LMHead, RMSNorm
+from flaxtrain.models.partitioning import BUCKETS, HEADS, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 ATTENTION_TYPES = {"local": "LocalSelfAttention", "transient-global": "TransientGlobalSelfAttention"}
@@ -238,10 +238,7 @@ class LongT5ForConditionalGeneration(t5.T5ForConditionalGeneration):
         self.encoder = LongT5EncoderStack(cfg, self.dtype, self.gradient_checkpointing)
         self.decoder = t5.T5Stack(cfg, self.dtype, True, self.gradient_checkpointing)
         if not cfg.tie_word_embeddings:  # float32 output, as the tied head
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                    kernel_init=named(nn.initializers.normal(cfg.initializer_factor), EMBED, VOCAB),
-                                    dot_general=functools.partial(jax.lax.dot_general,
-                                                                  preferred_element_type=jnp.float32))
+            self.lm_head = LMHead(cfg.vocab_size, cfg.initializer_factor)
 
 
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). Relative positions set

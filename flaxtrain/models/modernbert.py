@@ -292,7 +292,7 @@ class ModernBertForMaskedLM(nn.Module):
         x = ModernBertPredictionHead(cfg, self.dtype, name="head")(bert.at_positions(hidden, positions))
         if cfg.decoder_bias:
             return layers.TiedDecoder(name="decoder")(x, embedding)
-        return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        return layers.float32_logits("btd,vd->btv", x, embedding)
 
 
 class ModernBertForSequenceClassification(nn.Module):

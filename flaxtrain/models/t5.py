@@ -27,9 +27,9 @@ from flaxtrain.models.attention import attention, init_cache, write_cache
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
-from flaxtrain.models.layers import dense
+from flaxtrain.models.layers import LMHead, dense, float32_logits
 from flaxtrain.models.llama import RMSNorm
-from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, VOCAB, embedding_init, named
+from flaxtrain.models.partitioning import BUCKETS, EMBED, HEADS, MLP, embedding_init
 from flaxtrain.models.stack import scan_layers
 
 _HF_ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
@@ -351,11 +351,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.encoder = T5Stack(cfg, self.dtype, False, self.gradient_checkpointing)
         self.decoder = T5Stack(cfg, self.dtype, True, self.gradient_checkpointing)
         if not cfg.tie_word_embeddings:  # float32 output, as the tied head below
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                    kernel_init=named(nn.initializers.normal(cfg.initializer_factor), EMBED, VOCAB),
-                                    name="lm_head",
-                                    dot_general=functools.partial(jax.lax.dot_general,
-                                                                  preferred_element_type=jnp.float32))
+            self.lm_head = LMHead(cfg.vocab_size, cfg.initializer_factor, name="lm_head")
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
                  deterministic: bool = True):
@@ -386,8 +382,7 @@ class T5ForConditionalGeneration(nn.Module):
         if self.config.tie_word_embeddings:
             # v1.0 rescales before the tied head; logits accumulate and stay in float32 for the loss.
             x = x * self.config.d_model**-0.5
-            logits = jnp.einsum("btd,vd->btv", x, self.shared.embedding.astype(x.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = float32_logits("btd,vd->btv", x, self.shared.embedding)
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32), cache

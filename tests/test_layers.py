@@ -1,0 +1,61 @@
+"""models/layers.float32_logits: float32 logits from a bfloat16 product, whose backward stays in bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxtrain.models.layers import float32_logits
+
+EQUATION = "btd,dv->btv"
+
+
+def inputs(dtype):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8)).astype(dtype)
+    kernel = jax.random.normal(jax.random.key(1), (8, 40))  # float32, as the params are
+    return x, kernel
+
+
+def loss(x, kernel):  # float32 statistics of the float32 logits, as a cross-entropy takes them
+    return jax.nn.logsumexp(float32_logits(EQUATION, x, kernel), axis=-1).sum()
+
+
+def dot_outputs(jaxpr):
+    """The output avals of every dot_general in `jaxpr`, nested jaxprs (custom_vjp, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.outvars[0].aval)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                found += dot_outputs(inner)
+    return found
+
+
+def test_bfloat16_logits_are_float32_and_their_backward_a_bfloat16_product():
+    x, kernel = inputs(jnp.bfloat16)
+    logits = float32_logits(EQUATION, x, kernel)
+    want = jnp.einsum(EQUATION, x, kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, want)
+
+    grad_x, grad_kernel = jax.grad(loss, argnums=(0, 1))(x, kernel)
+    g = jax.grad(lambda y: jax.nn.logsumexp(y, axis=-1).sum())(want).astype(jnp.bfloat16)
+    _, product_vjp = jax.vjp(lambda a, b: jnp.einsum(EQUATION, a, b), x, kernel.astype(jnp.bfloat16))
+    want_x, want_kernel = product_vjp(g)
+    np.testing.assert_array_equal(grad_x, want_x)
+    np.testing.assert_array_equal(grad_kernel, want_kernel.astype(jnp.float32))
+
+    # The matrix's gradient is made by a bfloat16 product: no [D, V] float32 product is left for XLA to keep.
+    products = dot_outputs(jax.make_jaxpr(jax.grad(loss, argnums=1))(x, kernel).jaxpr)
+    kernel_products = [a for a in products if sorted(a.shape) == sorted(kernel.shape)]  # [D, V] or [V, D]
+    assert kernel_products and all(a.dtype == jnp.bfloat16 for a in kernel_products), products
+
+
+def test_float32_logits_are_the_plain_product():
+    x, kernel = inputs(jnp.float32)
+    np.testing.assert_array_equal(float32_logits(EQUATION, x, kernel), jnp.einsum(EQUATION, x, kernel))
+    grads = jax.grad(loss, argnums=(0, 1))(x, kernel)
+    plain = jax.grad(lambda a, b: jax.nn.logsumexp(jnp.einsum(EQUATION, a, b), axis=-1).sum(), argnums=(0, 1))(x, kernel)
+    for got, want in zip(grads, plain):
+        np.testing.assert_array_equal(got, want)
