@@ -184,8 +184,7 @@ class BartStack(nn.Module):
             x, layer_caches = self._unrolled(x, self_mask, encoder_hidden, encoder_mask, index, layer_caches)
         else:
             layers = scan_layers(BartLayer, cfg.decoder_layers if self.is_decoder else cfg.encoder_layers,
-                                 self.gradient_checkpointing, in_axes=(nn.broadcast,) * 4 + (0,),
-                                 unrolled=True)  # 1.3-1.5x faster train step on CPU than under nn.scan
+                                 self.gradient_checkpointing, in_axes=(nn.broadcast,) * 4 + (0,))
             x, layer_caches = layers(cfg, self.dtype, self.is_decoder, deterministic, name="layers")(
                 x, self_mask, encoder_hidden, encoder_mask, index, layer_caches)
         if cfg.add_final_layer_norm:

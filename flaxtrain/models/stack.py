@@ -1,10 +1,7 @@
 """Layers stacked by nn.scan, the way every family here builds its encoder or decoder."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flaxtrain.models.partitioning import LAYERS
 from flaxtrain.parallel import split_residual
@@ -23,7 +20,7 @@ def _batch_split_input(layer: type[nn.Module]) -> type[nn.Module]:
 
 
 def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing: bool,
-                in_axes=(nn.broadcast,), unrolled: bool = False, keep_only_products: bool = True) -> type[nn.Module]:
+                in_axes=(nn.broadcast,), keep_only_products: bool = True) -> type[nn.Module]:
     """`layer` applied num_layers times by nn.scan ((carry, *inputs) -> (carry, output)): its params stacked
     [L, ...] (the new axis named LAYERS for the sharding rules), each layer with its own dropout rng, `in_axes`
     saying which inputs are the same for every layer (nn.broadcast) and which are sliced per layer (0, e.g. a
@@ -31,42 +28,15 @@ def scan_layers(layer: type[nn.Module], num_layers: int, gradient_checkpointing:
     recomputation away, so prevent_cse's barriers would only cost speed (jax.checkpoint's docs: unnecessary under
     scan). Otherwise, on a CPU and if keep_only_products, the backward pass keeps only the layers' matrix products
     and recomputes the rest (norms, activations, softmax, dropout masks): fewer stacked [L, ...] buffers to fill,
-    write and read back, and a step 1.15x faster for gpt2-small, 1.05x for bert-base (T5's is 3% slower so: T5
-    keeps everything; benchmarks/README.md); on an accelerator XLA keeps what it keeps until that is measured
-    there (tests/test_stack.py: the same values). unrolled: the same params and init, applied by a Python loop
-    (_looped)."""
+    write and read back, and a step 1.15x faster for gpt2-small, 1.05x for bert-base, as fast for bart-small as its
+    layers unrolled in a Python loop, which compiled 1.7x longer (T5's is 3% slower so: T5 keeps everything;
+    benchmarks/README.md); on an accelerator XLA keeps what it keeps until that is measured there
+    (tests/test_stack.py: the same values)."""
     layer = _batch_split_input(layer)
     if gradient_checkpointing:
         layer = nn.remat(layer, prevent_cse=False)
-    elif keep_only_products and not unrolled and jax.default_backend() == "cpu":
+    elif keep_only_products and jax.default_backend() == "cpu":
         layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
-    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
-    return _looped(scanned, layer, num_layers, in_axes) if unrolled else scanned
+    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
 
-
-def _looped(scanned: type[nn.Module], layer: type[nn.Module], num_layers: int, in_axes) -> type[nn.Module]:
-    """`scanned`, initialised by nn.scan (the same stacked param tree), applied by a Python loop over static
-    slices of the stacked params: XLA sees num_layers bodies and no stacked [L, ...] buffers of saved activations
-    and gradients. Faster for BART, not for GPT-2 or T5, and compiles longer (benchmarks/README.md).
-    Each layer's dropout rng is split from the module's, not nn.scan's: other masks, the same distribution."""
-    fields = [f.name for f in dataclasses.fields(layer) if f.name not in ("parent", "name")]
-
-    class Looped(scanned):
-        def __call__(self, carry, *inputs):
-            if self.is_initializing():
-                return super().__call__(carry, *inputs)
-            params = nn.meta.unbox(self.variables["params"])
-            body = layer(**{f: getattr(self, f) for f in fields}, parent=None)  # detached: applied functionally
-            rngs = jax.random.split(self.make_rng("dropout"), num_layers) if self.has_rng("dropout") else None
-            outputs = []
-            for i in range(num_layers):
-                sliced = [x if axis is nn.broadcast else jax.tree.map(lambda a: a[i], x)
-                          for x, axis in zip(inputs, in_axes)]
-                carry, out = body.apply({"params": jax.tree.map(lambda a: a[i], params)}, carry, *sliced,
-                                        rngs=None if rngs is None else {"dropout": rngs[i]})
-                outputs.append(out)
-            return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-
-    Looped.__name__ = layer.__name__
-    return Looped
