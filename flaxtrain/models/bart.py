@@ -26,11 +26,11 @@ import jax.numpy as jnp
 
 from flaxtrain.models import t5
 from flaxtrain.models.attention import attention, init_cache, write_cache
-from flaxtrain.models.bart_config import (HF_ARCHITECTURES, BartConfig, max_positions,  # noqa: F401 (bart's names)
-                                           shift_input_ids, shift_tokens_right)
+from flaxtrain.models.bart_config import (HF_ARCHITECTURES, BartConfig, hf_rules,  # noqa: F401 (bart's names)
+                                           max_positions, shift_input_ids, shift_tokens_right)
 from flaxtrain.models.bert import ACT_FNS, at_positions
 from flaxtrain.models.dropout import Dropout
-from flaxtrain.models.family import Family, HfRules
+from flaxtrain.models.family import Family
 from flaxtrain.models.layers import dense, float32_logits, layer_norm, token_embedding_init
 from flaxtrain.models.partitioning import CLASSES, EMBED, HEADS, MLP, POSITIONS, VOCAB, embedding_init, named
 from flaxtrain.models.stack import scan_layers
@@ -395,26 +395,8 @@ def init_params(module: nn.Module, rng: jax.Array, unbox: bool = True) -> dict:
     return nn.unbox(params) if unbox else params
 
 
-def hf_rules(model_types: tuple[str, ...], ignored: tuple[str, ...] = ()) -> HfRules:
-    """The checkpoint-key rules of a BART-like family (its own `ignored` buffers added)."""
-    return HfRules(
-        scanned=("encoder.layers", "decoder.layers"),
-        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
-              "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"},
-        # A bare-body checkpoint (AutoModel) lacks the `model.` prefix and final_logits_bias.
-        base_prefix=dict.fromkeys(model_types, "model"),
-        # fairseq-converted checkpoints carry version buffers (transformers ignores them too).
-        ignored=(r"^model\.(encoder|decoder)\.version$", *ignored),
-        # Absent from bare-body checkpoints: zeros, as transformers initialises the buffer.
-        zeros=(r"^final_logits_bias$",),
-        # A classifier from a conditional-generation checkpoint: its LM head's bias unused, its own head fresh.
-        pretraining_heads=(r"^final_logits_bias$",),
-        classifier_head=(r"^classification_head\.",),
-    )
-
-
 # What flaxtrain.models.create, the scripts and flaxtrain.hf_io use (see models/family.py). BART's shift is T5's
-# (shift_tokens_right above is the same with transformers' argument order).
+# (bart_config.shift_tokens_right is the same with transformers' argument order).
 FAMILY = Family(
     model_types=BartConfig.MODEL_TYPES, config=BartConfig,
     heads={"Seq2SeqLM": BartForConditionalGeneration, "SequenceClassification": BartForSequenceClassification,

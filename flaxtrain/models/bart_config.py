@@ -1,5 +1,6 @@
 """The configuration of BART and every BART-like family (flaxtrain/models/bart.py, pegasus.py, marian.py,
-blenderbot.py) and the decoder-input shifts that transformers' BART and mBART apply.
+blenderbot.py), the decoder-input shifts that transformers' BART and mBART apply, and the rules of their
+checkpoints' keys (hf_rules).
 
 Special token ids (`BartConfig` fields, read with getattr): transformers 5 keeps pad/bos/eos/decoder_start/
 forced_eos_token_id in the model config, but drops `forced_bos_token_id` (a generation setting) from config.json on
@@ -16,6 +17,7 @@ import numpy as np
 
 from flaxtrain.models import t5
 from flaxtrain.models.bert import ACT_FNS
+from flaxtrain.models.family import HfRules
 
 # {model_type: transformers' class with the LM head}, for every BART-like model type.
 HF_ARCHITECTURES = {"bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration",
@@ -168,3 +170,21 @@ def shift_input_ids(config: BartConfig, input_ids):
     if config.model_type == "mbart":
         return mbart_shift_tokens_right(input_ids, config.pad_token_id)
     return shift_tokens_right(input_ids, config.pad_token_id, config.decoder_start_token_id)
+
+
+def hf_rules(model_types: tuple[str, ...], ignored: tuple[str, ...] = ()) -> HfRules:
+    """The checkpoint-key rules of a BART-like family (its own `ignored` buffers added)."""
+    return HfRules(
+        scanned=("encoder.layers", "decoder.layers"),
+        tied={"model.encoder.embed_tokens.weight": "model.shared.weight",
+              "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"},
+        # A bare-body checkpoint (AutoModel) lacks the `model.` prefix and final_logits_bias.
+        base_prefix=dict.fromkeys(model_types, "model"),
+        # fairseq-converted checkpoints carry version buffers (transformers ignores them too).
+        ignored=(r"^model\.(encoder|decoder)\.version$", *ignored),
+        # Absent from bare-body checkpoints: zeros, as transformers initialises the buffer.
+        zeros=(r"^final_logits_bias$",),
+        # A classifier from a conditional-generation checkpoint: its LM head's bias unused, its own head fresh.
+        pretraining_heads=(r"^final_logits_bias$",),
+        classifier_head=(r"^classification_head\.",),
+    )
