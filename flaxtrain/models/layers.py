@@ -47,13 +47,14 @@ class RMSNorm(nn.Module):
 
 def float32_logits(equation: str, x, matrix):
     """einsum(equation, x, matrix) in x's dtype with float32 accumulation and output (bfloat16 logits would cost
-    the loss precision). The backward is a product in x's dtype: the logits' gradient is rounded to it first, so the
-    matrix's gradient [D, V] is made in bfloat16 under --dtype bfloat16, not float32 (1 GiB a device for Llama's
-    head, alive when the backward starts; benchmarks/README.md), as every other layer's is."""
+    the loss precision). Under bfloat16 the backward is a bfloat16 product: the logits' gradient is rounded first,
+    so the matrix's gradient [D, V] is made in bfloat16, not float32 (1 GiB a device for Llama's head, alive when
+    the backward starts; benchmarks/README.md), as every other layer's is. float16 keeps the float32 gradient:
+    rounded to float16, a token's gradient at its unlikely words (probability / tokens in the batch) would be 0."""
     matrix = matrix.astype(x.dtype)
-    if x.dtype == jnp.float32:
-        return jnp.einsum(equation, x, matrix)
-    return _rounded_backward_logits(equation, x, matrix)
+    if x.dtype == jnp.bfloat16:
+        return _rounded_backward_logits(equation, x, matrix)
+    return jnp.einsum(equation, x, matrix, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
