@@ -87,7 +87,8 @@ CONFIGS = {
         vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
         decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048)),
 }
-TASKS = {"bert": ("MaskedLM", run_mlm_flax), "roberta": ("MaskedLM", run_mlm_flax), "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
+TASKS = {"bert": ("MaskedLM", run_mlm_flax), "roberta": ("MaskedLM", run_mlm_flax),
+         "gpt2": ("CausalLM", run_clm_flax), "llama": ("CausalLM", run_clm_flax),
          "t5": ("Seq2SeqLM", run_t5_mlm_flax), "bart": ("Seq2SeqLM", run_summarization_flax)}
 # Arguments a script's train_step takes besides accumulation_steps.
 STEP_OPTIONS = {run_summarization_flax: dict(label_smoothing=0.0)}

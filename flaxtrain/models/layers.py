@@ -51,27 +51,27 @@ def float32_logits(equation: str, x, matrix):
     so the matrix's gradient [D, V] is made in bfloat16, not float32 (1 GiB a device for Llama's head, alive when
     the backward starts; benchmarks/README.md), as every other layer's is. float16 keeps the float32 gradient:
     rounded to float16, a token's gradient at its unlikely words (probability / tokens in the batch) would be 0."""
-    matrix = matrix.astype(x.dtype)
-    if x.dtype == jnp.bfloat16:
-        return _rounded_backward_logits(equation, x, matrix)
+    product = _rounded_backward_product if x.dtype == jnp.bfloat16 else _float32_product
+    return product(equation, x, matrix.astype(x.dtype))
+
+
+def _float32_product(equation, x, matrix):
     return jnp.einsum(equation, x, matrix, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rounded_backward_logits(equation, x, matrix):
-    return jnp.einsum(equation, x, matrix, preferred_element_type=jnp.float32)
+_rounded_backward_product = jax.custom_vjp(_float32_product, nondiff_argnums=(0,))
 
 
-def _rounded_backward_logits_fwd(equation, x, matrix):
-    return _rounded_backward_logits(equation, x, matrix), (x, matrix)
+def _rounded_backward_product_fwd(equation, x, matrix):
+    return _float32_product(equation, x, matrix), (x, matrix)
 
 
-def _rounded_backward_logits_bwd(equation, saved, g):
+def _rounded_backward_product_bwd(equation, saved, g):
     _, product_vjp = jax.vjp(functools.partial(jnp.einsum, equation), *saved)
     return product_vjp(g.astype(saved[0].dtype))
 
 
-_rounded_backward_logits.defvjp(_rounded_backward_logits_fwd, _rounded_backward_logits_bwd)
+_rounded_backward_product.defvjp(_rounded_backward_product_fwd, _rounded_backward_product_bwd)
 
 
 def tied_logits(x, embedding):
