@@ -3,14 +3,15 @@
 llama-1b (run_clm_flax.py) with the fastest attention JAX offers here, and prints one line per config with tokens/s
 and MFU against the chip's published peak. benchmarks/accelerator_check.sh runs it.
 
-    python benchmarks/accelerator_check.py [--steps 20] [--attention auto|xla|cudnn] [--configs bert-base ...]
+    python benchmarks/accelerator_check.py [--steps 20] [--attention auto|xla|cudnn|splash|chunked]
+                                           [--configs bert-base ...]
 
 Attention, by platform (flaxtrain/models/attention.py selects it):
   NVIDIA GPU  cuDNN's flash attention (jax.nn.dot_product_attention, implementation="cudnn"); a config whose
               attention cuDNN refuses runs XLA's and its line says why; one whose cuDNN step fails to compile or
               run is run again with XLA's.
-  TPU         XLA's attention: the Pallas splash/flash kernels are not wired (they need the mask's structure,
-              causal and segments, where attention() gets a dense mask); left undone, said in the output.
+  TPU         the Pallas splash attention kernel (flaxtrain/models/splash.py: causal for gpt2-small and
+              llama-1b, padding segments for bert-base), with the same fallbacks as cuDNN's.
   CPU         XLA's attention, said in the output, on the configs shrunk to 2 layers of width 128 and 64 tokens,
               so that CI runs this script in a minute and keeps it from rotting.
 Attention dropout is 0 in every config (bert-base and gpt2-small default to 0.1): dropping attention probabilities
@@ -80,8 +81,7 @@ def choose_attention(platform: str, requested: str) -> tuple[str, str]:
     if platform == "gpu":
         return "cudnn", "cudnn (cuDNN flash attention through jax.nn.dot_product_attention)"
     if platform == "tpu":
-        return "xla", ("xla: on TPU this suite runs XLA's attention; the Pallas splash/flash attention kernels are "
-                       "not wired into flaxtrain (left undone)")
+        return "splash", "splash (the Pallas splash attention kernel, flaxtrain/models/splash.py)"
     return "xla", f"xla: fallback, no GPU or TPU here ({platform}), JAX's default XLA attention"
 
 
@@ -127,15 +127,15 @@ def check(name: str, implementation: str, tiny: bool, steps: int, devices: int) 
     shape = TINY_SHAPE if tiny else SHAPES[name]
     batch = math.ceil(shape["batch"] / devices) * devices  # every device gets rows
     attention.select_implementation(implementation)
-    attention.cudnn_fallbacks.clear()  # what this config's trace refuses
+    attention.fallbacks.clear()  # why this config's trace ran XLA's attention, if it did
     result = time_train_step(register(name, tiny), batch, shape["seq"], steps,
                              shape.get("gradient_checkpointing", False), shape.get("fsdp", 1))
     if not math.isfinite(result["loss"]):
         raise FloatingPointError(f"the loss is {result['loss']}")
-    refused = list(attention.cudnn_fallbacks)
+    refused = list(attention.fallbacks)
     return {**result, "batch": batch, "seq": shape["seq"],
             "attention": "xla" if refused else implementation,
-            "note": f"cudnn refused: {'; '.join(refused)}" if refused else ""}
+            "note": f"{implementation} refused: {'; '.join(refused)}" if refused else ""}
 
 
 def line(name: str, result: dict, peak: float) -> str:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="timed steps after the first (default: 20, on a CPU 2)")
     parser.add_argument("--attention", choices=["auto", *attention.IMPLEMENTATIONS], default="auto",
-                        help="auto: cudnn on an NVIDIA GPU, else xla")
+                        help="auto: cudnn on an NVIDIA GPU, splash on a TPU, else xla")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="the CPU's tiny sizes on an accelerator too")
     args = parser.parse_args(argv)
@@ -182,13 +182,13 @@ def main(argv=None) -> int:
             result = check(name, implementation, tiny, steps, devices)
         except Exception as error:  # noqa: BLE001 (one config's failure is a line of the report, not the end)
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            if implementation != "cudnn":
+            if implementation not in ("cudnn", "splash"):
                 print(f"{name}: failed ({reason})", flush=True)
                 failed.append(name)
                 continue
-            print(f"{name}: failed with cudnn attention ({reason}); again with xla", flush=True)
+            print(f"{name}: failed with {implementation} attention ({reason}); again with xla", flush=True)
             try:
-                result = {**check(name, "xla", tiny, steps, devices), "note": f"cudnn failed: {reason}"}
+                result = {**check(name, "xla", tiny, steps, devices), "note": f"{implementation} failed: {reason}"}
             except Exception as error:  # noqa: BLE001
                 print(f"{name}: failed ({type(error).__name__}: {error})", flush=True)
                 failed.append(name)

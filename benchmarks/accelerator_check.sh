@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The bfloat16 train step of bert-base, gpt2-small and llama-1b with the fastest attention JAX offers on this
-# machine (cuDNN flash attention on an NVIDIA GPU; XLA's on a TPU and, with tiny sizes, on a CPU), one line per
-# config with tokens/s and MFU against the chip's published peak: benchmarks/accelerator_check.py. Stopped at 8
-# minutes (expected: a few minutes on one H100, mostly compiling; not yet measured on one). On a CPU, tiny sizes, XLA's
-# attention (it says so): a minute or two; tests/test_accelerator_check.py runs it so.
+# machine (cuDNN flash attention on an NVIDIA GPU, Pallas splash attention on a TPU, XLA's with tiny sizes on a
+# CPU), one line per config with tokens/s and MFU against the chip's published peak:
+# benchmarks/accelerator_check.py. Stopped at 8 minutes (expected: a few minutes on one H100, mostly compiling; not
+# yet measured on one). On a CPU, tiny sizes, XLA's attention (it says so): a minute or two;
+# tests/test_accelerator_check.py runs it so.
 #
-#   benchmarks/accelerator_check.sh [--steps N] [--attention auto|xla|cudnn] [--configs bert-base ...] [--tiny]
+#   benchmarks/accelerator_check.sh [--steps N] [--attention auto|xla|cudnn|splash|chunked]
+#                                   [--configs bert-base ...] [--tiny]
 #
 # PYTHON picks the interpreter (default: the repository's .venv, else python3).
 set -euo pipefail

@@ -28,7 +28,7 @@ LINE = re.compile(r"^(?P<config>[\w-]+): tokens/s=(?P<tokens>[\d.]+) mfu=(?P<mfu
 def default_attention():
     yield
     select_implementation(None)
-    attention_module.cudnn_fallbacks.clear()
+    attention_module.fallbacks.clear()
 
 
 def test_cpu_run_names_its_attention_and_the_fallback():
@@ -81,7 +81,7 @@ def test_each_choice_off_a_gpu_computes_what_the_default_does(case, dtype, caplo
     with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
         np.testing.assert_array_equal(attention(q, k, v, mask, bias=bias), plain)
         np.testing.assert_array_equal(attend(q, k, v, mask), plain_jitted)
-    assert attention_module.cudnn_fallbacks == ["no NVIDIA GPU (the backend is cpu)"]
+    assert attention_module.fallbacks == ["no NVIDIA GPU (the backend is cpu)"]
     assert [r.getMessage() for r in caplog.records] == [
         "FLAXTRAIN_ATTENTION=cudnn: XLA's attention instead, no NVIDIA GPU (the backend is cpu)"]
 
@@ -98,15 +98,18 @@ def test_attention_dropout_takes_the_explicit_softmax_whatever_is_selected():
     expected = Attend().apply({}, q, k, v, rngs=rngs)
     select_implementation("cudnn")
     np.testing.assert_array_equal(Attend().apply({}, q, k, v, rngs=rngs), expected)
-    assert attention_module.cudnn_fallbacks == []  # cuDNN was not asked
+    select_implementation("splash")
+    np.testing.assert_array_equal(Attend().apply({}, q, k, v, rngs=rngs), expected)
+    assert attention_module.fallbacks == [  # said once for both
+        "attention dropout (0.5) needs the explicit softmax, which no fused kernel runs"]
 
 
 def test_a_bad_choice_is_refused_naming_the_variable(monkeypatch):
     with pytest.raises(ValueError, match=r"FLAXTRAIN_ATTENTION=flash: expected one of xla, cudnn"):
         select_implementation("flash")
-    monkeypatch.setattr(attention_module, "_implementation", "splash")  # as read from the environment
+    monkeypatch.setattr(attention_module, "_implementation", "pallas")  # as read from the environment
     q, k, v = heads(jnp.float32)
-    with pytest.raises(ValueError, match=r"FLAXTRAIN_ATTENTION=splash"):
+    with pytest.raises(ValueError, match=r"FLAXTRAIN_ATTENTION=pallas"):
         attention(q, k, v)
 
 

@@ -12,19 +12,22 @@ rate of 0) and without a soft cap it is jax.nn.dot_product_attention; otherwise 
 because the probabilities are dropped before they meet the values, and the logits capped before the softmax, and
 dot_product_attention has no place for either.
 
-Which kernel dot_product_attention runs is one process-wide setting, FLAXTRAIN_ATTENTION (or
-`select_implementation` in code): unset, JAX chooses (today XLA's attention on every platform); "xla" names that;
-"chunked" is XLA's attention in query blocks for long sequences (at least CHUNKED_FROM queries): the queries go
-through dot_product_attention QUERY_BLOCK at a time (`chunked_attention`, lax.map under jax.checkpoint), so that one
-block's float32 scores [B, N, QUERY_BLOCK, S] are alive, not all T rows', in the forward and in the backward pass;
-each query's softmax is over all its keys either way, the same numbers as one call to float rounding. It saves
-memory (Llama-2-70B at 2048 tokens: 1 GiB of scores a row; see benchmarks/README.md's memory plans) and is not the
-default, as its speed is not measured on an accelerator yet. "cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only bfloat16/float16 heads of a size
-that is a multiple of 8 (up to 128, 256 from Hopper on) and, with a mask or bias while training, even lengths;
-anything else, or no NVIDIA GPU, runs XLA's attention instead and says why once (logged, and kept in
-`cudnn_fallbacks`). The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked blocks the way
-is_causal would, since the mask's structure (causal, padding, segments) is not known here. The Pallas kernels of
-TPUs (splash/flash attention) are not wired for the same reason: they need that structure, not a dense mask.
+Which kernel attention runs is one process-wide setting, FLAXTRAIN_ATTENTION (or `select_implementation` in code):
+unset, JAX chooses (today XLA's attention on every platform); "xla" names that; "chunked" is XLA's attention in
+query blocks for long sequences (at least CHUNKED_FROM queries): the queries go through dot_product_attention
+QUERY_BLOCK at a time (`chunked_attention`, lax.map under jax.checkpoint), so that one block's float32 scores
+[B, N, QUERY_BLOCK, S] are alive, not all T rows', in the forward and in the backward pass; each query's softmax is
+over all its keys either way, the same numbers as one call to float rounding. It saves memory (Llama-2-70B at 2048
+tokens: 1 GiB of scores a row; see benchmarks/README.md's memory plans) and is not the default, as its speed is not
+measured on an accelerator yet. "cudnn" asks for cuDNN's fused flash attention on an NVIDIA GPU. cuDNN takes only
+bfloat16/float16 heads of a size that is a multiple of 8 (up to 128, 256 from Hopper on) and, with a mask or bias
+while training, even lengths. The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked
+blocks the way is_causal would. "splash" asks for the Pallas splash attention kernel on a TPU (models/splash.py),
+which reads the mask as its structure: the families whose self-attention says it (`Structure`: GPT-2, the
+Llama-style decoders, Phi-3, and BERT's self-attention, which RoBERTa, ELECTRA and ALBERT share) get it; the rest,
+and what the kernel cannot take, run XLA's.
+A selected kernel that does not run (no such device, an argument it refuses, attention dropout) says why once,
+logged and kept in `fallbacks`.
 
 The cache, one layout for the decoders (GPT-2, Llama-style) and the encoder-decoders (T5, BART), made by
 `init_cache`; buffers are stacked on the layer axis so that the scanned layers read and write their slice:
@@ -43,26 +46,46 @@ size, L layers.
 
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxtrain.models import splash
 from flaxtrain.models.dropout import Dropout
 
-IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "splash")
 ENVIRONMENT = "FLAXTRAIN_ATTENTION"
 # Read once, checked when attention first runs: a bad value is then a refusal of the run, not an import error.
 _implementation = os.environ.get(ENVIRONMENT) or None
 CHUNKED_FROM = 1024  # "chunked": shorter sequences take one call (their scores are small, one call is faster)
 QUERY_BLOCK = 512
-cudnn_fallbacks: list[str] = []  # why calls that asked for cuDNN ran XLA's attention, each reason once, in order
+fallbacks: list[str] = []  # why calls that asked for cuDNN or splash ran XLA's attention, each reason once, in order
+
+
+class Structure(NamedTuple):
+    """A self-attention mask said as its structure, for a kernel that skips masked blocks (splash) rather than
+    reading [B, 1, T, T] booleans: a query sees the keys of its own segment, before it if causal, and within the
+    sliding window if one. With several windows (layers that differ, one scan), `which` picks the layer's."""
+    segments: jax.Array  # [B, T] int: `kernel_segments`
+    causal: bool = True
+    windows: tuple[int | None, ...] = (None,)
+    which: Any = 0
+
+
+def kernel_segments(attention_mask: jax.Array, cache: dict | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array | None:
+    """A Structure's segments [B, T] int32: the packed rows' segment_ids, else the attention_mask (1 = token, 0 =
+    padding, itself a segment); None with a cache, where the kernel does not run."""
+    if cache is not None:
+        return None
+    return (attention_mask if segment_ids is None else segment_ids).astype(jnp.int32)
 
 
 def select_implementation(name: str | None) -> None:
     """The kernel of every later trace of `attention` (steps already compiled keep theirs): None (JAX's choice),
-    "xla", "chunked" or "cudnn"; see the module's docstring."""
+    "xla", "chunked", "cudnn" or "splash"; see the module's docstring."""
     global _implementation
     _implementation = name
     selected_implementation()
@@ -76,7 +99,7 @@ def selected_implementation() -> str | None:
 
 
 def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, softcap: float | None = None,
-              dropout_rate: float = 0.0, deterministic: bool = True):
+              dropout_rate: float = 0.0, deterministic: bool = True, structure: Structure | None = None):
     """softmax(cap(scale * q k^T) + bias, where mask) v: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]. Each
     key/value head serves N // K consecutive query heads (grouped-query attention when K < N).
 
@@ -84,18 +107,29 @@ def attention(q, k, v, mask=None, *, bias=None, scale: float | None = None, soft
     scaled logits (T5's relative positions); scale None = H**-0.5; softcap: None, or c for cap(x) = c * tanh(x / c)
     (gemma2's attn_logit_softcapping). With dropout_rate > 0 and not deterministic, the attention probabilities go
     through a Dropout (models/dropout.py) that draws the "dropout" rng: call this inside a module's compact method,
-    whose submodule (`Dropout_<n>`) it becomes.
+    whose submodule (`Dropout_<n>`) it becomes. structure: the same mask as a `Structure`, from self-attention that
+    can say it, for FLAXTRAIN_ATTENTION=splash.
     """
     dropout = not deterministic and dropout_rate != 0.0
+    implementation = selected_implementation()
+    if implementation in ("cudnn", "splash") and dropout:
+        _fell_back(f"attention dropout ({dropout_rate}) needs the explicit softmax, which no fused kernel runs")
+    # Rows shorter than one of splash's blocks (init's, a decoding step's) take XLA's attention without a word.
+    if implementation == "splash" and not dropout and q.shape[1] >= splash.LANES:
+        reason = splash.refusal(q, k, bias, structure)
+        if reason is None:
+            return splash.splash_attention(q, k, v, structure, scale, softcap)
+        _fell_back(reason)
+    if implementation == "cudnn" and softcap is not None and not dropout:
+        _fell_back("a soft cap over the logits, for which cuDNN's attention has no place")
     if not dropout and softcap is None:
-        implementation = selected_implementation()
         if implementation == "cudnn":
             return _cudnn_attention(q, k, v, mask, bias, scale)
         if implementation == "chunked":
             if q.shape[1] >= CHUNKED_FROM:
                 return chunked_attention(q, k, v, mask, bias, scale, None, QUERY_BLOCK)
-            implementation = None
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation="xla" if implementation == "xla" else None)
     # Grouped key/value heads are repeated, so logits and dropout mask are [B, N, T, S] in every family. JAX's random
     # bits follow the flat index: each query head is dropped as a [B, K, N // K, T, S] layout would drop it.
     groups = q.shape[2] // k.shape[2]
@@ -181,10 +215,16 @@ def _cudnn_attention(q, k, v, mask, bias, scale):
                 mask=None if mask is None else full(mask), scale=scale, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError) as error:
             reason = f"jax refused: {str(error).splitlines()[0]}"
-    if reason not in cudnn_fallbacks:
-        cudnn_fallbacks.append(reason)
-        logging.getLogger(__name__).warning("%s=cudnn: XLA's attention instead, %s", ENVIRONMENT, reason)
+    _fell_back(reason)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+
+
+def _fell_back(reason: str) -> None:
+    """Says once why a call that asked for a fused kernel runs XLA's attention (the explicit softmax, or
+    dot_product_attention) instead."""
+    if reason not in fallbacks:
+        fallbacks.append(reason)
+        logging.getLogger(__name__).warning("%s=%s: XLA's attention instead, %s", ENVIRONMENT, _implementation, reason)
 
 
 def init_cache(num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype: Any, *,
@@ -276,7 +316,12 @@ def layer_masks(attention_mask: jax.Array, cache: dict | None, layer_windows: tu
     """The masks of layers with different sliding windows (None: full attention), for one nn.scan over them all:
     (masks [M, B, 1, T, S] bool, one per distinct window, which [L] int32: each layer's index into masks, valid
     [B, S] bool as causal_mask's). segment_ids [B, T]: packed rows, as causal_mask."""
-    windows = sorted(set(layer_windows), key=lambda w: w or 0)
+    windows = distinct_windows(layer_windows)
     masks = [causal_mask(attention_mask, cache, w, segment_ids) for w in windows]
     which = jnp.array([windows.index(w) for w in layer_windows], jnp.int32)
     return jnp.stack([m for m, _ in masks]), which, masks[0][1]
+
+
+def distinct_windows(layer_windows: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """The distinct sliding windows of the layers (None first), in the order of layer_masks' masks."""
+    return tuple(sorted(set(layer_windows), key=lambda w: w or 0))

@@ -28,7 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import attention, causal_mask, default_positions, init_cache, next_cache, write_cache
+from flaxtrain.models.attention import (Structure, attention, causal_mask, default_positions, init_cache,
+                                        kernel_segments, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -103,9 +104,9 @@ class GPT2Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S], layer_cache None or {"key", "value"} [B, S, N, H] -> ([B, T, D], this
-        layer's updated cache or None)."""
+    def __call__(self, x, mask, segments, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S], segments [B, T] (attention.kernel_segments, None with a cache),
+        layer_cache None or {"key", "value"} [B, S, N, H] -> ([B, T, D], this layer's updated cache or None)."""
         cfg = self.config
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_head, cfg.head_dim)  # noqa: E731
         qkv = dense(cfg.initializer_range, self.dtype, 3 * cfg.n_embd, "c_attn", (EMBED, HEADS))(x)  # [B, T, 3D]
@@ -114,7 +115,7 @@ class GPT2Attention(nn.Module):
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
-                        deterministic=deterministic)
+                        deterministic=deterministic, structure=None if segments is None else Structure(segments))
         out = dense(_residual_std(cfg), self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED))(
             out.reshape(x.shape))
         return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache
@@ -142,10 +143,11 @@ class GPT2Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, index, layer_cache):
+    def __call__(self, x, mask, segments, index, layer_cache):
         cfg = self.config
         h, layer_cache = GPT2Attention(cfg, self.dtype, name="attn")(
-            layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_1")(x), mask, index, layer_cache, self.deterministic)
+            layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_1")(x), mask, segments, index, layer_cache,
+            self.deterministic)
         x = x + h
         x = x + GPT2MLP(cfg, self.dtype, name="mlp")(layer_norm(cfg.layer_norm_epsilon, self.dtype, "ln_2")(x),
                                                      self.deterministic)
@@ -168,7 +170,7 @@ class GPT2Model(nn.Module):
         self.wpe = embed(cfg.n_positions, embedding_init=embedding_init(cfg.initializer_range, (POSITIONS, EMBED)))
         self.drop = Dropout(cfg.embd_pdrop)
         self.h = scan_layers(GPT2Block, cfg.n_layer, self.gradient_checkpointing,
-                             in_axes=(nn.broadcast, nn.broadcast, 0))(cfg, self.dtype, self.deterministic)
+                             in_axes=(nn.broadcast,) * 3 + (0,))(cfg, self.dtype, self.deterministic)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, self.dtype, None)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
@@ -181,7 +183,8 @@ class GPT2Model(nn.Module):
         if cache is not None and isinstance(cache["self"], tuple):  # generation's per-layer layout
             x, self_cache = self._unrolled(x, mask, start, cache["self"])
         else:
-            x, self_cache = self.h(x, mask, start, None if cache is None else cache["self"])
+            segments = kernel_segments(attention_mask, cache, segment_ids)
+            x, self_cache = self.h(x, mask, segments, start, None if cache is None else cache["self"])
         return self.ln_f(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def _unrolled(self, x, mask, index, caches: tuple):
@@ -192,7 +195,7 @@ class GPT2Model(nn.Module):
         block = GPT2Block(self.config, self.dtype, parent=None)
         new = []
         for params, layer_cache in zip(self.variables["params"]["h"], caches, strict=True):
-            x, layer_cache = block.apply({"params": params}, x, mask, index, layer_cache)
+            x, layer_cache = block.apply({"params": params}, x, mask, None, index, layer_cache)
             new.append(layer_cache)
         return x, tuple(new)
 

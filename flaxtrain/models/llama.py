@@ -24,7 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import attention, default_positions, init_cache, layer_masks, next_cache, write_cache
+from flaxtrain.models.attention import (Structure, attention, default_positions, distinct_windows, init_cache,
+                                        kernel_segments, layer_masks, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
@@ -158,9 +159,9 @@ class LlamaAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, H], layer_cache None or {"key", "value"} [B, S, K, H]
-        -> ([B, T, D], this layer's updated cache or None)."""
+    def __call__(self, x, mask, structure, cos, sin, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S] and its `layer_structure` (None with a cache), cos/sin [B, T, H],
+        layer_cache None or {"key", "value"} [B, S, K, H] -> ([B, T, D], this layer's updated cache or None)."""
         cfg = self.config
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
 
@@ -177,7 +178,8 @@ class LlamaAttention(nn.Module):
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, key, value, index)
             key, value = layer_cache["key"], layer_cache["value"]
-        out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+                        structure=structure)
         out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED), use_bias=cfg.o_bias)(
             out.reshape(*x.shape[:2], n * h))
         return out, layer_cache
@@ -197,20 +199,28 @@ class LlamaMLP(nn.Module):
         return mlp_dense(cfg.hidden_size, name="down_proj", axes=(MLP, EMBED))(gate * up)
 
 
+def layer_structure(config, segments, which) -> Structure | None:
+    """The structure of a layer's causal mask (its sliding window picked by `which` among the config's), None
+    without segments."""
+    return None if segments is None else Structure(segments, True, distinct_windows(config.layer_windows), which)
+
+
 class LlamaDecoderLayer(nn.Module):
     """One block. `masks` [M, B, 1, T, S] holds one mask per distinct window and `which` (scanned, [L]) picks this
-    layer's, so that layers with and without a sliding window share one scan."""
+    layer's, so that layers with and without a sliding window share one scan; `segments` [B, T] (None with a cache)
+    are the masks' segments, attention.kernel_segments."""
 
     config: LlamaConfig
     dtype: Any = jnp.float32
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, masks, cos, sin, index, which, layer_cache):
+    def __call__(self, x, masks, segments, cos, sin, index, which, layer_cache):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, self.dtype)
         h, layer_cache = LlamaAttention(cfg, self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), masks[which], cos, sin, index, layer_cache, self.deterministic)
+            norm(name="input_layernorm")(x), masks[which], layer_structure(cfg, segments, which), cos, sin, index,
+            layer_cache, self.deterministic)
         x = x + h
         return x + LlamaMLP(cfg, self.dtype, name="mlp")(norm(name="post_attention_layernorm")(x)), layer_cache
 
@@ -231,7 +241,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                      embedding_init=embedding_init(cfg.initializer_range))
         self.layers = scan_layers(self.decoder_layer, cfg.num_hidden_layers, self.gradient_checkpointing,
-                                  in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
+                                  in_axes=(nn.broadcast,) * 5 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
@@ -243,7 +253,9 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_size, cfg.rope, cfg.max_position_embeddings, self.dtype)
         masks, which, valid = layer_masks(attention_mask, cache, cfg.layer_windows, segment_ids)
-        x, self_cache = self.layers(x, masks, cos, sin, start, which, None if cache is None else cache["self"])
+        segments = kernel_segments(attention_mask, cache, segment_ids)
+        x, self_cache = self.layers(x, masks, segments, cos, sin, start, which,
+                                    None if cache is None else cache["self"])
         return self.norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
 
     def word_embedding_matrix(self):

@@ -32,7 +32,7 @@ from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import LMHead, tied_logits
 from flaxtrain.models.layers import dense
-from flaxtrain.models.llama import LlamaModel, RMSNorm, init_params, max_positions
+from flaxtrain.models.llama import LlamaModel, RMSNorm, init_params, layer_structure, max_positions
 from flaxtrain.models.partitioning import EMBED, HEADS, MLP
 from flaxtrain.models.rope import apply_rope, rope_parameters
 
@@ -108,8 +108,9 @@ class Phi3Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, R] -> ([B, T, D], the layer's updated cache or None)."""
+    def __call__(self, x, mask, structure, cos, sin, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S] and its structure (None with a cache), cos/sin [B, T, R] -> ([B, T, D], the
+        layer's updated cache or None)."""
         cfg = self.config
         n, k, h = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
         shape = x.shape[:2]
@@ -121,7 +122,8 @@ class Phi3Attention(nn.Module):
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, key, value, index)
             key, value = layer_cache["key"], layer_cache["value"]
-        out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = attention(q, key, value, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+                        structure=structure)
         return dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED), use_bias=False)(
             out.reshape(*shape, n * h)), layer_cache
 
@@ -142,19 +144,21 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3DecoderLayer(nn.Module):
-    """One block, with llama.LlamaDecoderLayer's interface (masks [M, B, 1, T, S] and `which` pick its mask)."""
+    """One block, with llama.LlamaDecoderLayer's interface (masks [M, B, 1, T, S] and `which` pick its mask,
+    `segments` its structure)."""
 
     config: Phi3Config
     dtype: Any = jnp.float32
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, masks, cos, sin, index, which, layer_cache):
+    def __call__(self, x, masks, segments, cos, sin, index, which, layer_cache):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, self.dtype)
         dropout = Dropout(cfg.resid_pdrop, deterministic=self.deterministic)  # on both branches, unlike Llama
         h, layer_cache = Phi3Attention(cfg, self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), masks[which], cos, sin, index, layer_cache, self.deterministic)
+            norm(name="input_layernorm")(x), masks[which], layer_structure(cfg, segments, which), cos, sin, index,
+            layer_cache, self.deterministic)
         x = x + dropout(h)
         return x + dropout(Phi3MLP(cfg, self.dtype, name="mlp")(norm(name="post_attention_layernorm")(x))), \
             layer_cache
