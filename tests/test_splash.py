@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtrain.models import attention as attention_module, bert, get_family, gpt2, llama, splash
+from flaxtrain.models import attention as attention_module, bert, gemma, get_family, gpt2, llama, splash
 from flaxtrain.models.attention import Structure, attention, causal_mask, select_implementation
 from tests import tiny
 
@@ -84,10 +84,17 @@ def test_splash_computes_xla_attention_at_every_real_token(case, interpreted):
     assert not np.allclose(np.where(real, out, 0), 0)
 
 
-MODELS = {  # a causal LM with packed rows and a window, GPT-2 with padding, a BERT encoder with padding
+# A causal LM with packed rows and a window; gemma2's soft cap and its full and sliding layers, packed; GPT-2 and a
+# BERT encoder with padding.
+MODELS = {
     "mistral": llama.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=37, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH,
                                  initializer_range=0.2, sliding_window=9, model_type="mistral"),
+    "gemma2": gemma.GemmaConfig(vocab_size=99, hidden_size=64, intermediate_size=37, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=LENGTH,
+                                query_pre_attn_scalar=20, attn_logit_softcapping=1.5, sliding_window=9,
+                                layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                                model_type="gemma2"),
     "gpt2": gpt2.GPT2Config(vocab_size=99, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2,
                             attn_pdrop=0.0),
     "bert": bert.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -100,10 +107,11 @@ def model_and_inputs(name):
     family = get_family(config.model_type)
     model = family.heads["MaskedLM" if name == "bert" else "CausalLM"](config)
     params = family.init_params(model, jax.random.key(0))
-    ids = segments(packed=name == "mistral")
+    packed = name in ("mistral", "gemma2")
+    ids = segments(packed)
     tokens = np.random.default_rng(2).integers(3, 99, ids.shape) * (ids > 0)
     inputs = dict(input_ids=tokens, attention_mask=(ids > 0).astype(np.int32))
-    if name == "mistral":
+    if packed:
         inputs["segment_ids"] = ids
     return model, params, inputs, ids > 0
 

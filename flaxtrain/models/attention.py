@@ -24,8 +24,8 @@ bfloat16/float16 heads of a size that is a multiple of 8 (up to 128, 256 from Ho
 while training, even lengths. The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked
 blocks the way is_causal would. "splash" asks for the Pallas splash attention kernel on a TPU (models/splash.py),
 which reads the mask as its structure: the families whose self-attention says it (`Structure`: GPT-2, the
-Llama-style decoders, Phi-3, and BERT's self-attention, which RoBERTa, ELECTRA and ALBERT share) get it; the rest,
-and what the kernel cannot take, run XLA's.
+Llama-style decoders, Phi-3, Gemma, and BERT's self-attention, which RoBERTa, ELECTRA and ALBERT share) get it; the
+rest, and what the kernel cannot take, run XLA's.
 A selected kernel that does not run (no such device, an argument it refuses, attention dropout) says why once,
 logged and kept in `fallbacks`.
 

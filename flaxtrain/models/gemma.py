@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import attention, causal_mask, default_positions, init_cache, next_cache, write_cache
+from flaxtrain.models.attention import (Structure, attention, causal_mask, default_positions, init_cache,
+                                        kernel_segments, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import lm_logits
@@ -206,9 +207,9 @@ class GemmaAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, index, layer_cache, deterministic: bool):
-        """x [B, T, D], mask [B, 1, T, S], cos/sin [B, T, H], layer_cache None or {"key", "value"} [B, S, K, H]
-        -> ([B, T, D], this layer's updated cache or None)."""
+    def __call__(self, x, mask, structure, cos, sin, index, layer_cache, deterministic: bool):
+        """x [B, T, D], mask [B, 1, T, S] and its structure (None with a cache), cos/sin [B, T, H], layer_cache None
+        or {"key", "value"} [B, S, K, H] -> ([B, T, D], this layer's updated cache or None)."""
         cfg = self.config
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -228,7 +229,7 @@ class GemmaAttention(nn.Module):
             key, value = layer_cache["key"], layer_cache["value"]
         out = attention(q, key, value, mask, scale=(cfg.query_pre_attn_scalar or h)**-0.5,
                         softcap=cfg.attn_logit_softcapping, dropout_rate=cfg.attention_dropout,
-                        deterministic=deterministic)
+                        deterministic=deterministic, structure=structure)
         out = dense(cfg.initializer_range, self.dtype, cfg.hidden_size, "o_proj", (HEADS, EMBED),
                     use_bias=cfg.attention_bias)(
             out.reshape(*x.shape[:2], n * h))
@@ -237,18 +238,20 @@ class GemmaAttention(nn.Module):
 
 class GemmaDecoderLayer(nn.Module):
     """One block. `masks` [2, B, 1, T, S] and `cos`/`sin` [2, B, T, H] hold the full and the sliding-window
-    layers' (in _LAYER_TYPES order); `kind` (scanned, [L]) picks this layer's, so that both share one scan."""
+    layers' (in _LAYER_TYPES order); `kind` (scanned, [L]) picks this layer's, so that both share one scan.
+    `segments` [B, T] (None with a cache) are the masks' segments, attention.kernel_segments."""
 
     config: GemmaConfig
     dtype: Any = jnp.float32
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, masks, cos, sin, index, kind, layer_cache):
+    def __call__(self, x, masks, segments, cos, sin, index, kind, layer_cache):
         cfg = self.config
         norm = functools.partial(GemmaRMSNorm, cfg.rms_norm_eps, self.dtype)
+        structure = None if segments is None else Structure(segments, True, (None, cfg.sliding_window), kind)
         h, layer_cache = GemmaAttention(cfg, self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), masks[kind], cos[kind], sin[kind], index, layer_cache,
+            norm(name="input_layernorm")(x), masks[kind], structure, cos[kind], sin[kind], index, layer_cache,
             self.deterministic)
         mlp = LlamaMLP(cfg, self.dtype, name="mlp")
         if not cfg.sandwich_norms:  # gemma: Llama's block
@@ -273,7 +276,7 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                                      embedding_init=embedding_init(cfg.initializer_range))
         self.layers = scan_layers(GemmaDecoderLayer, cfg.num_hidden_layers, self.gradient_checkpointing,
-                                  in_axes=(nn.broadcast,) * 4 + (0, 0))(cfg, self.dtype, self.deterministic)
+                                  in_axes=(nn.broadcast,) * 5 + (0, 0))(cfg, self.dtype, self.deterministic)
         self.norm = GemmaRMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
@@ -289,7 +292,8 @@ class GemmaModel(nn.Module):
                    else causal_mask(attention_mask, cache, cfg.sliding_window, segment_ids)[0])
         tables = [rope_tables(position_ids, cfg.head_dim, rope, cfg.max_position_embeddings, self.dtype)
                   for rope in (cfg.rope, cfg.local_rope)]  # in _LAYER_TYPES order
-        x, self_cache = self.layers(x, jnp.stack([full, sliding]), jnp.stack([c for c, _ in tables]),
+        segments = kernel_segments(attention_mask, cache, segment_ids)
+        x, self_cache = self.layers(x, jnp.stack([full, sliding]), segments, jnp.stack([c for c, _ in tables]),
                                     jnp.stack([s for _, s in tables]), start, jnp.array(cfg.kinds, jnp.int32),
                                     None if cache is None else cache["self"])
         return self.norm(x), next_cache(cache, self_cache, valid, input_ids.shape[1])
