@@ -67,7 +67,8 @@ fallbacks: list[str] = []  # why calls that asked for cuDNN or splash ran XLA's 
 class Structure(NamedTuple):
     """A self-attention mask said as its structure, for a kernel that skips masked blocks (splash) rather than
     reading [B, 1, T, T] booleans: a query sees the keys of its own segment, before it if causal, and within the
-    sliding window if one. With several windows (layers that differ, one scan), `which` picks the layer's."""
+    sliding window if one (causal masks only). With several windows (layers that differ, one scan), `which` picks
+    the layer's."""
     segments: jax.Array  # [B, T] int: `kernel_segments`
     causal: bool = True
     windows: tuple[int | None, ...] = (None,)

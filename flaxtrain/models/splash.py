@@ -99,8 +99,8 @@ def _kernel(heads: int, length: int, causal: bool, window: int | None, interpret
     (its block tables become that trace's constants; splash caches the host-side reading of the mask)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-    if window is not None:  # transformers' window counts the query itself: W - 1 keys before it
-        mask = masks.LocalMask((length, length), window_size=(window - 1, 0 if causal else window - 1), offset=0)
+    if window is not None:  # causal; transformers' window counts the query itself: W - 1 keys before it
+        mask = masks.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
     elif causal:
         mask = masks.CausalMask((length, length))
     else:
