@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtrain.models import attention as attention_module, bert, gemma, get_family, gpt2, llama, splash
+from flaxtrain.models import attention as attention_module, bert, distilbert, gemma, get_family, gpt2, llama, splash
 from flaxtrain.models.attention import Structure, attention, causal_mask, select_implementation
 from tests import tiny
 
@@ -84,8 +84,8 @@ def test_splash_computes_xla_attention_at_every_real_token(case, interpreted):
     assert not np.allclose(np.where(real, out, 0), 0)
 
 
-# A causal LM with packed rows and a window; gemma2's soft cap and its full and sliding layers, packed; GPT-2 and a
-# BERT encoder with padding.
+# A causal LM with packed rows and a window; gemma2's soft cap and its full and sliding layers, packed; GPT-2, a
+# BERT and a DistilBERT encoder with padding.
 MODELS = {
     "mistral": llama.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=37, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH,
@@ -99,13 +99,15 @@ MODELS = {
                             attn_pdrop=0.0),
     "bert": bert.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=37, max_position_embeddings=LENGTH, initializer_range=0.2),
+    "distilbert": distilbert.DistilBertConfig(vocab_size=99, dim=64, n_layers=2, n_heads=2, hidden_dim=37,
+                                              max_position_embeddings=LENGTH, initializer_range=0.2),
 }
 
 
 def model_and_inputs(name):
     config = MODELS[name]
     family = get_family(config.model_type)
-    model = family.heads["MaskedLM" if name == "bert" else "CausalLM"](config)
+    model = family.heads["MaskedLM" if "bert" in name else "CausalLM"](config)
     params = family.init_params(model, jax.random.key(0))
     packed = name in ("mistral", "gemma2")
     ids = segments(packed)

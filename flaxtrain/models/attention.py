@@ -24,8 +24,8 @@ bfloat16/float16 heads of a size that is a multiple of 8 (up to 128, 256 from Ho
 while training, even lengths. The dense mask reaches cuDNN as an additive bias [B, 1, T, S]: it cannot skip masked
 blocks the way is_causal would. "splash" asks for the Pallas splash attention kernel on a TPU (models/splash.py),
 which reads the mask as its structure: the families whose self-attention says it (`Structure`: GPT-2, the
-Llama-style decoders, Phi-3, Gemma, and BERT's self-attention, which RoBERTa, ELECTRA and ALBERT share) get it; the
-rest, and what the kernel cannot take, run XLA's.
+Llama-style decoders, Phi-3, Gemma, DistilBERT and BERT's self-attention, which RoBERTa, ELECTRA and ALBERT share)
+get it; the rest, and what the kernel cannot take, run XLA's.
 A selected kernel that does not run (no such device, an argument it refuses, attention dropout) says why once,
 logged and kept in `fallbacks`.
 
@@ -82,6 +82,12 @@ def kernel_segments(attention_mask: jax.Array, cache: dict | None = None,
     if cache is not None:
         return None
     return (attention_mask if segment_ids is None else segment_ids).astype(jnp.int32)
+
+
+def padding_structure(mask: jax.Array) -> Structure:
+    """The Structure of an encoder's self-attention mask [B, 1, 1, T] (True on the tokens, the keys every query
+    sees): not causal, the tokens one segment and the padding another."""
+    return Structure(mask[:, 0, 0].astype(jnp.int32), causal=False)
 
 
 def select_implementation(name: str | None) -> None:

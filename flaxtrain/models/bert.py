@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import Structure, attention
+from flaxtrain.models.attention import attention, padding_structure
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.layers import dense, layer_norm, tied_decoder
@@ -148,14 +148,12 @@ class BertEmbeddings(nn.Module):
 def self_attention(config: BertConfig, dtype, x, mask, deterministic: bool):
     """x [B, T, D], mask [B, 1, 1, T] bool (True = attend to this key) -> [B, T, D]: the `query`, `key` and `value`
     projections and the attention over them, before any output projection. Called inside a compact method, whose
-    submodules the projections become (BertSelfAttention's, ALBERT's `attention`). The mask, padding only, is its
-    structure too: padding and tokens are two segments, for FLAXTRAIN_ATTENTION=splash."""
+    submodules the projections become (BertSelfAttention's, ALBERT's `attention`)."""
     split = lambda y: y.reshape(*y.shape[:2], config.num_attention_heads, config.head_dim)  # noqa: E731
     q, k, v = (split(dense(config.initializer_range, dtype, config.hidden_size, name, (EMBED, HEADS))(x))
                for name in ("query", "key", "value"))
-    structure = Structure(mask[:, 0, 0].astype(jnp.int32), causal=False)
     out = attention(q, k, v, mask, dropout_rate=config.attention_probs_dropout_prob, deterministic=deterministic,
-                    structure=structure)
+                    structure=padding_structure(mask))
     return out.reshape(*x.shape[:2], config.hidden_size)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtrain.models import bert
-from flaxtrain.models.attention import attention
+from flaxtrain.models.attention import attention, padding_structure
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
 from flaxtrain.models.family import Family, HfRules
@@ -123,7 +123,8 @@ class MultiHeadSelfAttention(nn.Module):
         split = lambda y: y.reshape(*y.shape[:2], cfg.n_heads, cfg.head_dim)  # noqa: E731
         q, k, v = (split(dense(cfg.initializer_range, self.dtype, cfg.dim, name, (EMBED, HEADS))(x))
                    for name in ("q_lin", "k_lin", "v_lin"))
-        out = attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+        out = attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+                        structure=padding_structure(mask))
         out = out.reshape(*x.shape[:2], cfg.dim)
         return dense(cfg.initializer_range, self.dtype, cfg.dim, "out_lin", (HEADS, EMBED))(out)
 
