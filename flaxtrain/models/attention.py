@@ -84,6 +84,12 @@ def kernel_segments(attention_mask: jax.Array, cache: dict | None = None,
     return (attention_mask if segment_ids is None else segment_ids).astype(jnp.int32)
 
 
+def causal_structure(segments: jax.Array | None, windows: tuple[int | None, ...] = (None,),
+                     which: Any = 0) -> Structure | None:
+    """The Structure of a decoder's causal mask over `kernel_segments` (None without them: a cache)."""
+    return None if segments is None else Structure(segments, True, windows, which)
+
+
 def padding_structure(mask: jax.Array) -> Structure:
     """The Structure of an encoder's self-attention mask [B, 1, 1, T] (True on the tokens, the keys every query
     sees): not causal, the tokens one segment and the padding another."""

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import (Structure, attention, causal_mask, default_positions, init_cache,
+from flaxtrain.models.attention import (attention, causal_mask, causal_structure, default_positions, init_cache,
                                         kernel_segments, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
@@ -249,7 +249,7 @@ class GemmaDecoderLayer(nn.Module):
     def __call__(self, x, masks, segments, cos, sin, index, kind, layer_cache):
         cfg = self.config
         norm = functools.partial(GemmaRMSNorm, cfg.rms_norm_eps, self.dtype)
-        structure = None if segments is None else Structure(segments, True, (None, cfg.sliding_window), kind)
+        structure = causal_structure(segments, (None, cfg.sliding_window), kind)  # in _LAYER_TYPES order
         h, layer_cache = GemmaAttention(cfg, self.dtype, name="self_attn")(
             norm(name="input_layernorm")(x), masks[kind], structure, cos[kind], sin[kind], index, layer_cache,
             self.deterministic)

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import (Structure, attention, causal_mask, default_positions, init_cache,
+from flaxtrain.models.attention import (attention, causal_mask, causal_structure, default_positions, init_cache,
                                         kernel_segments, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.dropout import Dropout
@@ -115,7 +115,7 @@ class GPT2Attention(nn.Module):
             layer_cache = write_cache(layer_cache, k, v, index)
             k, v = layer_cache["key"], layer_cache["value"]
         out = attention(q, k, v, mask, scale=None if cfg.scale_attn_weights else 1.0, dropout_rate=cfg.attn_pdrop,
-                        deterministic=deterministic, structure=None if segments is None else Structure(segments))
+                        deterministic=deterministic, structure=causal_structure(segments))
         out = dense(_residual_std(cfg), self.dtype, cfg.n_embd, "c_proj", (HEADS, EMBED))(
             out.reshape(x.shape))
         return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), layer_cache

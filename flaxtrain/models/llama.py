@@ -24,8 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxtrain.models.attention import (Structure, attention, default_positions, distinct_windows, init_cache,
-                                        kernel_segments, layer_masks, next_cache, write_cache)
+from flaxtrain.models.attention import (Structure, attention, causal_structure, default_positions, distinct_windows,
+                                        init_cache, kernel_segments, layer_masks, next_cache, write_cache)
 from flaxtrain.models.bert import ACT_FNS
 from flaxtrain.models.family import Family, HfRules
 from flaxtrain.models.gpt2 import CausalLM, init_params
@@ -202,7 +202,7 @@ class LlamaMLP(nn.Module):
 def layer_structure(config, segments, which) -> Structure | None:
     """The structure of a layer's causal mask (its sliding window picked by `which` among the config's), None
     without segments."""
-    return None if segments is None else Structure(segments, True, distinct_windows(config.layer_windows), which)
+    return causal_structure(segments, distinct_windows(config.layer_windows), which)
 
 
 class LlamaDecoderLayer(nn.Module):
